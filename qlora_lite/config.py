@@ -1,0 +1,249 @@
+"""The configuration tree: one dataclass per stage, filled from a YAML file and command-line flags.
+
+Every field documents itself through ``metadata["help"]``; the CLI options, their ``--help`` text
+and the README's configuration reference are all generated from these definitions, so they cannot
+drift apart. Validation collects every problem and raises once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """One or more configuration values are invalid; the message lists each of them."""
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, flag: str | None = None) -> Any:
+    """A dataclass field carrying its help text, allowed values and (optional) CLI flag spelling."""
+    meta = {"help": help, "choices": choices, "flag": flag}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and how to quantize it."""
+
+    model: str | None = _opt(None, "Base model: a local Hugging Face folder (or a hub id when online).")
+    bits: int = _opt(4, "Bits of the frozen base: 4 (QLoRA), 8 (LLM.int8) or 16 (plain LoRA).", (4, 8, 16))
+    quant_type: str = _opt("nf4", "4-bit data type: nf4 (normal float, best for weights) or fp4.", ("nf4", "fp4"))
+    double_quant: bool = _opt(True, "Quantize the 4-bit scales too (saves about 0.4 bits per weight).")
+    compute_dtype: str = _opt("bf16", "Dtype of activations and of unquantized layers.", ("bf16", "fp16", "fp32"))
+    trust_remote_code: bool = _opt(False, "Run Python code shipped inside the model folder. Only for folders you trust.")
+    allow_bin_weights: bool = _opt(
+        False, "Accept a model folder with only pickle-based .bin weights (loaded with weights_only=True)."
+    )
+
+
+@dataclass
+class LoraConfig:
+    """The low-rank adapters that are trained."""
+
+    rank: int = _opt(16, "LoRA rank r: the width of the low-rank update.")
+    alpha: float = _opt(32.0, "LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with --rslora).")
+    dropout: float = _opt(0.05, "Dropout on the adapter input during training.")
+    target_modules: str = _opt(
+        "all-linear", "Layers to adapt: comma-separated module-name suffixes (q_proj,v_proj) or all-linear."
+    )
+    rslora: bool = _opt(False, "Rank-stabilized scaling alpha/sqrt(r) instead of alpha/r.")
+    lora_dtype: str = _opt("bf16", "Dtype of the adapter weights A and B.", ("bf16", "fp16", "fp32"))
+    adapter: str | None = _opt(None, "Start from an existing adapter folder (ours or PEFT's) instead of a fresh one.")
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data."""
+
+    data: str | None = _opt(None, "Training data: a JSONL file (alpaca, chat messages or raw text).")
+    eval_data: str | None = _opt(None, "Held-out JSONL file for evaluation.")
+    eval_fraction: float = _opt(0.0, "Hold out this fraction of --data for evaluation when --eval-data is not given.")
+    format: str = _opt("auto", "Data format; auto detects it from the fields.", ("auto", "alpaca", "chat", "text"))
+    max_seq_len: int = _opt(512, "Longest sequence in tokens; longer examples are truncated or dropped.")
+    drop_long: bool = _opt(False, "Drop examples longer than --max-seq-len instead of truncating them.")
+    packing: bool = _opt(False, "Pack several examples into each sequence (no attention across examples).")
+    train_on_inputs: bool = _opt(False, "Also compute the loss on the prompt, not only on the response.")
+    skip_bad_lines: bool = _opt(False, "Skip malformed JSONL lines (and report them) instead of stopping.")
+
+
+@dataclass
+class TrainConfig:
+    """The optimization loop, checkpoints and logging."""
+
+    output: str | None = _opt(None, "Output folder: adapter, checkpoints, metrics.jsonl and loss plot.")
+    batch_size: int = _opt(1, "Sequences per micro-batch (per process).")
+    grad_accum: int = _opt(1, "Micro-batches accumulated before each optimizer step.")
+    lr: float = _opt(2e-4, "Peak learning rate.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay on the adapter weights.")
+    max_grad_norm: float = _opt(1.0, "Clip the gradient norm to this value (0 disables clipping).")
+    max_steps: int = _opt(0, "Optimizer steps to run; 0 means run --epochs epochs.")
+    epochs: float = _opt(1.0, "Passes over the training data (used when --max-steps is 0).")
+    warmup_steps: int = _opt(0, "Linear warmup steps before the schedule.")
+    lr_scheduler: str = _opt("cosine", "Learning-rate schedule after warmup.", ("cosine", "linear", "constant"))
+    optimizer: str = _opt(
+        "paged_adamw_8bit",
+        "Optimizer; paged ones fall back to non-paged on the CPU.",
+        ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw"),
+    )
+    gradient_checkpointing: bool = _opt(True, "Recompute activations in the backward pass to save memory.")
+    save_steps: int = _opt(0, "Write a resumable checkpoint every N steps (0: only at the end).")
+    eval_steps: int = _opt(0, "Evaluate every N steps (0: only at the end).")
+    save_total_limit: int = _opt(0, "Keep only the newest N checkpoints (0: keep all).")
+    logging_steps: int = _opt(1, "Write a metrics.jsonl line every N steps.")
+    seed: int = _opt(42, "Random seed for initialization, shuffling and dropout.")
+    resume: bool = _opt(False, "Continue from the newest complete checkpoint in --output.")
+    num_processes: int = _opt(1, "Processes to launch through accelerate (one per GPU; gloo on the CPU).")
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}
+
+
+@dataclass
+class Config:
+    """The whole run: one section per stage of the data flow."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML (readable, and loadable again with --config)."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def validate(self, required: tuple[str, ...] = ()) -> Config:
+        """Check every value; raise one ConfigError listing all problems. Returns self."""
+        problems = []
+        for dotted in required:
+            section, name = dotted.split(".")
+            if getattr(getattr(self, section), name) in (None, ""):
+                problems.append(f"{option_name(name)} is required")
+        for section_name in SECTIONS:
+            section = getattr(self, section_name)
+            for f in dataclasses.fields(section):
+                choices = f.metadata.get("choices")
+                value = getattr(section, f.name)
+                if choices and value not in choices:
+                    problems.append(f"{option_name(f.name)}={value!r} is not one of {', '.join(map(str, choices))}")
+        checks = [
+            (self.lora.rank >= 1, "--rank must be at least 1"),
+            (self.lora.alpha > 0, "--alpha must be positive"),
+            (0.0 <= self.lora.dropout < 1.0, "--dropout must be in [0, 1)"),
+            (self.data.max_seq_len >= 8, "--max-seq-len must be at least 8"),
+            (0.0 <= self.data.eval_fraction < 1.0, "--eval-fraction must be in [0, 1)"),
+            (self.train.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.train.grad_accum >= 1, "--grad-accum must be at least 1"),
+            (self.train.lr > 0, "--lr must be positive"),
+            (self.train.max_steps >= 0, "--max-steps must be 0 or more"),
+            (self.train.epochs > 0, "--epochs must be positive"),
+            (self.train.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
+            (self.train.max_grad_norm >= 0, "--max-grad-norm must be 0 or more"),
+            (min(self.train.save_steps, self.train.eval_steps, self.train.save_total_limit) >= 0,
+             "--save-steps, --eval-steps and --save-total-limit must be 0 or more"),
+            (self.train.logging_steps >= 1, "--logging-steps must be at least 1"),
+            (self.train.num_processes >= 1, "--num-processes must be at least 1"),
+        ]
+        problems += [message for ok, message in checks if not ok]
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        return self
+
+
+def option_name(field_name: str) -> str:
+    """The CLI spelling of a config field: ``max_seq_len`` -> ``--max-seq-len``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def field_type(f: dataclasses.Field) -> type:
+    """The plain Python type of a field, with ``X | None`` unwrapped to ``X``."""
+    tp = f.type if not isinstance(f.type, str) else eval(f.type, {"str": str, "int": int, "float": float, "bool": bool})  # noqa: S307
+    if get_origin(tp) is not None:
+        tp = next(a for a in get_args(tp) if a is not type(None))
+    return tp
+
+
+def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build a Config from an optional YAML file, then apply overrides (flag values that were given).
+
+    Args:
+        yaml_path: a YAML file with sections ``model``, ``lora``, ``data``, ``train`` (or a flat mapping
+            of field names, which is also accepted).
+        overrides: ``{field_name: value}``; ``None`` values mean "not given" and are ignored.
+
+    Raises:
+        ConfigError: unknown keys, or a YAML file that cannot be parsed (with file and line).
+    """
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        values = _read_yaml(Path(yaml_path))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    config = Config()
+    known = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}" + (f" in {yaml_path}" if yaml_path else ""))
+    for name, value in values.items():
+        section = getattr(config, known[name])
+        f = next(f for f in dataclasses.fields(section) if f.name == name)
+        setattr(section, name, _coerce(value, field_type(f), name))
+    return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def _coerce(value: Any, tp: type, name: str) -> Any:
+    """Convert YAML/CLI values to the field's type (YAML may give 2e-4 as a string, lists for targets)."""
+    if tp is str and isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    try:
+        if tp is bool and isinstance(value, str):
+            lowered = value.lower()
+            if lowered not in ("true", "false", "yes", "no", "1", "0"):
+                raise ValueError(value)
+            return lowered in ("true", "yes", "1")
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return tp(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{option_name(name)}: expected {tp.__name__}, got {value!r}") from None
+
+
+def reference_markdown() -> str:
+    """The configuration reference for the README, generated from the dataclasses above."""
+    lines = []
+    for section_name, cls in SECTIONS.items():
+        lines += [f"**{section_name}** — {cls.__doc__.strip()}", "", "| option | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            choices = f.metadata.get("choices")
+            meaning = f.metadata["help"] + (f" One of: {', '.join(map(str, choices))}." if choices else "")
+            lines.append(f"| `{option_name(f.name)}` | `{default}` | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)

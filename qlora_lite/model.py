@@ -1,0 +1,89 @@
+"""Build the model a command works with: quantized frozen base + LoRA (fresh or loaded) + training prep."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapter import load_adapter
+from .lora import inject_lora
+from .quant import DTYPES, load_base_model
+
+
+def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
+    """Make a frozen (quantized) base trainable through its adapters.
+
+    Non-reentrant checkpointing recomputes each decoder block in the backward pass; unlike the
+    reentrant kind it needs no input that requires grad, so a frozen embedding works. The KV cache is
+    useless while training and would hold memory, so it is switched off.
+    """
+    model.config.use_cache = False
+    # transformers 5 renamed the switch; older releases only have the gradient_checkpointing_* names.
+    if hasattr(model, "activation_checkpointing_enable"):
+        if gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    model.train()
+    return model
+
+
+def build_model(
+    model_path: str,
+    *,
+    bits: int = 4,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: str = "bf16",
+    trust_remote_code: bool = False,
+    allow_bin_weights: bool = False,
+    adapter: str | None = None,
+    target_modules: str = "all-linear",
+    rank: int = 16,
+    alpha: float = 32.0,
+    dropout: float = 0.0,
+    rslora: bool = False,
+    lora_dtype: str = "bf16",
+    trainable: bool = True,
+    gradient_checkpointing: bool = True,
+    seed: int | None = None,
+) -> nn.Module:
+    """Load the base, then add LoRA: loaded from ``adapter`` when given, else freshly initialised.
+
+    Args:
+        trainable: prepare for training (LoRA trainable, checkpointing, train mode); otherwise the
+            whole model is frozen and in eval mode.
+        seed: seeds the LoRA initialisation so a run is reproducible.
+    """
+    model = load_base_model(
+        model_path, bits=bits, quant_type=quant_type, double_quant=double_quant,
+        compute_dtype=DTYPES[compute_dtype], trust_remote_code=trust_remote_code,
+        allow_bin_weights=allow_bin_weights,
+    )
+    if adapter:
+        load_adapter(model, adapter, trainable=trainable)
+    elif trainable:
+        if seed is not None:
+            torch.manual_seed(seed)
+        inject_lora(model, target_modules, rank, alpha, dropout, rslora, DTYPES[lora_dtype])
+    if trainable:
+        prepare_for_training(model, gradient_checkpointing)
+    else:
+        model.eval()
+    return model
+
+
+def build_model_from_config(config, trainable: bool = True) -> nn.Module:
+    """``build_model`` with the values of a ``config.Config`` (only entry points read config objects)."""
+    m, lo = config.model, config.lora
+    return build_model(
+        m.model, bits=m.bits, quant_type=m.quant_type, double_quant=m.double_quant,
+        compute_dtype=m.compute_dtype, trust_remote_code=m.trust_remote_code,
+        allow_bin_weights=m.allow_bin_weights, adapter=lo.adapter, target_modules=lo.target_modules,
+        rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, rslora=lo.rslora, lora_dtype=lo.lora_dtype,
+        trainable=trainable, gradient_checkpointing=config.train.gradient_checkpointing, seed=config.train.seed,
+    )

@@ -1,0 +1,41 @@
+"""Tiny models and a locally trained tokenizer, built once per test session (never downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny_models import ARCHS, make_tiny_model, train_tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory, tokenizer_dir):
+    """``factory(arch, shards=1)`` -> folder with a random tiny model of that architecture + tokenizer."""
+    made = {}
+
+    def factory(arch: str = "llama", shards: int = 1):
+        if (arch, shards) not in made:
+            folder = tmp_path_factory.mktemp(f"{arch}-{shards}")
+            made[arch, shards] = make_tiny_model(arch, folder, tokenizer_dir, shards=shards)
+        return made[arch, shards]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory):
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(params=ARCHS)
+def any_arch(request):
+    return request.param
