@@ -220,6 +220,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _coerce(value: Any, tp: type, name: str) -> Any:
     """Convert YAML/CLI values to the field's type (YAML may give 2e-4 as a string, lists for targets)."""
+    if value is None:
+        return None
     if tp is str and isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
     try:

@@ -1,0 +1,53 @@
+"""The config tree: YAML + flag overrides, coercion, one error listing every problem."""
+
+import pytest
+
+from qlora_lite.config import Config, ConfigError, load_config, reference_markdown
+
+
+def test_yaml_sections_then_flag_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  model: some/model\n  bits: 8\nlora:\n  rank: 4\n  target_modules: [q_proj, v_proj]\n"
+                    "train:\n  lr: 2e-4\n  gradient_checkpointing: false\n")
+    config = load_config(path, {"rank": 8, "lr": None})
+    assert config.model.bits == 8 and config.lora.rank == 8  # the flag wins, None means "not given"
+    assert config.lora.target_modules == "q_proj,v_proj"
+    assert config.train.lr == pytest.approx(2e-4) and config.train.gradient_checkpointing is False
+
+
+def test_flat_yaml_and_saved_config_round_trip(tmp_path):
+    config = load_config(None, {"model": "m", "data": "d.jsonl", "output": "o", "epochs": 2})
+    config.save(tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == config
+
+
+def test_every_problem_reported_at_once():
+    config = load_config(None, {"bits": 3, "rank": 0, "dropout": 1.5, "lr_scheduler": "step"})
+    with pytest.raises(ConfigError) as info:
+        config.validate(required=("model.model", "data.data"))
+    message = str(info.value)
+    for expected in ("--model is required", "--data is required", "--bits=3", "--rank", "--dropout", "--lr-scheduler"):
+        assert expected in message
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  bits: 4\n  rank: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+"):
+        load_config(path)
+    path.write_text("ranks: 4\n")
+    with pytest.raises(ConfigError, match="unknown setting.*ranks"):
+        load_config(path)
+    path.write_text("rank: four\n")
+    with pytest.raises(ConfigError, match="--rank: expected int"):
+        load_config(path)
+
+
+def test_reference_lists_every_field():
+    text = reference_markdown()
+    import dataclasses
+
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory()):
+            assert f"`--{f.name.replace('_', '-')}`" in text
