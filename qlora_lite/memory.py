@@ -1,0 +1,317 @@
+"""Predict the peak memory of a QLoRA training run from ``config.json`` alone (no weights are read).
+
+The model is described by its shapes; each part of the peak is counted in bytes:
+
+- ``weights``: the frozen base; quantized linear layers at 4 or 8 bits, embeddings, head and norms
+  in 16-bit (they are never quantized or upcast).
+- ``quant_constants``: the per-block scales of the quantized layers (absmax, double-quant tables).
+- ``lora``: adapter weights (bf16) and their gradients.
+- ``optimizer``: AdamW moments: 8 bytes per adapter parameter in fp32, about 2 in 8-bit.
+- ``activations``: with checkpointing, each block's bf16 input (2*L*B*T*H bytes) plus one block's
+  working set while it is recomputed; without, every block's working set.
+- ``logits``: the output head's logits and the loss over them (fp32), or one chunk when the loss is
+  computed chunk by chunk.
+- ``runtime``: what the process holds before any model (torch, libraries, allocator).
+
+The constants were checked against measured peaks (tools/benchmark.py compares the two).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+GIB = 1024**3
+
+# Bytes per parameter of a quantized linear layer: the data and the per-block constants.
+# NF4/FP4: 4 bits + one absmax per 64 weights (fp32, or 8-bit plus one fp32 per 256 blocks with
+# double quantization). Int8: 1 byte + one fp32 scale per output row (counted per row below).
+QUANT_BYTES = {4: 0.5, 8: 1.0, 16: 2.0}
+DQ_CONST_BYTES = 1 / 64 + 4 / (64 * 256)
+NO_DQ_CONST_BYTES = 4 / 64
+
+OPTIMIZER_BYTES = {"paged_adamw_8bit": 2.0, "adamw_8bit": 2.0, "paged_adamw_32bit": 8.0, "adamw": 8.0}
+
+# Process memory before the model: torch + transformers + bitsandbytes imported (measured RSS on
+# CPU, 0.44 GB); on CUDA the allocator's peak does not include the context, so only slack counts.
+RUNTIME_BYTES = {"cpu": int(0.44e9), "cuda": int(0.05e9)}
+
+
+class EstimateError(ValueError):
+    """config.json lacks a size the estimate needs; the message names the file and the key."""
+
+
+@dataclass
+class ModelShape:
+    """The sizes of a decoder-only transformer that memory depends on."""
+
+    model_type: str
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    linears: list[tuple[str, int, int]]  # (name suffix, in_features, out_features) of one block
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(i * o for _, i, o in self.linears)
+
+    @property
+    def embedding_params(self) -> int:
+        """Input embedding plus the output head (once when tied) plus the norms."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.embedding_params
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted peak memory of one training process, in bytes.
+
+    Attributes:
+        breakdown: bytes per part (weights, quant_constants, lora, optimizer, activations, logits,
+            runtime); the parts sum to ``total``.
+        settings: the settings the estimate was made for.
+        lora_params: trainable adapter parameters.
+    """
+
+    breakdown: dict[str, int]
+    settings: dict
+    lora_params: int
+    base_params: int
+    total: int = field(init=False)
+
+    def __post_init__(self):
+        self.total = sum(self.breakdown.values())
+
+    def fits(self, budget: int) -> bool:
+        return self.total <= budget
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        """A plain-text table of the breakdown in GiB."""
+        rows = [f"  {name:<16} {value / GIB:8.3f} GiB" for name, value in self.breakdown.items()]
+        return "\n".join(rows + [f"  {'total':<16} {self.total / GIB:8.3f} GiB"])
+
+
+def read_config(config: dict | str | Path) -> tuple[dict, str]:
+    """A config dict and a name for messages, from a dict, a config.json file or a model folder."""
+    if isinstance(config, dict):
+        return config, "config"
+    path = Path(config).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        raise EstimateError(f"{path} does not exist; pass a model folder or its config.json")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as e:
+        raise EstimateError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def model_shape(config: dict, where: str = "config") -> ModelShape:
+    """The shapes of a LLaMA-family (llama, mistral, qwen2, gemma, phi3, ...) or GPT-2 config.
+
+    Raises:
+        EstimateError: a needed key (hidden size, layers, heads, vocab) is missing.
+    """
+    config = config.get("text_config", config)
+
+    def get(*keys, default=None):
+        for k in keys:
+            if config.get(k) is not None:
+                return config[k]
+        if default is None:
+            raise EstimateError(f"{where}: no {' / '.join(keys)} key; cannot size the model")
+        return default
+
+    model_type = config.get("model_type", "llama")
+    hidden = get("hidden_size", "n_embd", "d_model")
+    layers = get("num_hidden_layers", "n_layer", "num_layers")
+    heads = get("num_attention_heads", "n_head")
+    vocab = get("vocab_size")
+    tied = bool(config.get("tie_word_embeddings", model_type in ("gpt2", "gemma", "gemma2")))
+    if model_type == "gpt2":
+        inter = config.get("n_inner") or 4 * hidden
+        linears = [("c_attn", hidden, 3 * hidden), ("attn.c_proj", hidden, hidden),
+                   ("c_fc", hidden, inter), ("mlp.c_proj", inter, hidden)]
+        return ModelShape(model_type, hidden, layers, inter, vocab, tied, linears)
+    inter = get("intermediate_size", default=4 * hidden)
+    kv_heads = get("num_key_value_heads", default=heads)
+    head_dim = config.get("head_dim") or hidden // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    if model_type == "phi3":
+        linears = [("qkv_proj", hidden, q + 2 * kv), ("o_proj", q, hidden),
+                   ("gate_up_proj", hidden, 2 * inter), ("down_proj", inter, hidden)]
+    else:
+        linears = [("q_proj", hidden, q), ("k_proj", hidden, kv), ("v_proj", hidden, kv), ("o_proj", q, hidden),
+                   ("gate_proj", hidden, inter), ("up_proj", hidden, inter), ("down_proj", inter, hidden)]
+    return ModelShape(model_type, hidden, layers, inter, vocab, tied, linears)
+
+
+def lora_targets(shape: ModelShape, target_modules: str | list[str]) -> list[tuple[str, int, int]]:
+    """The block's linear layers LoRA wraps: ``all-linear`` or name suffixes (``q_proj,v_proj``)."""
+    if isinstance(target_modules, str):
+        if target_modules.strip() == "all-linear":
+            return list(shape.linears)
+        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
+    chosen = [lin for lin in shape.linears if any(lin[0] == t or lin[0].endswith("." + t) or
+                                                   lin[0].split(".")[-1] == t for t in target_modules)]
+    if not chosen:
+        names = ", ".join(name for name, _, _ in shape.linears)
+        raise EstimateError(f"target modules {target_modules!r} match no linear layer; this model has: {names}")
+    return chosen
+
+
+def estimate_memory(
+    config: dict | str | Path,
+    *,
+    bits: int = 4,
+    seq_len: int = 512,
+    batch_size: int = 1,
+    rank: int = 16,
+    target_modules: str | list[str] = "all-linear",
+    gradient_checkpointing: bool = True,
+    optimizer: str = "paged_adamw_8bit",
+    num_processes: int = 1,
+    fsdp: bool = False,
+    double_quant: bool = True,
+    loss_chunk: int | None = None,
+    device: str = "cpu",
+) -> MemoryEstimate:
+    """Predict the peak memory of one training process from the model's config alone.
+
+    Args:
+        config: a config dict, a config.json path or a model folder.
+        bits: 4, 8 or 16 for the frozen linear layers.
+        seq_len, batch_size: tokens per micro-batch are ``batch_size * seq_len``.
+        rank, target_modules: the LoRA adapters.
+        optimizer: one of OPTIMIZER_BYTES.
+        num_processes, fsdp: with FSDP the weights, adapters and optimizer states are sharded over
+            the processes (one block is gathered at a time); without, each process holds everything.
+        loss_chunk: tokens per chunk when the loss is computed chunk by chunk (None: full logits).
+        device: "cpu" (process RSS) or "cuda" (``torch.cuda.max_memory_allocated``).
+
+    Returns:
+        MemoryEstimate for one process.
+
+    Raises:
+        EstimateError: unknown bits/optimizer/device, or a config without the needed sizes.
+    """
+    raw, where = read_config(config)
+    if bits not in QUANT_BYTES:
+        raise EstimateError(f"bits must be 4, 8 or 16, got {bits}")
+    if optimizer not in OPTIMIZER_BYTES:
+        raise EstimateError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZER_BYTES)}")
+    if device not in RUNTIME_BYTES:
+        raise EstimateError(f"device must be cpu or cuda, got {device!r}")
+    shape = model_shape(raw, where)
+    tokens = batch_size * seq_len
+    const_per_param = (DQ_CONST_BYTES if double_quant else NO_DQ_CONST_BYTES) if bits == 4 else 0.0
+    rows = shape.layers * sum(o for _, _, o in shape.linears)
+    weights = shape.linear_params * QUANT_BYTES[bits] + 2 * shape.embedding_params
+    constants = shape.linear_params * const_per_param + (4 * rows if bits == 8 else 0)
+
+    targets = lora_targets(shape, target_modules)
+    lora_params = shape.layers * sum(rank * (i + o) for _, i, o in targets)
+    lora = lora_params * (2 + 2)  # bf16 weight + bf16 gradient
+    optim = lora_params * OPTIMIZER_BYTES[optimizer]
+
+    shard = num_processes if fsdp and num_processes > 1 else 1
+    block_bytes = (weights - 2 * shape.embedding_params + constants) / shape.layers
+    weights, constants, lora, optim = weights / shard, constants / shard, lora / shard, optim / shard
+    activations = _activation_bytes(shape, targets, tokens, rank, bits, gradient_checkpointing)
+    if shard > 1:
+        activations += 2 * block_bytes  # the gathered block and the next one being prefetched
+    if num_processes > 1 and not fsdp:
+        lora += lora_params * 2  # DDP's gradient buckets hold a second copy of the gradients
+    logits = _logit_bytes(shape.vocab, tokens, loss_chunk)
+    breakdown = {"weights": weights, "quant_constants": constants, "lora": lora, "optimizer": optim,
+                 "activations": activations, "logits": logits, "runtime": RUNTIME_BYTES[device]}
+    settings = dict(bits=bits, seq_len=seq_len, batch_size=batch_size, rank=rank,
+                    target_modules=target_modules, gradient_checkpointing=gradient_checkpointing,
+                    optimizer=optimizer, num_processes=num_processes, fsdp=fsdp,
+                    double_quant=double_quant, loss_chunk=loss_chunk, device=device)
+    return MemoryEstimate({k: int(v) for k, v in breakdown.items()}, settings, lora_params, shape.params)
+
+
+def _activation_bytes(shape: ModelShape, targets, tokens: int, rank: int, bits: int, checkpointing: bool) -> float:
+    """Saved block inputs plus working sets (bf16), plus one dequantized weight during a matmul.
+
+    A block's working set: norms, q/k/v/o and attention outputs (~12 values of width H per token),
+    the MLP's gate, up, activation and product (4 of width I), and each adapter's rank-r input.
+    """
+    h, inter = shape.hidden, shape.intermediate
+    lora_per_token = len(targets) * rank * 2
+    block = tokens * (2 * (12 * h + 4 * inter) + lora_per_token)
+    largest = max(i * o for _, i, o in shape.linears)
+    dequant = 2 * largest if bits in (4, 8) else 0
+    if checkpointing:
+        return 2 * shape.layers * tokens * h + block + dequant
+    return shape.layers * block + dequant
+
+
+def _logit_bytes(vocab: int, tokens: int, loss_chunk: int | None) -> float:
+    """bf16 logits, their fp32 log-softmax and the fp32 gradient: 10 bytes per logit at the peak."""
+    width = tokens if loss_chunk is None else min(tokens, loss_chunk)
+    return 10 * width * vocab
+
+
+def suggest_settings(config: dict | str | Path, budget: int, **settings) -> tuple[dict, MemoryEstimate] | None:
+    """The smallest set of changes to ``settings`` that brings the estimate within ``budget``.
+
+    Levers are tried in order of what they cost the user: checkpointing, an 8-bit optimizer, a
+    chunked loss, 4-bit base, smaller micro-batch, shorter sequences, lower rank.
+
+    Returns:
+        ``(changes, estimate)`` where changes maps setting -> new value (empty when it already
+        fits), or None when nothing within these levers fits.
+    """
+    current = dict(settings)
+    estimate = estimate_memory(config, **current)
+    changes: dict = {}
+    levers = [("gradient_checkpointing", [True]), ("optimizer", ["paged_adamw_8bit"]), ("loss_chunk", [1024]),
+              ("bits", [4]), ("batch_size", _halvings(current.get("batch_size", 1), 1)),
+              ("seq_len", _halvings(current.get("seq_len", 512), 128)), ("rank", _halvings(current.get("rank", 16), 4))]
+    for name, values in levers:
+        for value in values:
+            if estimate.fits(budget):
+                return changes, estimate
+            trial = estimate_memory(config, **{**current, name: value})
+            if trial.total < estimate.total:
+                current[name], changes[name], estimate = value, value, trial
+    return (changes, estimate) if estimate.fits(budget) else None
+
+
+def _halvings(value: int, floor: int) -> list[int]:
+    out = []
+    while value // 2 >= floor:
+        value //= 2
+        out.append(value)
+    return out
+
+
+def parse_size(text: str) -> int:
+    """``"8GiB"`` -> 8589934592; accepts B, KB/KiB, MB/MiB, GB/GiB, TB/TiB (case-insensitive), or bytes.
+
+    Raises:
+        EstimateError: not a size.
+    """
+    units = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+             "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "k": 1024, "m": 1024**2, "g": 1024**3}
+    s = str(text).strip().lower().replace(" ", "")
+    number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(number):] or "b"
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value < 0:
+        raise EstimateError(f"{text!r} is not a memory size; write e.g. 8GiB, 6GB or 512MiB")
+    return int(value * units[unit])

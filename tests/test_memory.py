@@ -1,0 +1,106 @@
+"""The memory estimator: config.json in, a breakdown that adds up and moves the right way out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from qlora_lite.cli import main
+from qlora_lite.memory import EstimateError, estimate_memory, parse_size, suggest_settings
+
+LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+            "num_hidden_layers": 32, "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}
+GPT2 = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257}
+
+
+@pytest.fixture
+def llama_7b_dir(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_7B))
+    return tmp_path
+
+
+def test_breakdown_sums_to_total():
+    est = estimate_memory(LLAMA_7B)
+    assert set(est.breakdown) == {"weights", "quant_constants", "lora", "optimizer", "activations", "logits", "runtime"}
+    assert sum(est.breakdown.values()) == est.total
+    assert all(v >= 0 for v in est.breakdown.values())
+
+
+def test_llama_7b_numbers_in_known_range(llama_7b_dir):
+    est = estimate_memory(llama_7b_dir, bits=4, double_quant=True)
+    assert 6.6e9 < est.base_params < 6.8e9
+    nf4 = est.breakdown["weights"] + est.breakdown["quant_constants"]
+    assert 3.7e9 < nf4 < 4.1e9  # NF4+DQ 7B: ~3.9 GB (linear at 4.127 bits, embeddings and head in bf16)
+    # r=16 on all seven projections of 32 blocks: 16 * (4*(4096+4096) + 3*(4096+11008)) * 32 = 40.0M
+    assert est.lora_params == 16 * (4 * 8192 + 3 * (4096 + 11008)) * 32
+    bf16 = estimate_memory(LLAMA_7B, bits=16)
+    assert 13.0e9 < bf16.breakdown["weights"] < 13.8e9
+
+
+def test_fewer_bits_use_less_memory():
+    totals = [estimate_memory(LLAMA_7B, bits=b).total for b in (4, 8, 16)]
+    assert totals[0] < totals[1] < totals[2]
+    no_dq = estimate_memory(LLAMA_7B, double_quant=False)
+    assert no_dq.breakdown["quant_constants"] > estimate_memory(LLAMA_7B).breakdown["quant_constants"]
+
+
+def test_checkpointing_lowers_activations():
+    on = estimate_memory(LLAMA_7B, gradient_checkpointing=True, seq_len=1024)
+    off = estimate_memory(LLAMA_7B, gradient_checkpointing=False, seq_len=1024)
+    assert on.breakdown["activations"] * 5 < off.breakdown["activations"]
+    assert estimate_memory(LLAMA_7B, seq_len=2048).breakdown["activations"] > on.breakdown["activations"]
+
+
+def test_optimizer_targets_chunked_loss_and_fsdp_move_the_right_parts():
+    base = estimate_memory(LLAMA_7B)
+    assert estimate_memory(LLAMA_7B, optimizer="adamw").breakdown["optimizer"] == 4 * base.breakdown["optimizer"]
+    qv = estimate_memory(LLAMA_7B, target_modules="q_proj,v_proj")
+    assert qv.lora_params == 16 * 2 * 8192 * 32
+    assert estimate_memory(LLAMA_7B, loss_chunk=128).breakdown["logits"] < base.breakdown["logits"]
+    sharded = estimate_memory(LLAMA_7B, num_processes=4, fsdp=True)
+    assert sharded.breakdown["weights"] < base.breakdown["weights"] / 3
+
+
+def test_gpt2_and_bad_inputs():
+    est = estimate_memory(GPT2, bits=16)
+    assert 120e6 < est.base_params < 130e6  # GPT-2 small: 124M
+    with pytest.raises(EstimateError, match="hidden_size"):
+        estimate_memory({"model_type": "llama", "num_hidden_layers": 2})
+    with pytest.raises(EstimateError, match="match no linear layer"):
+        estimate_memory(LLAMA_7B, target_modules="nope")
+    with pytest.raises(EstimateError, match="optimizer"):
+        estimate_memory(LLAMA_7B, optimizer="sgd")
+
+
+def test_parse_size():
+    assert parse_size("8GiB") == 8 * 1024**3
+    assert parse_size("6 GB") == 6_000_000_000
+    assert parse_size("512MiB") == 512 * 1024**2
+    with pytest.raises(EstimateError, match="not a memory size"):
+        parse_size("lots")
+
+
+def test_budget_suggestion_fits_and_gives_up_when_impossible():
+    heavy = dict(bits=16, seq_len=2048, gradient_checkpointing=False, optimizer="adamw")
+    changes, est = suggest_settings(LLAMA_7B, parse_size("6GiB"), **heavy)
+    assert est.total <= parse_size("6GiB")
+    assert changes["bits"] == 4 and changes["gradient_checkpointing"] is True
+    assert estimate_memory(LLAMA_7B, **{**heavy, **changes}).total == est.total
+    assert suggest_settings(LLAMA_7B, parse_size("1GiB")) is None
+    assert suggest_settings(LLAMA_7B, parse_size("64GiB"), **heavy)[0] == {}
+
+
+def test_cli_json_and_budget(llama_7b_dir):
+    runner = CliRunner()
+    result = runner.invoke(main, ["estimate", "--model", str(llama_7b_dir), "--budget", "6GiB", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["fits"] is True and data["total"] == sum(data["breakdown"].values())
+    result = runner.invoke(main, ["estimate", "--model", str(llama_7b_dir / "config.json"), "--bits", "16",
+                                  "--no-gradient-checkpointing", "--seq-len", "4096", "--budget", "8GiB"])
+    assert result.exit_code == 0, result.output
+    assert "Does NOT fit" in result.output and "--bits 4" in result.output
+    result = runner.invoke(main, ["estimate", "--model", str(llama_7b_dir / "missing")])
+    assert result.exit_code != 0 and "does not exist" in result.output
