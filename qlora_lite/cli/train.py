@@ -1,0 +1,79 @@
+"""``qlora-lite train``: fine-tune a LoRA adapter; every option can also come from a YAML --config file."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from .options import config_options
+
+# Every config field a training run reads, in --help order (num_processes belongs to the launcher).
+TRAIN_FIELDS = (
+    "model", "data", "output", "eval_data", "eval_fraction", "format",
+    "bits", "quant_type", "double_quant", "compute_dtype",
+    "rank", "alpha", "dropout", "target_modules", "rslora", "lora_dtype", "adapter",
+    "max_seq_len", "drop_long", "packing", "train_on_inputs", "skip_bad_lines",
+    "batch_size", "grad_accum", "lr", "weight_decay", "max_grad_norm", "max_steps", "epochs", "warmup_steps",
+    "lr_scheduler", "optimizer", "gradient_checkpointing",
+    "save_steps", "eval_steps", "save_total_limit", "logging_steps", "seed", "resume",
+    "trust_remote_code", "allow_bin_weights",
+)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message is meant for the user (printed without a traceback)."""
+    from ..adapter import AdapterError
+    from ..checkpoint import CheckpointError
+    from ..config import ConfigError
+    from ..data import DataError
+    from ..lora import LoRATargetError
+    from ..quant import ModelLoadError
+    from ..train import TrainingError
+
+    return (ConfigError, DataError, ModelLoadError, AdapterError, LoRATargetError, CheckpointError, TrainingError)
+
+
+def setup_logging() -> None:
+    """Our log lines on stderr, plainly; transformers and bitsandbytes only when something is wrong."""
+    logger = logging.getLogger("qlora_lite")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    for name in ("bitsandbytes", "transformers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@click.command("train")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML file with any of the settings below (sections model/lora/data/train or flat); "
+                   "flags given on the command line override it.")
+@config_options(*TRAIN_FIELDS)
+def command(config_file: str | None, **values) -> None:
+    """Fine-tune a LoRA adapter on a 4/8/16-bit frozen base from a JSONL file.
+
+    \b
+    Example:
+      qlora-lite train --model ./my-model --data train.jsonl --output runs/first --max-steps 200
+
+    The adapter (PEFT layout), metrics.jsonl, loss.png, config.yaml and checkpoint-STEP/ folders are
+    written to --output. --resume continues from the newest complete checkpoint there.
+    """
+    from ..config import load_config
+    from ..train import train
+
+    setup_logging()
+    try:
+        config = load_config(config_file, values)
+        result = train(config)
+    except user_errors() as e:
+        raise click.ClickException(str(e)) from None
+    if result.stopped_early:
+        click.echo(f"stopped after step {result.steps}; continue with --resume")
+        return
+    click.echo(f"trained {result.steps} steps; adapter in {result.adapter_dir}")
+    if result.eval_metrics:
+        click.echo(f"eval loss {result.eval_metrics['eval_loss']:.4f}, perplexity {result.eval_metrics['eval_ppl']:.2f}")
+    click.echo(f"metrics: {result.metrics_path}" + (f"; loss curve: {result.plot_path}" if result.plot_path else ""))

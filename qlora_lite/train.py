@@ -1,0 +1,365 @@
+"""The training loop on accelerate: data -> model -> steps (eval, checkpoints, metrics) -> adapter.
+
+Reading order: ``train`` (the entry point) prepares everything, ``_Loop`` runs the optimizer steps.
+Data order is a pure function of (seed, epoch), so a resumed run replays exactly the batches the
+uninterrupted run would have seen; together with the restored RNG, optimizer and scheduler this makes
+resumed losses equal the uninterrupted ones.
+
+Testing hook: the environment variable ``QLORA_LITE_STOP_AFTER_STEPS=k`` stops the run right after
+optimizer step ``k`` (an absolute step number; checkpoints due at ``k`` are written, nothing else),
+as a crash would, without changing the schedule. Then ``--resume`` continues it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .loss import IGNORE_INDEX, batch_loss_sum, eval_sums, evaluate, label_tokens
+
+log = logging.getLogger(__name__)
+
+STOP_ENV = "QLORA_LITE_STOP_AFTER_STEPS"
+__all__ = ["IGNORE_INDEX", "TrainResult", "TrainingError", "batch_loss_sum", "evaluate", "train"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, out of memory); the message says what to do."""
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``eval_metrics`` is empty when there is no eval set."""
+
+    output_dir: Path
+    adapter_dir: Path | None
+    metrics_path: Path
+    plot_path: Path | None
+    steps: int
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    train_loss: float | None = None
+    resumed_from: Path | None = None
+    stopped_early: bool = False
+
+
+# ---------------------------------------------------------------- data order and step plan
+
+
+def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int, num_processes: int = 1) -> list[list[int]]:
+    """Global micro-batches of one epoch: example indices in a permutation seeded by ``seed + epoch``.
+
+    Each global micro-batch holds ``batch_size * num_processes`` indices; process ``i`` takes
+    ``chunk[i::num_processes]``, so no example is seen twice per epoch. A last chunk too small to
+    give every process one example is dropped (only possible with several processes).
+    """
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(num_examples, generator=generator).tolist()
+    size = batch_size * num_processes
+    chunks = [order[i:i + size] for i in range(0, num_examples, size)]
+    return [c for c in chunks if len(c) >= num_processes]
+
+
+def plan_steps(micro_batches_per_epoch: int, grad_accum: int, max_steps: int, epochs: float) -> tuple[int, int]:
+    """``(optimizer steps per epoch, total steps)``; ``max_steps`` wins over ``epochs`` when > 0."""
+    per_epoch = max(1, math.ceil(micro_batches_per_epoch / grad_accum))
+    total = max_steps if max_steps > 0 else max(1, math.ceil(epochs * per_epoch))
+    return per_epoch, total
+
+
+def run_fingerprint(config: Config, num_processes: int) -> dict:
+    """What a resumed run is checked against (``checkpoint.check_resume_compatible``): settings and data hash."""
+    from .checkpoint import file_sha256, make_fingerprint
+
+    return make_fingerprint(config.to_dict(), file_sha256(config.data.data), num_processes=num_processes)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: allocated CUDA memory on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+OOM_ADVICE = ("out of memory during training ({}). Lower --batch-size (raise --grad-accum to keep the "
+              "effective batch), lower --max-seq-len or --rank, or enable --gradient-checkpointing.")
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def load_training_data(config: Config, tokenizer) -> tuple[list[dict], list[dict]]:
+    """Tokenize and validate the train (and eval) data; runs before the model is loaded so bad data fails fast.
+
+    Raises:
+        data.DataError: unreadable or unusable data, with FILE:LINE.
+    """
+    from .data import load_dataset, pack_examples, split_eval
+
+    d = config.data
+    kwargs = dict(format=d.format, max_seq_len=d.max_seq_len, drop_long=d.drop_long,
+                  train_on_inputs=d.train_on_inputs, skip_bad_lines=d.skip_bad_lines)
+    train_examples, stats = load_dataset(d.data, tokenizer, **kwargs)
+    log.info("train data %s: %s", d.data, stats.summary())
+    eval_examples: list[dict] = []
+    if d.eval_data:
+        eval_examples, eval_stats = load_dataset(d.eval_data, tokenizer, **kwargs)
+        log.info("eval data %s: %s", d.eval_data, eval_stats.summary())
+    elif d.eval_fraction > 0:
+        train_examples, eval_examples = split_eval(train_examples, d.eval_fraction, config.train.seed)
+        log.info("held out %d of %d examples for evaluation", len(eval_examples),
+                 len(eval_examples) + len(train_examples))
+    if d.packing:
+        before = len(train_examples)
+        train_examples = pack_examples(train_examples, d.max_seq_len)
+        log.info("packed %d examples into %d sequences of up to %d tokens", before, len(train_examples),
+                 d.max_seq_len)
+    return train_examples, eval_examples
+
+
+def train(config: Config) -> TrainResult:
+    """Fine-tune a LoRA adapter as ``config`` says; the adapter lands at the top of ``config.train.output``.
+
+    Raises:
+        config.ConfigError, data.DataError, quant.ModelLoadError, checkpoint.CheckpointError,
+        TrainingError: with a message meant for the user.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .checkpoint import guard_output_dir, latest_checkpoint
+    from .quant import load_tokenizer, resolve_model_dir
+
+    config.validate(required=("model.model", "data.data", "train.output"))
+    t = config.train
+    mixed = {"bf16": "bf16", "fp16": "fp16" if torch.cuda.is_available() else "no"}.get(config.model.compute_dtype, "no")
+    accelerator = Accelerator(mixed_precision=mixed)
+    output_dir = Path(t.output)
+    model_dir = resolve_model_dir(config.model.model)
+    guard_output_dir(output_dir, model_dir, t.resume)
+    tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
+    train_examples, eval_examples = load_training_data(config, tokenizer)
+
+    fingerprint = run_fingerprint(config, accelerator.num_processes)
+    resume_from = latest_checkpoint(output_dir) if t.resume else None
+    if t.resume and resume_from is None:
+        log.warning("--resume: no complete checkpoint in %s; starting from step 0", output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config.save(output_dir / "config.yaml")
+    set_seed(t.seed)
+    loop = _Loop(config, accelerator, train_examples, eval_examples, tokenizer.pad_token_id, fingerprint)
+    try:
+        loop.setup(resume_from)
+        return loop.run()
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise TrainingError(OOM_ADVICE.format(str(e).splitlines()[0][:200])) from e
+        raise
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class _Loop:
+    """The optimizer steps of one run with evaluation, checkpoints and metrics; every process runs it.
+
+    Only the main process writes files; losses and eval sums are reduced over processes.
+    """
+
+    def __init__(self, config: Config, accelerator, train_examples: list[dict], eval_examples: list[dict],
+                 pad_token_id: int, fingerprint: dict):
+        from .plot import METRICS_NAME, MetricsLog
+
+        self.config, self.t, self.acc = config, config.train, accelerator
+        self.train_examples, self.eval_examples = train_examples, eval_examples
+        self.pad_token_id, self.fingerprint = pad_token_id, fingerprint
+        self.output_dir = Path(config.train.output)
+        self.chunks: tuple[int, list[list[int]]] = (0, self._epoch_chunks(0))
+        if not self.chunks[1]:
+            raise TrainingError(f"{config.data.data}: {len(train_examples)} training example(s) cannot fill one batch "
+                                f"for {accelerator.num_processes} processes")
+        self.steps_per_epoch, self.total_steps = plan_steps(len(self.chunks[1]), self.t.grad_accum,
+                                                            self.t.max_steps, self.t.epochs)
+        self.step = self.epoch = self.consumed = 0
+        self.metrics = MetricsLog(self.output_dir / METRICS_NAME, enabled=accelerator.is_main_process)
+        self.last_checkpoint: Path | None = None
+        self.resumed_from: Path | None = None
+        self.last_eval: dict[str, float] = {}
+        self.last_loss: float | None = None
+        stop = os.environ.get(STOP_ENV, "").strip()
+        self.stop_after = int(stop) if stop else None
+
+    def _epoch_chunks(self, epoch: int) -> list[list[int]]:
+        return epoch_batches(len(self.train_examples), self.t.batch_size, self.t.seed, epoch, self.acc.num_processes)
+
+    def setup(self, resume_from: Path | None) -> None:
+        """Build model, optimizer and schedule; restore them (and the RNG) from ``resume_from`` if given."""
+        from .checkpoint import check_resume_compatible, load_checkpoint
+        from .model import build_model_from_config
+        from .optim import build_optimizer, build_scheduler
+
+        t = self.t
+        model = build_model_from_config(self.config, trainable=True)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(self.params, t.optimizer, t.lr, t.weight_decay, self.acc.device.type)
+        # The schedule always spans the planned total, so a resumed run gets the same learning rates.
+        self.scheduler = build_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, self.total_steps)
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, model, optimizer, self.scheduler)
+            for warning in check_resume_compatible(state, self.fingerprint):
+                log.warning("resume: %s", warning)
+            self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["batches_consumed"]
+            self.resumed_from = self.last_checkpoint = Path(resume_from)
+            self.metrics.truncate_after(self.step)
+            log.info("resuming from %s at step %d (epoch %d, %d batches in)", resume_from, self.step, self.epoch,
+                     self.consumed)
+        else:
+            self.metrics.reset()
+        n_params = sum(p.numel() for p in self.params)
+        log.info("training %d LoRA parameters for %d steps (%d per epoch) on %s", n_params, self.total_steps,
+                 self.steps_per_epoch, self.acc.device)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+
+    def run(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not self.acc.is_main_process)
+        stopped = False
+        try:
+            while self.step < self.total_steps:
+                if self.chunks[0] != self.epoch:
+                    self.chunks = (self.epoch, self._epoch_chunks(self.epoch))
+                chunks = self.chunks[1]
+                window = chunks[self.consumed:self.consumed + self.t.grad_accum]
+                record = self._optimizer_step(window)
+                self.consumed += len(window)
+                if self.consumed >= len(chunks):
+                    self.epoch, self.consumed = self.epoch + 1, 0
+                record["epoch"] = round(self.epoch + self.consumed / len(chunks), 4)
+                self._after_step(record, bar)
+                if self.stop_after is not None and self.step >= self.stop_after and self.step < self.total_steps:
+                    log.warning("stopping after step %d (%s is set)", self.step, STOP_ENV)
+                    stopped = True
+                    break
+        finally:
+            bar.close()
+        return self._finish(stopped)
+
+    def _optimizer_step(self, window: list[list[int]]) -> dict:
+        """Forward/backward over the micro-batches of ``window``, clip, step. Returns the metrics record.
+
+        The loss is normalized by the label tokens of the whole window (all processes), so gradient
+        accumulation and several processes give the same update as one large batch.
+        """
+        acc, examples = self.acc, self.train_examples
+        rank, procs = acc.process_index, acc.num_processes
+        n_labels = max(1, sum(label_tokens(examples[i]) for chunk in window for i in chunk))
+        n_tokens = sum(len(examples[i]["input_ids"]) for chunk in window for i in chunk)
+        lr = self.scheduler.get_last_lr()[0]
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=acc.device)
+        from .data import collate
+
+        for k, chunk in enumerate(window):
+            batch = collate([examples[i] for i in chunk[rank::procs]], self.pad_token_id)
+            batch = {key: value.to(acc.device) for key, value in batch.items()}
+            # Only the last micro-batch of the window synchronizes gradients across processes.
+            sync = contextlib.nullcontext() if k == len(window) - 1 else acc.no_sync(self.model)
+            with sync:
+                loss, _ = batch_loss_sum(self.model, batch)
+                if not torch.isfinite(loss):
+                    self._diverged(f"the loss is {float(loss)}")
+                acc.backward(loss * (procs / n_labels))
+            loss_sum += loss.detach()
+        max_norm = self.t.max_grad_norm if self.t.max_grad_norm > 0 else float("inf")
+        grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
+        if not math.isfinite(grad_norm):
+            self._diverged(f"the gradient norm is {grad_norm}")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss_value = float(acc.reduce(loss_sum, "sum")) / n_labels
+        self.last_loss = loss_value
+        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": n_tokens / max(time.perf_counter() - started, 1e-9),
+                "peak_mem_bytes": peak_memory_bytes(acc.device)}
+
+    def _diverged(self, what: str) -> None:
+        """Stop before the optimizer step, so no non-finite weight is ever saved."""
+        self.optimizer.zero_grad(set_to_none=True)
+        where = (f"the last good checkpoint is {self.last_checkpoint} (continue from it with --resume)"
+                 if self.last_checkpoint else "no checkpoint was written yet")
+        raise TrainingError(f"training diverged at step {self.step + 1}: {what}; stopped before updating the "
+                            f"weights. {where.capitalize()}. Try a lower --lr, more --warmup-steps or "
+                            "--max-grad-norm 1.0, and check the data.")
+
+    def _after_step(self, record: dict, bar) -> None:
+        t, last = self.t, self.step >= self.total_steps
+        if self.eval_examples and ((t.eval_steps and self.step % t.eval_steps == 0) or last):
+            self.last_eval = self._evaluate()
+            record.update(self.last_eval)
+            log.info("step %d: eval loss %.4f, perplexity %.2f", self.step, self.last_eval["eval_loss"],
+                     self.last_eval["eval_ppl"])
+        if self.step % t.logging_steps == 0 or last or "eval_loss" in record:
+            self.metrics.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                        tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        bar.update(1)
+        if (t.save_steps and self.step % t.save_steps == 0) or last:
+            self._save_checkpoint()
+
+    def _evaluate(self) -> dict[str, float]:
+        """Eval loss over all processes (each scores its own shard of the eval examples)."""
+        acc = self.acc
+        shard = self.eval_examples[acc.process_index::acc.num_processes]
+        total, count = eval_sums(self.model, shard, self.t.batch_size, self.pad_token_id, acc.device)
+        sums = acc.reduce(torch.tensor([total, float(count)], dtype=torch.float64, device=acc.device), "sum")
+        loss = float(sums[0]) / max(1.0, float(sums[1]))
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))}
+
+    def _save_checkpoint(self) -> None:
+        from .checkpoint import save_checkpoint
+
+        state = {"step": self.step, "epoch": self.epoch, "batches_consumed": self.consumed,
+                 "total_steps": self.total_steps, "fingerprint": self.fingerprint,
+                 "loss": self.last_loss, **self.last_eval}
+        if self.acc.is_main_process:
+            optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate's wrapper
+            self.last_checkpoint = save_checkpoint(self.output_dir, self.step, self.acc.unwrap_model(self.model),
+                                                   optimizer, self.scheduler, state, self.t.save_total_limit)
+        self.acc.wait_for_everyone()
+
+    def _finish(self, stopped: bool) -> TrainResult:
+        from .adapter import save_adapter
+        from .plot import MetricsError, plot_loss
+
+        result = TrainResult(self.output_dir, None, self.metrics.path, None, self.step, dict(self.last_eval),
+                             self.last_loss, self.resumed_from, stopped)
+        if stopped:
+            return result
+        if self.acc.is_main_process:
+            result.adapter_dir = save_adapter(self.acc.unwrap_model(self.model), self.output_dir,
+                                              base_model_name=str(self.config.model.model))
+            try:
+                result.plot_path = plot_loss(self.output_dir)
+            except MetricsError as e:  # a missing plot must not cost the trained adapter
+                log.warning("no loss plot: %s", e)
+        self.acc.wait_for_everyone()
+        return result
