@@ -1,0 +1,429 @@
+"""Streaming merge: base checkpoint + LoRA adapter -> a plain Hugging Face model folder.
+
+The base is read tensor by tensor with plain file reads (no memory map, so pages of the input never
+pile up in the process), each tensor is merged in fp32 with ``lora.merge_weight`` and written
+straight into its output shard, whose header was planned from the input headers alone. Peak memory
+is therefore a few tensors, not a shard and never the model. The result is written to a hidden
+temporary folder, loaded once and compared with base+adapter on a probe input, and only then renamed
+into place; a merge that deviates is left beside the output as ``<output>.failed``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapter import AdapterError, check_compatible, read_adapter, write_json_atomic
+from .lora import lora_scaling, merge_weight
+from .quant import (
+    DTYPES,
+    ModelLoadError,
+    _conv1d_class,
+    _resolve_key,
+    dequantize_weight,
+    quantize_linear,
+    quantized_layer_names,
+    release_freed_memory,
+    resolve_model_dir,
+    weight_files,
+)
+from .safetensors_io import TensorEntry, iter_tensors, plan_shards, read_headers, write_sharded
+
+log = logging.getLogger(__name__)
+
+MERGE_BASES = ("dequantized", "original")
+# Files of a model folder that are weights (rewritten by the merge) rather than metadata to copy.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+# Largest acceptable |logit difference| relative to max |reference logit|, per output dtype. The
+# reference itself runs in bf16 and bf16 keeps 8 mantissa bits: on tiny models correct merges deviate
+# by about 1e-2 relative, a dropped adapter by ~50%, a wrong quantization by ~4%.
+TOLERANCE = {"bf16": 3e-2, "fp16": 3e-2, "fp32": 3e-2}
+
+
+class MergeError(RuntimeError):
+    """The merge cannot run (bad paths, adapter does not fit the base); nothing was written."""
+
+
+class MergeVerificationError(MergeError):
+    """The merged model's logits deviate from base+adapter beyond the tolerance."""
+
+
+@dataclass
+class MergeReport:
+    """What ``merge_adapter`` did. ``max_abs_logit_diff`` is None when verification was skipped."""
+
+    output_dir: Path
+    max_abs_logit_diff: float | None
+    tolerance: float | None
+    shards: int
+    seconds: float
+    merge_base: str = "dequantized"
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MergePlan:
+    """Everything needed to produce the merged tensors, decided before any tensor is read."""
+
+    base_dir: Path
+    entries: list[TensorEntry]
+    config: dict
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # checkpoint key -> (A, B, scaling)
+    quantized: set[str]  # checkpoint keys of the weights the training base held quantized
+    conv1d: set[str]  # checkpoint keys of GPT-2 Conv1D weights, stored (in, out)
+    merge_base: str
+    quant: dict  # bits, quant_type, double_quant, compute_dtype (torch dtype)
+    adapter_dir: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_size(size: str | int) -> int:
+    """``"2GB"`` -> 2_000_000_000 (decimal units, as transformers' ``max_shard_size``); ints pass through."""
+    if isinstance(size, int):
+        return size
+    text = str(size).strip().upper().replace(" ", "")
+    for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                         ("KB", 10**3), ("B", 1)):
+        if text.endswith(unit):
+            text, mult = text[: -len(unit)], factor
+            break
+    else:
+        mult = 1
+    try:
+        value = int(float(text) * mult)
+    except ValueError:
+        raise MergeError(f"cannot read the size {size!r}; write it like 2GB, 500MB or 1000000") from None
+    if value <= 0:
+        raise MergeError(f"size {size!r} must be positive")
+    return value
+
+
+def _quant_settings(record: dict | None, bits, quant_type, double_quant, notes: list[str]) -> dict:
+    """Quantization the adapter was trained against: flags first, then qlora_lite.json, then defaults."""
+    record = record or {}
+    given = {"bits": bits, "quant_type": quant_type, "double_quant": double_quant}
+    defaults = {"bits": 4, "quant_type": "nf4", "double_quant": True}
+    settings = {}
+    for key, value in given.items():
+        settings[key] = value if value is not None else record.get(key)
+        if settings[key] is None:
+            settings[key] = defaults[key]
+    if not record:
+        notes.append(
+            f"the adapter has no qlora_lite.json (not written by qlora-lite), so the quantization it was "
+            f"trained against is unknown; assuming bits={settings['bits']} quant_type={settings['quant_type']} "
+            f"double_quant={settings['double_quant']} (set --bits/--quant-type/--double-quant, or use "
+            "--merge-base original for an adapter trained on the 16-bit model)"
+        )
+    dtype = record.get("compute_dtype") or "bfloat16"
+    settings["compute_dtype"] = getattr(torch, str(dtype).removeprefix("torch."), torch.bfloat16)
+    return settings
+
+
+def _meta_model(base_dir: Path, trust_remote_code: bool):
+    """The model skeleton on the meta device: names, layer kinds and the output head, for free."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    with init_empty_weights(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _alpha_for(name: str, config: dict, rank: int) -> float:
+    pattern = config.get("alpha_pattern") or {}
+    hit = next((a for p, a in pattern.items() if name == p or name.endswith("." + p)), None)
+    return float(hit if hit is not None else config.get("lora_alpha", rank))
+
+
+def plan_merge(
+    base_path: str | Path,
+    adapter_dir: str | Path | None = None,
+    *,
+    merge_base: str = "dequantized",
+    bits: int | None = None,
+    quant_type: str | None = None,
+    double_quant: bool | None = None,
+    trust_remote_code: bool = False,
+) -> MergePlan:
+    """Decide, from headers and the adapter alone, what happens to every base tensor.
+
+    Raises:
+        MergeError: unknown merge base, non-safetensors base, adapter layers the base lacks.
+        AdapterError: unreadable adapter, or one trained on a different architecture/vocabulary.
+    """
+    if merge_base not in MERGE_BASES:
+        raise MergeError(f"--merge-base must be one of {', '.join(MERGE_BASES)}, got {merge_base!r}")
+    base_dir = resolve_model_dir(base_path)
+    files = weight_files(base_dir)
+    if any(f.suffix != ".safetensors" for f in files):
+        raise MergeError(f"{base_dir}: the streaming merge reads safetensors only; convert the .bin weights first")
+    entries = read_headers(files)
+    model = _meta_model(base_dir, trust_remote_code)
+    notes: list[str] = []
+    lora, quant = {}, {"bits": 16, "compute_dtype": None}
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    owners = {}
+    for entry in entries:
+        name = _resolve_key(entry.name, names, model.base_model_prefix)
+        if name is not None and name.endswith(".weight"):
+            owners[name.removesuffix(".weight")] = entry.name
+    if adapter_dir is not None:
+        config, modules, record = read_adapter(adapter_dir)
+        check_compatible(record, model, adapter_dir)
+        missing = sorted(set(modules) - set(owners))
+        if missing:
+            raise MergeError(f"{adapter_dir}: the adapter targets {len(missing)} layer(s) the base in {base_dir} "
+                             f"does not have, e.g. {', '.join(missing[:3])}; is it the right base model?")
+        for module, parts in modules.items():
+            rank = parts["lora_A"].shape[0]
+            scaling = lora_scaling(rank, _alpha_for(module, config, rank), bool(config.get("use_rslora")))
+            lora[owners[module]] = (parts["lora_A"], parts["lora_B"], scaling)
+        if merge_base == "dequantized":
+            quant = _quant_settings(record, bits, quant_type, double_quant, notes)
+    layers = [n for n in quantized_layer_names(model) if n in owners]
+    quantized = {owners[n] for n in layers} if quant["bits"] in (4, 8) else set()
+    conv1d = {owners[n] for n in owners if isinstance(model.get_submodule(n), _conv1d_class())}
+    return MergePlan(base_dir, entries, json.loads((base_dir / "config.json").read_text()), lora, quantized,
+                     conv1d, merge_base, quant, Path(adapter_dir) if adapter_dir else None, notes)
+
+
+def _roundtrip(weight: torch.Tensor, conv1d: bool, quant: dict) -> torch.Tensor:
+    """dequantize(quantize(W)) in fp32, exactly as ``quant.load_base_model`` quantizes it for training."""
+    layer = quantize_linear(weight.t() if conv1d else weight, None, bits=quant["bits"],
+                            quant_type=quant["quant_type"], double_quant=quant["double_quant"],
+                            compute_dtype=quant["compute_dtype"])
+    deq = dequantize_weight(layer)  # (out, in)
+    return deq.t() if conv1d else deq
+
+
+def merged_tensor(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The merged value of one base tensor: fp32 for merged/quantized weights, else as stored.
+
+    Under the dequantized policy every other float tensor passes through the compute dtype, as the
+    training model held it.
+    """
+    if key in plan.quantized:
+        tensor = _roundtrip(tensor, key in plan.conv1d, plan.quant)
+    elif plan.quant.get("compute_dtype") is not None and tensor.is_floating_point():
+        tensor = tensor.to(plan.quant["compute_dtype"])
+    if key in plan.lora:
+        lora_A, lora_B, scaling = plan.lora[key]
+        tensor = merge_weight(tensor, lora_A, lora_B, scaling, fan_in_fan_out=key in plan.conv1d)
+    return tensor
+
+
+def iter_merged_tensors(plan: MergePlan, progress: bool = False):
+    """Yield ``(checkpoint_key, merged_tensor)`` in checkpoint order, one tensor in memory at a time."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(plan.entries), unit="tensor", desc="merge", disable=not progress)
+    for entry, tensor in iter_tensors(plan.entries):
+        yield entry.name, merged_tensor(plan, entry.name, tensor)
+        bar.update(1)
+    bar.close()
+
+
+def _check_output(output: Path, base_dir: Path, adapter_dir: Path, overwrite: bool) -> None:
+    out, base, adapter = output.resolve(), base_dir.resolve(), Path(adapter_dir).resolve()
+    if out == base or base in out.parents:
+        raise MergeError(f"output {output} is the base model folder or inside it; choose a folder elsewhere")
+    if out == adapter:
+        raise MergeError(f"output {output} is the adapter folder; choose another folder")
+    if out in base.parents:
+        raise MergeError(f"output {output} contains the base model folder; choose an empty folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise MergeError(f"output {output} already exists and is not empty; choose another folder or pass "
+                         "--overwrite")
+
+
+def _copy_metadata(plan: MergePlan, tmp: Path, dtype: str) -> None:
+    """Config (dtype updated), tokenizer with chat template, generation config and other small files."""
+    from transformers import AutoConfig, GenerationConfig
+
+    for path in sorted(plan.base_dir.iterdir()):
+        if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name not in _WEIGHT_INDEXES:
+            shutil.copy2(path, tmp / path.name)
+    # A tokenizer saved with the adapter (e.g. with a chat template set for training) wins.
+    if plan.adapter_dir is not None and (plan.adapter_dir / "tokenizer_config.json").exists():
+        for name in _TOKENIZER_FILES:
+            if (plan.adapter_dir / name).exists():
+                shutil.copy2(plan.adapter_dir / name, tmp / name)
+    config = dict(plan.config)
+    config.pop("quantization_config", None)
+    config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = str(
+        DTYPES[dtype]).removeprefix("torch.")
+    write_json_atomic(tmp / "config.json", config)
+    if not (tmp / "generation_config.json").exists():
+        GenerationConfig.from_model_config(AutoConfig.from_pretrained(tmp)).save_pretrained(tmp)
+
+
+def _place(tmp: Path, output: Path) -> None:
+    """Rename the finished temporary folder into place (replacing an old output only now)."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+    os.replace(tmp, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_merged(plan: MergePlan, folder: Path, dtype: str, max_bytes: int, progress: bool) -> list[str]:
+    """Stream merged tensors into shards of ``dtype`` (non-float tensors keep theirs)."""
+    out = DTYPES[dtype]
+    specs = [(e.name, out if e.dtype.is_floating_point else e.dtype, e.shape) for e in plan.entries]
+    stream = ((k, t.to(out) if t.is_floating_point() else t) for k, t in iter_merged_tensors(plan, progress))
+    return write_sharded(folder, plan_shards(specs, max_bytes), stream)
+
+
+def _probe_ids(vocab_size: int, length: int = 32) -> torch.Tensor:
+    """A fixed pseudo-random token sequence, (1, length): exercises every layer, needs no tokenizer."""
+    return torch.randint(0, vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def verify_merge(plan: MergePlan, merged_dir: Path, dtype: str, tolerance: float | None = None,
+                 trust_remote_code: bool = False) -> tuple[float, float]:
+    """Largest |logit difference| between the merged folder and base+adapter, and the tolerance.
+
+    The reference is the model the adapter belongs to: for the dequantized policy the quantized base
+    exactly as training loaded it, plus the adapter; for ``original`` the 16-bit base plus the adapter
+    (computed in the output dtype). One model is in memory at a time: the quantized/16-bit reference,
+    then the merged model in ``dtype`` (the size of the output).
+    """
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    from .model import build_model
+
+    names = {v: k for k, v in DTYPES.items()}
+    if plan.merge_base == "dequantized":
+        bits, compute = plan.quant["bits"], names[plan.quant.get("compute_dtype") or torch.bfloat16]
+    else:
+        bits, compute = 16, dtype
+    reference = build_model(str(plan.base_dir), bits=bits, quant_type=plan.quant.get("quant_type", "nf4"),
+                            double_quant=plan.quant.get("double_quant", True), compute_dtype=compute,
+                            adapter=str(plan.adapter_dir), trainable=False, gradient_checkpointing=False,
+                            trust_remote_code=trust_remote_code)
+    ids = _probe_ids(reference.get_input_embeddings().weight.shape[0])
+    expected = _logits(reference, ids)
+    del reference
+    gc.collect()
+    release_freed_memory()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    got = _logits(merged.eval(), ids)
+    del merged
+    gc.collect()
+    diff = (got - expected).abs().max().item()
+    if tolerance is None:
+        tolerance = TOLERANCE[dtype] * max(1e-3, expected.abs().max().item())
+    return (diff if diff == diff else float("inf")), tolerance  # NaN counts as failure
+
+
+def _mark_failed(tmp: Path, output: Path, message: str) -> Path:
+    """Keep a failed merge for inspection, clearly named, never at the output path."""
+    failed = output.with_name(f"{output.name}.failed")
+    if failed.exists():
+        shutil.rmtree(failed)
+    (tmp / "MERGE_FAILED.txt").write_text(message + "\n")
+    os.replace(tmp, failed)
+    return failed
+
+
+def merge_adapter(
+    base_path: str | Path,
+    adapter_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    merge_base: str = "dequantized",
+    dtype: str = "bf16",
+    max_shard_size: str | int = "2GB",
+    verify: bool = True,
+    progress: bool = True,
+    tolerance: float | None = None,
+    bits: int | None = None,
+    quant_type: str | None = None,
+    double_quant: bool | None = None,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> MergeReport:
+    """Merge a LoRA adapter into its base, streaming, and write a plain Hugging Face model folder.
+
+    Args:
+        merge_base: "dequantized" (the quantized weights the adapter was trained against, the
+            default) or "original" (the 16-bit checkpoint as it is).
+        dtype: dtype of the written weights: bf16, fp16 or fp32.
+        max_shard_size: largest output shard, e.g. "2GB".
+        verify: load the result once and compare logits with base+adapter before placing it.
+        tolerance: largest allowed |logit difference| (default: relative, see ``TOLERANCE``).
+        bits, quant_type, double_quant: quantization of the training base, for adapters without
+            qlora_lite.json (PEFT's); otherwise read from that file.
+        overwrite: replace an existing non-empty output folder (only once the new one is verified).
+
+    Returns:
+        MergeReport.
+
+    Raises:
+        MergeError: bad paths or options; nothing is written.
+        MergeVerificationError: the merged model deviates; it is left at ``<output>.failed``.
+        AdapterError, ModelLoadError: unreadable or incompatible adapter/base.
+    """
+    start = time.time()
+    if dtype not in DTYPES:
+        raise MergeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    max_bytes = parse_size(max_shard_size)
+    output, base_dir = Path(output_dir), resolve_model_dir(base_path)
+    _check_output(output, base_dir, Path(adapter_dir), overwrite)
+    plan = plan_merge(base_dir, adapter_dir, merge_base=merge_base, bits=bits, quant_type=quant_type,
+                      double_quant=double_quant, trust_remote_code=trust_remote_code)
+    for note in plan.notes:
+        log.warning(note)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        shards = _write_merged(plan, tmp, dtype, max_bytes, progress)
+        _copy_metadata(plan, tmp, dtype)
+        diff = tol = None
+        if verify:
+            diff, tol = verify_merge(plan, tmp, dtype, tolerance, trust_remote_code)
+            if not diff <= tol:
+                message = (f"merge verification FAILED: the merged model's logits deviate from base+adapter by "
+                           f"up to {diff:.4g} (tolerance {tol:.4g}) on the probe input")
+                failed = _mark_failed(tmp, output, message)
+                raise MergeVerificationError(f"{message}. The merged files were left in {failed} for inspection; "
+                                             f"{output} was not written.")
+        record = {"base_model": str(base_path), "adapter": str(adapter_dir), "merge_base": merge_base,
+                  "dtype": dtype, "quantization": {k: str(v) for k, v in plan.quant.items()},
+                  "max_abs_logit_diff": diff, "tolerance": tol, "notes": plan.notes}
+        write_json_atomic(tmp / "qlora_lite_merge.json", record)
+        _place(tmp, output)
+    except MergeVerificationError:
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return MergeReport(output, diff, tol, len(shards), time.time() - start, merge_base, plan.notes)
+
+
+__all__ = ["MergeError", "MergeReport", "MergeVerificationError", "merge_adapter", "plan_merge",
+           "iter_merged_tensors", "merged_tensor", "verify_merge", "parse_size", "AdapterError", "ModelLoadError"]
