@@ -1,0 +1,219 @@
+"""Write a GGUF file (llama.cpp / Ollama) from a model folder, optionally merging an adapter on the way.
+
+Tensors are streamed: the GGUF header and tensor table are planned from the safetensors headers,
+then each tensor is read, merged (``export.iter_merged_tensors``, the same code as ``merge``),
+converted and appended, so memory stays at about one tensor. Only the ``gguf`` Python package is
+used; no llama.cpp build. The layout follows llama.cpp's convert_hf_to_gguf.py: Llama-family q/k
+projections are permuted to llama.cpp's rotary layout, 1-D tensors (norms, biases) stay F32.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .export import MergePlan, iter_merged_tensors, plan_merge
+from .quant import resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+# Hugging Face model_type -> GGUF architecture (Mistral is the Llama graph in llama.cpp).
+SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+OUT_TYPES = ("f16", "bf16", "q8_0")
+_SKIP = re.compile(r"rotary_emb\.inv_freq$|\.attn\.(masked_)?bias$")
+
+
+class GGUFExportError(ValueError):
+    """The model cannot be written as GGUF (unsupported architecture, tokenizer or tensor)."""
+
+
+def _gguf():
+    import gguf
+
+    return gguf
+
+
+def _rope_theta(config: dict) -> float:
+    params = config.get("rope_parameters") or {}
+    return float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
+def _add_hparams(writer, config: dict, arch: str, out_type: str, name: str) -> None:
+    """Architecture hyper-parameters under the keys llama.cpp reads (``{arch}.context_length`` ...)."""
+    gguf = _gguf()
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer.add_name(name)
+    writer.add_context_length(config.get("max_position_embeddings", 4096))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    writer.add_vocab_size(config["vocab_size"])
+    if arch == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    if head_dim != config["hidden_size"] // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    scaling = config.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type")) or (config.get("rope_parameters") or {}).get("rope_type")
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+    elif rope_type not in (None, "default"):
+        log.warning("rope scaling %r is not written to the GGUF file; long-context behaviour may differ", rope_type)
+    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type]
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def permute_qk(weight: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
+    """Reorder the rows of a q/k projection from HF's rotate-half layout to llama.cpp's interleaved one.
+
+    Args:
+        weight: (n_head * head_dim, in) or a bias (n_head * head_dim,).
+    """
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    shape = weight.shape
+    return weight.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _layout(plan: MergePlan, arch: str, out_type: str) -> list[tuple[str, str, str, tuple[int, ...]]]:
+    """``(checkpoint_key, gguf_name, ggml_type, shape)`` per written tensor, in checkpoint order."""
+    gguf = _gguf()
+    config = plan.config
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
+                                    config["num_hidden_layers"])
+    tied = config.get("tie_word_embeddings", False)
+    layout = []
+    for entry in plan.entries:
+        if _SKIP.search(entry.name) or (tied and entry.name == "lm_head.weight"):
+            continue
+        name = tmap.get_name(entry.name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise GGUFExportError(f"{plan.base_dir}: tensor {entry.name} has no GGUF name for the {arch} "
+                                  "architecture; this model variant is not supported")
+        kind = "f32" if len(entry.shape) == 1 else out_type
+        if kind == "q8_0" and entry.shape[-1] % 32:
+            kind = "f16"  # Q8_0 blocks hold 32 values along a row; llama.cpp falls back the same way
+        layout.append((entry.name, name, kind, tuple(entry.shape)))
+    return layout
+
+
+def _ggml_type(kind: str):
+    gguf = _gguf()
+    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+            "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[kind]
+
+
+def _add_tensor_info(writer, name: str, kind: str, shape: tuple[int, ...]) -> None:
+    gguf = _gguf()
+    if kind in ("f32", "f16"):
+        np_dtype = np.float32 if kind == "f32" else np.float16
+        writer.add_tensor_info(name, shape, np.dtype(np_dtype), int(np.prod(shape)) * np.dtype(np_dtype).itemsize)
+        return
+    byte_shape = gguf.quant_shape_to_byte_shape(shape, _ggml_type(kind))
+    writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=_ggml_type(kind))
+
+
+def _convert(tensor: torch.Tensor, kind: str) -> np.ndarray:
+    array = tensor.float().numpy()
+    if kind == "f32":
+        return array
+    if kind == "f16":
+        return array.astype(np.float16)
+    return _gguf().quants.quantize(array, _ggml_type(kind))
+
+
+def _maybe_permute(key: str, tensor: torch.Tensor, arch: str, config: dict) -> torch.Tensor:
+    if arch != "llama":
+        return tensor
+    heads = config["num_attention_heads"]
+    if key.endswith(("q_proj.weight", "q_proj.bias")):
+        return permute_qk(tensor, heads, heads)
+    if key.endswith(("k_proj.weight", "k_proj.bias")):
+        return permute_qk(tensor, heads, config.get("num_key_value_heads") or heads)
+    return tensor
+
+
+def export_gguf(
+    model_dir: str | Path,
+    output_file: str | Path,
+    *,
+    adapter_dir: str | Path | None = None,
+    out_type: str = "f16",
+    modelfile: bool = False,
+    merge_base: str = "dequantized",
+    bits: int | None = None,
+    quant_type: str | None = None,
+    double_quant: bool | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write ``output_file`` (GGUF) from a Hugging Face model folder, merging ``adapter_dir`` if given.
+
+    Args:
+        out_type: f16, bf16 or q8_0 for the 2-D weights (norms and biases stay F32).
+        modelfile: also write an Ollama ``Modelfile`` beside the GGUF file.
+        merge_base, bits, quant_type, double_quant: as for ``export.merge_adapter``.
+
+    Returns:
+        The GGUF path.
+
+    Raises:
+        GGUFExportError: unsupported architecture, tokenizer or tensor; bad output type.
+    """
+    from .gguf_vocab import add_tokenizer, write_modelfile
+
+    gguf = _gguf()
+    if out_type not in OUT_TYPES:
+        raise GGUFExportError(f"--type must be one of {', '.join(OUT_TYPES)}, got {out_type!r}")
+    model_dir = resolve_model_dir(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED:
+        raise GGUFExportError(f"{model_dir}: model type {model_type!r} cannot be exported to GGUF yet; supported: "
+                              f"{', '.join(sorted(SUPPORTED))} (for others use llama.cpp's convert_hf_to_gguf.py "
+                              "on the merged folder from `qlora-lite merge`)")
+    arch = SUPPORTED[model_type]
+    plan = plan_merge(model_dir, adapter_dir, merge_base=merge_base, bits=bits, quant_type=quant_type,
+                      double_quant=double_quant)
+    for note in plan.notes:
+        log.warning(note)
+    tok_dir = Path(adapter_dir) if adapter_dir and (Path(adapter_dir) / "tokenizer.json").exists() else model_dir
+    output = Path(output_file)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.partial")
+    layout = _layout(plan, arch, out_type)
+    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        _add_hparams(writer, config, arch, out_type, model_dir.name)
+        add_tokenizer(writer, tok_dir, config["vocab_size"])
+        for _, name, kind, shape in layout:
+            _add_tensor_info(writer, name, kind, shape)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        kinds = {key: kind for key, _, kind, _ in layout}
+        for key, tensor in iter_merged_tensors(plan, progress):
+            if key in kinds:
+                writer.write_tensor_data(_convert(_maybe_permute(key, tensor, arch, config), kinds[key]))
+        writer.close()
+        os.replace(tmp, output)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    if modelfile:
+        write_modelfile(output, tok_dir)
+    return output
