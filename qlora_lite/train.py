@@ -284,7 +284,7 @@ class _Loop:
             with sync:
                 loss, _ = batch_loss_sum(self.model, batch)
                 if not torch.isfinite(loss):
-                    self._diverged(f"the loss is {float(loss)}")
+                    self._diverged(f"the loss is {float(loss.detach())}")
                 acc.backward(loss * (procs / n_labels))
             loss_sum += loss.detach()
         max_norm = self.t.max_grad_norm if self.t.max_grad_norm > 0 else float("inf")

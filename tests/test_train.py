@@ -1,0 +1,167 @@
+"""The training loop: exact resume, divergence and out-of-memory handling, data order, schedule."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_lite import train as train_module
+from qlora_lite.config import load_config
+from qlora_lite.data import DataError
+from qlora_lite.optim import build_optimizer, lr_factor
+from qlora_lite.plot import read_metrics
+from qlora_lite.train import STOP_ENV, TrainingError, epoch_batches, plan_steps, train
+
+
+def write_chat_jsonl(path, n=32, seed=0):
+    """Short chat examples (about 20 tokens each with the tiny tokenizer)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            messages = [{"role": "user", "content": f"add {a} and {b}"},
+                        {"role": "assistant", "content": f"{a} plus {b} equals {a + b}"}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: these tiny matmuls only lose from threading, and the CI cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(model, data, output, **overrides):
+    values = dict(model=str(model), data=str(data), output=str(output), bits=16, rank=4, alpha=8, dropout=0.1,
+                  max_seq_len=64, batch_size=4, grad_accum=2, lr=1e-2, max_steps=8, save_steps=2,
+                  eval_fraction=0.25, eval_steps=4, seed=3)
+    values.update(overrides)
+    return load_config(None, values)
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_llama, tmp_path, monkeypatch, one_thread):
+    # 4-bit base, dropout, shuffling, grad_accum 2, several epochs (24 train examples = 3 steps per
+    # epoch), the default 8-bit optimizer: everything whose state a resume must restore.
+    data = write_chat_jsonl(tmp_path / "train.jsonl")
+    full = train(tiny_config(tiny_llama, data, tmp_path / "full", bits=4))
+    assert full.steps == 8 and not full.stopped_early
+
+    monkeypatch.setenv(STOP_ENV, "5")
+    stopped = train(tiny_config(tiny_llama, data, tmp_path / "resumed", bits=4))
+    assert stopped.stopped_early and stopped.steps == 5 and stopped.adapter_dir is None
+    monkeypatch.delenv(STOP_ENV)
+    resumed = train(tiny_config(tiny_llama, data, tmp_path / "resumed", bits=4, resume=True))
+    assert resumed.resumed_from.name == "checkpoint-4"  # mid-epoch: epoch 1, 2 of 6 batches consumed
+
+    a, b = read_metrics(full.metrics_path), read_metrics(resumed.metrics_path)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-6), ra["step"]
+        assert rb["lr"] == pytest.approx(ra["lr"], abs=1e-12)
+    assert b[-1]["eval_loss"] == pytest.approx(a[-1]["eval_loss"], abs=1e-6)
+    wa = load_file(full.adapter_dir / "adapter_model.safetensors")
+    wb = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.allclose(wa[key].float(), wb[key].float(), atol=1e-6), key
+    assert any(w.abs().max() > 0 for k, w in wa.items() if "lora_B" in k)  # the adapter did train
+
+
+def _failing_loss(monkeypatch, on_call, error=None):
+    """Make the training loss NaN (or raise ``error``) from the ``on_call``-th micro-batch on."""
+    real, calls = train_module.batch_loss_sum, {"n": 0}
+
+    def loss_sum(model, batch):
+        calls["n"] += 1
+        if calls["n"] >= on_call:
+            if error is not None:
+                raise error
+            loss, n = real(model, batch)
+            return loss * float("nan"), n
+        return real(model, batch)
+
+    monkeypatch.setattr(train_module, "batch_loss_sum", loss_sum)
+
+
+def test_nan_loss_stops_at_that_step_and_names_the_last_good_checkpoint(tiny_llama, tmp_path, monkeypatch,
+                                                                         one_thread):
+    data = write_chat_jsonl(tmp_path / "train.jsonl")
+    _failing_loss(monkeypatch, on_call=5)  # grad_accum 2: call 5 is the first micro-batch of step 3
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"diverged at step 3.*checkpoint-2.*--resume"):
+        train(tiny_config(tiny_llama, data, out))
+    assert (out / "checkpoint-2" / "COMPLETE").exists()
+    assert not list(out.glob("checkpoint-3*"))
+    assert not (out / "adapter_model.safetensors").exists()  # no adapter from a diverged run
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_out_of_memory_explains_what_to_lower(tiny_llama, tmp_path, monkeypatch, one_thread):
+    data = write_chat_jsonl(tmp_path / "train.jsonl")
+    _failing_loss(monkeypatch, on_call=1, error=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    with pytest.raises(TrainingError) as info:
+        train(tiny_config(tiny_llama, data, tmp_path / "run"))
+    message = str(info.value)
+    for advice in ("--batch-size", "--max-seq-len", "--rank", "--gradient-checkpointing"):
+        assert advice in message
+
+
+def test_bad_data_fails_before_the_model_is_loaded(tiny_llama, tmp_path, monkeypatch):
+    data = tmp_path / "train.jsonl"
+    write_chat_jsonl(data, n=3)
+    with open(data, "a") as f:
+        f.write('{"messages": [ broken\n')
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was validated")
+
+    monkeypatch.setattr("qlora_lite.model.build_model_from_config", no_model)
+    with pytest.raises(DataError, match=r"train\.jsonl:4"):
+        train(tiny_config(tiny_llama, data, tmp_path / "run"))
+
+
+def test_epoch_order_is_seeded_and_shards_never_repeat_an_example():
+    assert epoch_batches(10, 2, seed=1, epoch=0) == epoch_batches(10, 2, seed=1, epoch=0)
+    assert epoch_batches(10, 2, seed=1, epoch=0) != epoch_batches(10, 2, seed=1, epoch=1)
+    for n in (9, 10):
+        chunks = epoch_batches(n, batch_size=2, seed=0, epoch=0, num_processes=2)
+        seen = [i for chunk in chunks for rank in range(2) for i in chunk[rank::2]]
+        assert len(seen) == len(set(seen)) >= n - 1
+        assert all(chunk[rank::2] for chunk in chunks for rank in range(2))  # no process ever idles
+    assert plan_steps(6, grad_accum=2, max_steps=0, epochs=1.5) == (3, 5)
+    assert plan_steps(5, grad_accum=2, max_steps=0, epochs=1) == (3, 3)
+    assert plan_steps(5, grad_accum=2, max_steps=7, epochs=1) == (3, 7)
+
+
+def test_learning_rate_schedules_warm_up_then_decay_to_zero():
+    assert [lr_factor(s, 2, 10, "cosine") for s in (0, 1, 2)] == [0.0, 0.5, 1.0]
+    assert lr_factor(6, 2, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(10, 2, 10, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(6, 2, 10, "linear") == pytest.approx(0.5)
+    assert lr_factor(9, 2, 10, "constant") == 1.0
+    with pytest.raises(ValueError, match="cosine, linear, constant"):
+        lr_factor(0, 0, 10, "exponential")
+
+
+def test_paged_optimizer_falls_back_on_cpu_with_one_clear_line(caplog):
+    param = torch.nn.Parameter(torch.randn(64, 64, dtype=torch.bfloat16))
+    with caplog.at_level(logging.WARNING, logger="qlora_lite"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer = build_optimizer([param], "paged_adamw_8bit", lr=1e-3, device_type="cpu")
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+    assert type(optimizer).__name__ == "AdamW8bit"
+    assert not [w for w in caught if "aged" in str(w.message)]
+    assert [r.message for r in caplog.records if "paged" in r.message] == [
+        "paged_adamw_8bit needs a CUDA GPU (paging uses unified memory); using adamw_8bit on the cpu"]
+    assert math.isfinite(float(param.float().sum()))
