@@ -12,6 +12,7 @@ import re
 import torch
 from torch import nn
 
+from .fastpath import fast_lora_applies, lora_4bit_forward
 from .quant import _conv1d_class, dequantize_weight, is_linear_like, linear_shape
 
 
@@ -91,6 +92,8 @@ class LoRALinear(nn.Module):
         if self.merged:
             bias = getattr(self.base_layer, "bias", None)
             return nn.functional.linear(x.to(self.merged_weight.dtype), self.merged_weight, bias)
+        if fast_lora_applies(self, x):  # training over a 4-bit base: one fused autograd function
+            return lora_4bit_forward(self, x)
         result = self.base_layer(x)
         lora_x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
         update = self.lora_B(self.lora_A(lora_x)) * self.scaling
