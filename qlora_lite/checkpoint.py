@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import struct
 import warnings
 from pathlib import Path
@@ -38,6 +39,9 @@ FORMAT_VERSION = 1
 OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
 SCHEDULER_JSON, TRAINER_STATE = "scheduler.json", "trainer_state.json"
 RNG_TENSORS, RNG_JSON = "rng.safetensors", "rng.json"
+# Testing hook: "STEP:PHASE" SIGKILLs this process inside the write of checkpoint-STEP, at PHASE one of
+# written (files in .tmp, not renamed), renamed (no marker yet), complete, rotating (old marker gone).
+CRASH_ENV = "QLORA_LITE_CRASH_AT"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _LEFTOVER = re.compile(r"^checkpoint-\d+(\.tmp)?$")
 # Names a qlora-lite run may write at the top of its output folder (guard_output_dir accepts them).
@@ -209,12 +213,19 @@ def _check_finite(model: nn.Module, step: int) -> None:
                                       "inf values; the run diverged (lower --lr, or resume from the last checkpoint)")
 
 
-def _remove_checkpoint(path: Path) -> None:
+def _crash_point(step: int, phase: str) -> None:
+    if os.environ.get(CRASH_ENV) == f"{step}:{phase}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _remove_checkpoint(path: Path, crash_step: int | None = None) -> None:
     """Delete a checkpoint folder marker-first, so a kill midway leaves an incomplete (ignored) folder."""
     marker = path / COMPLETE_MARKER
     if marker.exists():
         marker.unlink()
         _fsync_dir(path)
+    if crash_step is not None:
+        _crash_point(crash_step, "rotating")
     shutil.rmtree(path)
 
 
@@ -264,12 +275,14 @@ def save_checkpoint(output_dir, step: int, model: nn.Module, optimizer, schedule
                 os.close(fd)
         current = tmp
         _fsync_dir(tmp)
+        _crash_point(step, "written")
         if final.exists():  # an incomplete folder from a killed run, or a checkpoint of this step redone
             current = final
             _remove_checkpoint(final)
         current = final
         os.rename(tmp, final)
         _fsync_dir(output_dir)
+        _crash_point(step, "renamed")
         current = final / COMPLETE_MARKER
         _write_bytes(final / (COMPLETE_MARKER + ".tmp"), _json_bytes(
             {"format": FORMAT_VERSION, "step": step, "files": manifest}))
@@ -282,7 +295,8 @@ def save_checkpoint(output_dir, step: int, model: nn.Module, optimizer, schedule
         reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e)
         raise CheckpointError(f"cannot write checkpoint {current}: {reason}; older checkpoints in {output_dir} "
                               "are intact (free disk space, then resume with --resume)") from None
-    rotate_checkpoints(output_dir, total_limit, keep=final)
+    _crash_point(step, "complete")
+    rotate_checkpoints(output_dir, total_limit, keep=final, _crash_step=step)
     return final
 
 
@@ -292,7 +306,7 @@ def _safetensors_error() -> type:
     return SafetensorError
 
 
-def rotate_checkpoints(output_dir, total_limit: int, keep: Path | None = None) -> list[Path]:
+def rotate_checkpoints(output_dir, total_limit: int, keep: Path | None = None, _crash_step=None) -> list[Path]:
     """Delete all but the newest ``total_limit`` complete checkpoints (0 keeps all) plus leftovers.
 
     ``keep`` (the checkpoint just written) always survives, and so does the newest complete one.
@@ -313,7 +327,7 @@ def rotate_checkpoints(output_dir, total_limit: int, keep: Path | None = None) -
                and p not in complete and p not in keep_set]
     for path in doomed:
         try:
-            _remove_checkpoint(path)
+            _remove_checkpoint(path, _crash_step)
         except OSError as e:
             warnings.warn(f"could not delete old checkpoint {path}: {e.strerror or e}", stacklevel=2)
     return doomed
