@@ -225,6 +225,8 @@ class _Loop:
                 log.warning("resume: %s", warning)
             self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["batches_consumed"]
             self.resumed_from = self.last_checkpoint = Path(resume_from)
+            self.last_loss = state.get("loss")
+            self.last_eval = {k: state[k] for k in ("eval_loss", "eval_ppl") if k in state}
             self.metrics.truncate_after(self.step)
             log.info("resuming from %s at step %d (epoch %d, %d batches in)", resume_from, self.step, self.epoch,
                      self.consumed)
@@ -236,30 +238,39 @@ class _Loop:
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
 
     def run(self) -> TrainResult:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not self.acc.is_main_process)
         stopped = False
-        try:
-            while self.step < self.total_steps:
-                if self.chunks[0] != self.epoch:
-                    self.chunks = (self.epoch, self._epoch_chunks(self.epoch))
-                chunks = self.chunks[1]
-                window = chunks[self.consumed:self.consumed + self.t.grad_accum]
-                record = self._optimizer_step(window)
-                self.consumed += len(window)
-                if self.consumed >= len(chunks):
-                    self.epoch, self.consumed = self.epoch + 1, 0
-                record["epoch"] = round(self.epoch + self.consumed / len(chunks), 4)
-                self._after_step(record, bar)
-                if self.stop_after is not None and self.step >= self.stop_after and self.step < self.total_steps:
-                    log.warning("stopping after step %d (%s is set)", self.step, STOP_ENV)
-                    stopped = True
-                    break
-        finally:
-            bar.close()
+        # Log lines go above the progress bar instead of through it.
+        with bar, logging_redirect_tqdm(loggers=[logging.getLogger("qlora_lite")]):
+            try:
+                while self.step < self.total_steps and not stopped:
+                    self._next_step(bar)
+                    stopped = self.stop_after is not None and self.stop_after <= self.step < self.total_steps
+            except KeyboardInterrupt:
+                where = self.last_checkpoint or "none yet"
+                log.warning("interrupted during step %d; last complete checkpoint: %s (continue with --resume)",
+                            self.step + 1, where)
+                raise
+        if stopped:
+            log.warning("stopped after step %d (%s is set)", self.step, STOP_ENV)
         return self._finish(stopped)
+
+    def _next_step(self, bar) -> None:
+        """One optimizer step on the next ``grad_accum`` micro-batches of the current epoch."""
+        if self.chunks[0] != self.epoch:
+            self.chunks = (self.epoch, self._epoch_chunks(self.epoch))
+        chunks = self.chunks[1]
+        window = chunks[self.consumed:self.consumed + self.t.grad_accum]
+        record = self._optimizer_step(window)
+        self.consumed += len(window)
+        if self.consumed >= len(chunks):
+            self.epoch, self.consumed = self.epoch + 1, 0
+        record["epoch"] = round(self.epoch + self.consumed / len(chunks), 4)
+        self._after_step(record, bar)
 
     def _optimizer_step(self, window: list[list[int]]) -> dict:
         """Forward/backward over the micro-batches of ``window``, clip, step. Returns the metrics record.
