@@ -34,6 +34,7 @@ import bisect
 import codecs
 import json
 import random
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,7 +240,12 @@ def _render_chat(tokenizer, messages: list[dict], generation_prompt: bool) -> st
 
 def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, learned) pieces: each assistant turn is learned
-    from its first character through its end-of-turn marker (trailing whitespace is not)."""
+    from its first character through its end-of-turn marker (trailing whitespace is not).
+
+    A turn counts only where rendering the conversation up to it gives a prefix of the whole
+    (templates such as Qwen3's render earlier turns differently): such earlier turns stay
+    unlearned context; the last turn must be locatable.
+    """
     full = _render_chat(tokenizer, messages, False)
     segments, cursor = [], 0
     for i, message in enumerate(messages):
@@ -248,8 +254,12 @@ def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
         before = _render_chat(tokenizer, messages[:i], True) if i else ""
         through = _render_chat(tokenizer, messages[:i + 1], False)
         if not (full.startswith(through) and through.startswith(before)):
-            raise DataError(f"the chat template renders turn {i} differently depending on later turns, so the "
-                            "assistant turns cannot be located; use a template that renders turns incrementally")
+            if i == len(messages) - 1:
+                raise DataError("the chat template does not render the last assistant turn after the prompt "
+                                "that add_generation_prompt=True gives, so the answer cannot be located")
+            warnings.warn("the chat template renders earlier turns differently once later turns follow; "
+                          "only the assistant turns it renders consistently are learned", stacklevel=2)
+            continue
         learned = through[len(before):].rstrip()
         segments += [(full[cursor:len(before)], False), (learned, True)]
         cursor = len(before) + len(learned)
@@ -268,20 +278,44 @@ def render_example(record: dict, tokenizer, fmt: str) -> tuple[str, str]:
     """``(prompt_text, response_text)``: the prompt exactly as the model sees it before the answer
     and the expected answer (alpaca: output; chat: last assistant content; text: "" and the text).
 
-    Chat prompts are the template over all messages before the last assistant one, with
+    Chat prompts are the template over all messages before the last (assistant) one, with
     add_generation_prompt=True. Encode the prompt with ``encode_prompt`` to match training.
+
+    Raises:
+        DataError: the record is not valid for ``fmt`` (the reason, as ``validate_record`` gives it).
     """
+    reason = validate_record(record, fmt)
+    if reason is not None:
+        raise DataError(reason)
     if fmt == "alpaca":
         return _alpaca_prompt(record), record["output"]
     if fmt == "text":
         return "", record["text"]
-    messages = record["messages"]
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return _render_chat(tokenizer, messages[:last], True), messages[last]["content"]
+    return _render_chat(tokenizer, record["messages"][:-1], True), record["messages"][-1]["content"]
 
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def _segment_ids(tokenizer, text: str, ids: list[int], segment: str) -> list[int]:
+    """Tokens of ``segment`` following ``text`` (already tokenized as ``ids``), never changing ``ids``.
+
+    Tokenized together with the text when that leaves the earlier tokens intact (the tokens a
+    model sees in a real sequence); otherwise a token would straddle the boundary, so the
+    segment is tokenized on its own, behind a special token that is then removed (specials never
+    merge): SentencePiece-style tokenizers put a space in front of a text that starts the input.
+    """
+    joint = _encode(tokenizer, text + segment)
+    if joint[:len(ids)] == ids:
+        return joint[len(ids):]
+    special = tokenizer.eos_token or tokenizer.bos_token or tokenizer.unk_token
+    if special:
+        anchor = _encode(tokenizer, special)
+        anchored = _encode(tokenizer, special + segment)
+        if len(anchor) == 1 and anchored[:1] == anchor:
+            return anchored[1:]
+    return _encode(tokenizer, segment)
 
 
 def _bos_prefix(tokenizer, fmt: str, first_ids: list[int]) -> list[int]:
@@ -315,8 +349,7 @@ def tokenize_example(record: dict, tokenizer, fmt: str, train_on_inputs: bool = 
     for segment, is_learned in _segments(record, tokenizer, fmt):
         if not segment:
             continue
-        joint = _encode(tokenizer, text + segment)
-        new = joint[len(ids):] if joint[:len(ids)] == ids else _encode(tokenizer, segment)
+        new = _segment_ids(tokenizer, text, ids, segment)
         ids += new
         learned += [is_learned] * len(new)
         text += segment

@@ -84,21 +84,55 @@ def test_text_learns_everything_and_train_on_inputs_learns_prompt(tokenizer):
         assert full["input_ids"] == data.tokenize_example(record, tokenizer, fmt)["input_ids"]
 
 
-def test_prompt_tokens_stay_exact_when_bpe_would_merge_across_the_boundary(tokenizer):
-    # The generation prompt ends with a space: tokenized together, " 5" would be one token
-    # straddling prompt and response. The prompt must still tokenize as at generation time.
+def sentencepiece_style_tokenizer():
+    """A Metaspace BPE (like Llama 2 / Mistral): a text tokenized alone gets a leading "▁" (space);
+    trained so that "Response:\n5" is a single token."""
+    from tiny_models import CORPUS
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=["\n"])
+    tok.train_from_iterator(CORPUS + ["### Response:\n5"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece-style"])
+def test_prompt_tokens_stay_exact_when_bpe_would_merge_across_the_boundary(tokenizer, kind):
+    # Tokenized as one text, the last prompt token would swallow the start of the response
+    # (" 5", "Response:\n5"). The prompt must still tokenize exactly as at generation time, and
+    # the response must not gain a space (SentencePiece prefixes a text tokenized alone with one).
+    tokenizer = tokenizer if kind == "byte-level" else sentencepiece_style_tokenizer()
     tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}Input: {{ m['content'] }} "
                                "Response:{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
                                "{% if add_generation_prompt %} {% endif %}")
-    record = {"messages": [{"role": "user", "content": "2 and 3"}, {"role": "assistant", "content": "5"}]}
-    prompt, _ = data.render_example(record, tokenizer, "chat")
-    assert prompt == "Input: 2 and 3 Response: "
-    whole = tokenizer(prompt + "5", add_special_tokens=False)["input_ids"]
-    assert whole[:len(tokenizer(prompt)["input_ids"])] != tokenizer(prompt)["input_ids"]  # the merge happens
-    example = data.tokenize_example(record, tokenizer, "chat")
-    prompt_ids = data.encode_prompt(prompt, tokenizer, "chat")
-    assert example["input_ids"][:len(prompt_ids)] == prompt_ids
-    assert learned_runs(tokenizer, example) == ["5</s>"]
+    chat = {"messages": [{"role": "user", "content": "2 and 3"}, {"role": "assistant", "content": "5"}]}
+    cases = [("chat", chat)] + ([("alpaca", {"instruction": "add", "output": "5 plus 3"})] if kind != "byte-level" else [])
+    for fmt, record in cases:
+        prompt, response = data.render_example(record, tokenizer, fmt)
+        prompt_ids = data.encode_prompt(prompt, tokenizer, fmt)
+        whole = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
+        assert whole[:len(prompt_ids)] != prompt_ids  # the merge really happens
+        example = data.tokenize_example(record, tokenizer, fmt)
+        assert example["input_ids"][:len(prompt_ids)] == prompt_ids
+        assert learned_runs(tokenizer, example) == [response + "</s>"]
+        assert tokenizer.decode(example["input_ids"]) == prompt + response + "</s>"
+
+
+def test_template_that_rewrites_earlier_turns_learns_the_last_turn(tokenizer):
+    # Like Qwen3: the final assistant turn is rendered with an (empty) thinking block, earlier
+    # ones without, so an earlier turn cannot be located in the whole conversation.
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{% if m['role'] == 'assistant' and loop.last %}<think></think>"
+        "{% endif %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    with pytest.warns(UserWarning, match="renders earlier turns differently"):
+        example = data.tokenize_example(CHAT, tokenizer, "chat")
+    assert learned_runs(tokenizer, example) == ["<think></think>5</s>"]
+    with pytest.raises(DataError, match="missing field 'output'"):
+        data.render_example({"instruction": "a"}, tokenizer, "alpaca")
 
 
 def test_default_chat_template_when_tokenizer_has_none(tokenizer):
