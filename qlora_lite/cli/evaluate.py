@@ -1,0 +1,70 @@
+"""``qlora-lite eval``: loss, perplexity and exact-match of a model (plus adapter) on a JSONL file."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .options import config_options
+
+
+@click.command("eval")
+@click.option("--model", "model", required=True, metavar="DIR",
+              help="Base model folder (a merged model works too); `demo` is the bundled demo model.")
+@click.option("--adapter", default=None, metavar="DIR", help="LoRA adapter folder (ours or PEFT's) to apply.")
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
+              help="JSONL file to score (alpaca, chat messages or raw text).")
+@click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None,
+              help="Load the base in 4, 8 or 16 bits.  [default: the adapter's training bits, else 16]")
+@config_options("format", "max_seq_len", "skip_bad_lines", "quant_type", "double_quant", "trust_remote_code",
+                "allow_bin_weights")
+@click.option("--limit", type=int, default=None, help="Score only the first N examples.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per forward pass.")
+@click.option("--no-exact-match", "no_exact", is_flag=True,
+              help="Skip the generation-based exact-match (loss and perplexity only; faster).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def command(model, adapter, data, bits, limit, batch_size, no_exact, as_json, **flags):
+    """Score MODEL (plus an adapter) on the examples of a JSONL file.
+
+    Reports the mean loss and perplexity of the response tokens. When the examples carry expected
+    answers (alpaca `output`, the last assistant turn of a chat), each prompt is also answered by
+    greedy generation and compared, stripped, with the expected answer: the exact-match rate.
+
+    Example: qlora-lite eval --model demo --data qlora_lite/demo_data/eval.jsonl --json
+    """
+    from ..adapter import AdapterError
+    from ..data import DataError
+    from ..generation import evaluate_jsonl, load_for_inference
+    from ..quant import ModelLoadError
+
+    if (limit is not None and limit < 1) or batch_size < 1:
+        raise click.BadParameter("--limit and --batch-size must be at least 1")
+    try:
+        lm, tokenizer = load_for_inference(
+            model, adapter=adapter, bits=int(bits) if bits else None, quant_type=flags["quant_type"] or "nf4",
+            double_quant=True if flags["double_quant"] is None else flags["double_quant"],
+            trust_remote_code=bool(flags["trust_remote_code"]), allow_bin_weights=bool(flags["allow_bin_weights"]),
+        )
+        result = evaluate_jsonl(lm, tokenizer, data, fmt=flags["format"] or "auto",
+                                max_seq_len=flags["max_seq_len"] or 512, limit=limit, batch_size=batch_size,
+                                exact=not no_exact, skip_bad_lines=bool(flags["skip_bad_lines"]))
+    except (ModelLoadError, AdapterError, DataError, ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    result.update(model=model, adapter=adapter)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(format_result(result))
+
+
+def format_result(result: dict) -> str:
+    """A short human-readable report of ``evaluate_jsonl``'s result."""
+    lines = [f"data        {result['data']} ({result['examples']} examples, format {result['format']})",
+             f"eval loss   {result['eval_loss']:.4f}",
+             f"perplexity  {result['eval_ppl']:.3f}"]
+    if "exact_match" in result:
+        lines.append(f"exact match {result['exact_match']:.1%} ({result['correct']}/{result['total']})")
+        for s in result["samples"][:3]:
+            lines.append(f"  expected {s['expected']!r:40} got {s['got']!r}")
+    return "\n".join(lines)

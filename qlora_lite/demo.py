@@ -1,0 +1,234 @@
+"""The offline demo: the whole pipeline on the bundled demo model and dataset, in a few minutes on a CPU.
+
+1. evaluate the 4-bit base on the held-out set (exact-match and loss);
+2. fine-tune LoRA on the 4-bit base (gradient checkpointing, 8-bit optimizer) through ``train.train``;
+3. evaluate base + adapter again;
+4. merge the adapter into the dequantized base, reload the merged folder with plain transformers and
+   check that it gives the same answers; write a GGUF file;
+5. summarize, with the paths of everything written.
+
+The skill taught is word reversal ("Reverse the words: red big cat" -> "cat big red"), which the base
+model never saw; tools/build_demo_model.py builds the model and the data.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .generation import DEMO_DATA, DEMO_MODEL
+
+MARKER = ".qlora-lite-demo"
+# Folders and files the demo writes; only these are removed when a previous demo run is replaced.
+DEMO_OUTPUTS = ("train", "merged", ".merged.partial", "merged.failed", "demo.gguf", "summary.json", MARKER)
+
+
+class DemoError(RuntimeError):
+    """The demo cannot run (output folder in use, bundled files missing); the message says what to do."""
+
+
+@dataclass
+class DemoSettings:
+    """Knobs of the demo; the defaults are the measured full run, small values make a quick check."""
+
+    output: Path = Path("qlora-lite-demo")
+    model: Path = DEMO_MODEL
+    data_dir: Path = DEMO_DATA
+    max_steps: int = 150
+    eval_limit: int | None = None
+    batch_size: int = 8
+    lr: float = 2e-3
+    rank: int = 16
+    seed: int = 0
+    gguf: bool = True
+
+
+@dataclass
+class DemoResult:
+    """Measured results and written paths (also saved as ``summary.json``)."""
+
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+    merged: dict = field(default_factory=dict)
+    paths: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    train_steps: int = 0
+    peak_rss_mb: float = 0.0
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def prepare_output(output: Path) -> None:
+    """Use ``output`` for a new demo run: new, empty, or holding a previous demo run (replaced).
+
+    Raises:
+        DemoError: the folder holds anything that a demo run did not write.
+    """
+    if output.exists():
+        if not output.is_dir():
+            raise DemoError(f"--output {output} is a file; choose a folder")
+        entries = list(output.iterdir())
+        if entries and not (output / MARKER).exists():
+            raise DemoError(f"--output {output} is not empty and was not written by `qlora-lite demo`; "
+                            "choose a new folder (nothing was deleted)")
+        foreign = [p.name for p in entries if p.name not in DEMO_OUTPUTS]
+        if foreign:
+            raise DemoError(f"--output {output} holds files the demo did not write ({', '.join(foreign[:5])}); "
+                            "move them or choose a new folder (nothing was deleted)")
+        for p in entries:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+    (output / MARKER).write_text("written by qlora-lite demo; the next demo run replaces this folder\n")
+
+
+def evaluate_model(model_path: str, eval_file: Path, limit: int | None, *, adapter: str | None = None,
+                   bits: int = 4) -> tuple[dict, list[str]]:
+    """Loss, perplexity and exact-match of base (+ adapter) on ``eval_file``; also every greedy answer.
+
+    Returns:
+        ``(metrics, answers)``; answers are the model's greedy replies to the first ``limit`` prompts.
+    """
+    from .data import read_jsonl, render_example
+    from .generation import evaluate_jsonl, greedy_answers, load_for_inference, prompt_ids
+
+    model, tokenizer = load_for_inference(model_path, adapter=adapter, bits=bits)
+    metrics = evaluate_jsonl(model, tokenizer, eval_file, fmt="chat", max_seq_len=128, limit=limit)
+    records = [r for _, r in read_jsonl(eval_file)[0]][:limit]
+    prompts = [prompt_ids(tokenizer, render_example(r, tokenizer, "chat")[0]) for r in records]
+    answers = [a.strip() for a in greedy_answers(model, tokenizer, prompts, max_new_tokens=24)]
+    del model
+    gc.collect()
+    return metrics, answers
+
+
+def train_adapter(settings: DemoSettings, train_file: Path, eval_file: Path):
+    """Fine-tune on the 4-bit demo base through the normal training entry point; returns TrainResult."""
+    from .config import load_config
+    from .train import train
+
+    config = load_config(overrides=dict(
+        model=str(settings.model), bits=4, data=str(train_file), eval_data=str(eval_file), format="chat",
+        max_seq_len=64, rank=settings.rank, alpha=2.0 * settings.rank, dropout=0.0,
+        output=str(settings.output / "train"), batch_size=settings.batch_size, lr=settings.lr,
+        max_steps=settings.max_steps, warmup_steps=min(10, settings.max_steps // 10), lr_scheduler="cosine",
+        optimizer="paged_adamw_8bit", gradient_checkpointing=True, seed=settings.seed,
+        logging_steps=max(1, settings.max_steps // 50),
+    ))
+    return train(config)
+
+
+def reload_merged(merged_dir: Path, eval_file: Path, limit: int | None) -> list[str]:
+    """Greedy answers of the merged folder loaded with plain transformers (no qlora-lite code in the model)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import read_jsonl, render_example
+    from .generation import greedy_answers, prompt_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).eval()
+    records = [r for _, r in read_jsonl(eval_file)[0]][:limit]
+    prompts = [prompt_ids(tokenizer, render_example(r, tokenizer, "chat")[0]) for r in records]
+    return [a.strip() for a in greedy_answers(model, tokenizer, prompts, max_new_tokens=24)]
+
+
+def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> DemoResult:
+    """Run the five steps; ``echo`` prints progress lines. Returns the DemoResult (saved as summary.json).
+
+    Raises:
+        DemoError, and the errors of the steps (ModelLoadError, DataError, MergeError, ...).
+    """
+    from .export import merge_adapter
+
+    model_dir = settings.model
+    train_file, eval_file = settings.data_dir / "train.jsonl", settings.data_dir / "eval.jsonl"
+    for needed in (model_dir / "config.json", train_file, eval_file):
+        if not needed.exists():
+            raise DemoError(f"bundled demo file {needed} is missing; reinstall qlora-lite or rebuild it with "
+                            "`python3 tools/build_demo_model.py`")
+    output, result, clock = settings.output, DemoResult(), time.time()
+    prepare_output(output)
+
+    echo(f"[1/5] evaluating the 4-bit base model {model_dir} on the held-out set ...")
+    result.before, base_answers = evaluate_model(str(model_dir), eval_file, settings.eval_limit)
+    echo(f"      base: exact match {_pct(result.before)}, eval loss {result.before['eval_loss']:.3f}")
+    _show_samples(result.before, echo)
+    result.seconds["eval_before"] = _lap(clock)
+
+    echo(f"[2/5] fine-tuning LoRA r={settings.rank} on the 4-bit base for {settings.max_steps} steps ...")
+    trained = train_adapter(settings, train_file, eval_file)
+    result.train_steps = trained.steps
+    result.seconds["train"] = _lap(clock, result.seconds)
+
+    echo("[3/5] evaluating base + adapter ...")
+    result.after, adapter_answers = evaluate_model(str(model_dir), eval_file, settings.eval_limit,
+                                                   adapter=str(trained.adapter_dir))
+    echo(f"      tuned: exact match {_pct(result.after)} (was {_pct(result.before)}), "
+         f"eval loss {result.after['eval_loss']:.3f} (was {result.before['eval_loss']:.3f})")
+    _show_samples(result.after, echo)
+    result.seconds["eval_after"] = _lap(clock, result.seconds)
+
+    echo("[4/5] merging the adapter into the dequantized base, reloading it with plain transformers ...")
+    report = merge_adapter(model_dir, trained.adapter_dir, output / "merged", progress=False, overwrite=True)
+    merged_answers = reload_merged(output / "merged", eval_file, settings.eval_limit)
+    same = sum(a == b for a, b in zip(adapter_answers, merged_answers))
+    result.merged = {"same_answers": same, "total": len(merged_answers),
+                     "max_abs_logit_diff": report.max_abs_logit_diff}
+    echo(f"      merged model (plain transformers) gives the same answer as base+adapter on {same}/{len(merged_answers)}"
+         f" prompts; max |logit diff| on the probe {report.max_abs_logit_diff:.3g}")
+    result.paths = {"adapter": str(trained.adapter_dir), "merged model": str(output / "merged"),
+                    "metrics": str(trained.metrics_path), "loss plot": str(trained.plot_path)}
+    if settings.gguf:
+        from .gguf_export import export_gguf
+
+        export_gguf(output / "merged", output / "demo.gguf", progress=False)
+        result.paths["gguf"] = str(output / "demo.gguf")
+    result.seconds["merge_export"] = _lap(clock, result.seconds)
+    result.seconds["total"] = round(time.time() - clock, 1)
+    result.peak_rss_mb = round(peak_rss_mb(), 1)
+    result.paths["summary"] = str(output / "summary.json")
+    (output / "summary.json").write_text(json.dumps(asdict(result), indent=2, default=str))
+    echo("[5/5] done")
+    echo(summary_table(result, base_answers))
+    return result
+
+
+def _lap(start: float, done: dict | None = None) -> float:
+    """Seconds since ``start`` not yet attributed to earlier steps."""
+    return round(time.time() - start - sum((done or {}).values()), 1)
+
+
+def _pct(metrics: dict) -> str:
+    return f"{metrics['exact_match']:.0%} ({metrics['correct']}/{metrics['total']})"
+
+
+def _show_samples(metrics: dict, echo: Callable[[str], None], n: int = 2) -> None:
+    for s in metrics.get("samples", [])[:n]:
+        question = s["prompt"].split("<|user|>\n")[-1].split("\n")[0]
+        echo(f"        {question!r} -> {s['got']!r} (expected {s['expected']!r})")
+
+
+def summary_table(result: DemoResult, base_answers: list[str] | None = None) -> str:
+    """A plain-text summary: metrics before/after, merge check, time, memory, and the written paths."""
+    b, a = result.before, result.after
+    rows = [("", "base (4-bit)", "base + LoRA"),
+            ("exact match", _pct(b), _pct(a)),
+            ("eval loss", f"{b['eval_loss']:.3f}", f"{a['eval_loss']:.3f}"),
+            ("perplexity", f"{b['eval_ppl']:.2f}", f"{a['eval_ppl']:.2f}")]
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, width)).rstrip() for row in rows]
+    m = result.merged
+    lines += ["", f"merged model agrees with base + LoRA on {m['same_answers']}/{m['total']} answers",
+              f"training steps {result.train_steps}; time {result.seconds.get('total', 0):.0f} s "
+              f"(train {result.seconds.get('train', 0):.0f} s); peak memory {result.peak_rss_mb:.0f} MB", ""]
+    lines += [f"{name:13} {path}" for name, path in result.paths.items()]
+    return "\n".join(lines)

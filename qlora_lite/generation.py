@@ -1,0 +1,207 @@
+"""Text generation for ``generate``, ``eval`` and ``demo``: prompts, streaming, batched greedy answers.
+
+Generation runs on the same model the training code builds (quantized base + LoRA layers), so an
+adapter can be tried without merging it. On the CPU, 4-bit layers run as dequantize + matmul
+(quant.py switches off bitsandbytes' CPU repack), which is fine for small models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEMO_MODEL = PACKAGE_DIR / "demo_model"
+DEMO_DATA = PACKAGE_DIR / "demo_data"
+
+
+def resolve_model_arg(model: str) -> str:
+    """``demo`` names the bundled demo model (unless a folder called ``demo`` exists here)."""
+    if model == "demo" and not Path(model).is_dir():
+        return str(DEMO_MODEL)
+    return model
+
+
+def adapter_bits(adapter_dir: str | Path | None) -> int | None:
+    """The bits of the base an adapter was trained against (from qlora_lite.json), when recorded."""
+    if not adapter_dir:
+        return None
+    from .adapter import read_adapter
+
+    _, _, record = read_adapter(adapter_dir)
+    return (record or {}).get("bits")
+
+
+def load_for_inference(model_path: str, *, adapter: str | None = None, bits: int | None = None,
+                       quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "bf16",
+                       trust_remote_code: bool = False, allow_bin_weights: bool = False):
+    """Load base (+ adapter) frozen in eval mode, and its tokenizer (pad token guaranteed).
+
+    Args:
+        bits: 4, 8 or 16; ``None`` means the bits the adapter was trained with, else 16.
+
+    Returns:
+        ``(model, tokenizer)``.
+
+    Raises:
+        quant.ModelLoadError, adapter.AdapterError: with the folder and what is wrong.
+    """
+    from .model import build_model
+    from .quant import load_tokenizer
+
+    model_path = resolve_model_arg(model_path)
+    if bits is None:
+        bits = adapter_bits(adapter) or 16
+    model = build_model(model_path, bits=bits, quant_type=quant_type, double_quant=double_quant,
+                        compute_dtype=compute_dtype, trust_remote_code=trust_remote_code,
+                        allow_bin_weights=allow_bin_weights, adapter=adapter, trainable=False)
+    return model, load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """The text the model continues: the chat template with the assistant turn opened.
+
+    A tokenizer without a chat template gets ``data.DEFAULT_CHAT_TEMPLATE``, as in training.
+    """
+    from .data import DEFAULT_CHAT_TEMPLATE
+
+    template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, chat_template=template)
+
+
+def prompt_ids(tokenizer, text: str, fmt: str = "chat") -> list[int]:
+    """Token ids of a prompt exactly as training tokenized it (``data.encode_prompt``; BOS rules included)."""
+    from .data import encode_prompt
+
+    return encode_prompt(text, tokenizer, fmt)
+
+
+def sampling_kwargs(temperature: float, top_p: float, top_k: int) -> dict:
+    """``generate`` arguments: greedy decoding when temperature is 0, else sampling."""
+    if temperature <= 0:
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+
+
+@torch.no_grad()
+def generate_reply(model: nn.Module, tokenizer, ids: list[int], *, max_new_tokens: int = 128,
+                   temperature: float = 0.0, top_p: float = 1.0, top_k: int = 50, seed: int | None = None,
+                   stream: bool = False) -> str:
+    """Continue the prompt ``ids``; with ``stream`` tokens are printed to stdout as they come.
+
+    Returns:
+        The reply text, special tokens removed.
+    """
+    from transformers import TextStreamer
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    input_ids = torch.tensor([ids], dtype=torch.long)  # (1, T)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    output = model.generate(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+        streamer=streamer, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        **sampling_kwargs(temperature, top_p, top_k),
+    )
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both (B, T_max), padded on the left so replies start aligned."""
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], dtype=torch.long)
+    return input_ids, mask
+
+
+@torch.no_grad()
+def greedy_answers(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 32,
+                   batch_size: int = 16) -> list[str]:
+    """Greedy replies to many tokenized prompts, in left-padded batches; each reply stops at EOS.
+
+    Returns:
+        One decoded reply per prompt (special tokens removed), in order.
+    """
+    was_training = model.training
+    model.eval()
+    replies = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            input_ids, mask = left_pad(prompts[start:start + batch_size], tokenizer.pad_token_id)
+            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 **sampling_kwargs(0, 1, 0))
+            replies += tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return replies
+
+
+def expected_answer(response_text: str, tokenizer) -> str:
+    """The response as exact-match compares it: without end-of-turn tokens and surrounding space."""
+    for token in {tokenizer.eos_token, tokenizer.pad_token} - {None}:
+        response_text = response_text.replace(token, "")
+    return response_text.strip()
+
+
+def exact_match(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], fmt: str = "chat", *,
+                batch_size: int = 16, max_new_tokens: int | None = None) -> dict:
+    """Greedy-generate a reply to each prompt and compare it, stripped, with the expected response.
+
+    Args:
+        pairs: ``(prompt_text, response_text)`` as ``data.render_example`` returns them.
+        max_new_tokens: default: the longest expected answer in tokens, plus 8.
+
+    Returns:
+        ``{"exact_match": fraction, "correct": int, "total": int, "samples": [{prompt, expected, got}]}``
+        (samples holds the first five, for display).
+    """
+    expected = [expected_answer(r, tokenizer) for _, r in pairs]
+    if max_new_tokens is None:
+        longest = max((len(tokenizer(e, add_special_tokens=False)["input_ids"]) for e in expected), default=0)
+        max_new_tokens = longest + 8
+    prompts = [prompt_ids(tokenizer, p, fmt) for p, _ in pairs]
+    got = [g.strip() for g in greedy_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                             batch_size=batch_size)]
+    correct = sum(g == e for g, e in zip(got, expected))
+    samples = [{"prompt": p, "expected": e, "got": g} for (p, _), e, g in list(zip(pairs, expected, got))[:5]]
+    return {"exact_match": correct / len(pairs) if pairs else 0.0, "correct": correct, "total": len(pairs),
+            "samples": samples}
+
+
+def evaluate_jsonl(model: nn.Module, tokenizer, path: str | Path, *, fmt: str = "auto", max_seq_len: int = 512,
+                   limit: int | None = None, batch_size: int = 8, exact: bool = True,
+                   skip_bad_lines: bool = False) -> dict:
+    """Loss, perplexity and (when the records carry answers) greedy exact-match on a JSONL file.
+
+    Args:
+        fmt: data format (auto, alpaca, chat, text); ``text`` records have no answers to match.
+        limit: use only the first ``limit`` usable records (all when None).
+        exact: also run the generation-based exact-match (the slow part).
+
+    Returns:
+        ``{"data", "format", "examples", "eval_loss", "eval_ppl", "eval_tokens"}`` plus
+        ``"exact_match", "correct", "total", "samples"`` when answers exist.
+
+    Raises:
+        data.DataError: unreadable file or records, with FILE:LINE.
+    """
+    from .data import detect_format, load_dataset, read_jsonl, render_example
+    from .train import evaluate
+
+    examples, _ = load_dataset(str(path), tokenizer, format=fmt, max_seq_len=max_seq_len, drop_long=False,
+                               train_on_inputs=False, skip_bad_lines=skip_bad_lines)
+    examples = examples[:limit] if limit else examples
+    result = {"data": str(path), "examples": len(examples)}
+    result.update(evaluate(model, examples, batch_size, tokenizer.pad_token_id))
+    records, _ = read_jsonl(str(path), skip_bad_lines=skip_bad_lines)
+    records = [r for _, r in records]
+    fmt = detect_format(records, str(path)) if fmt == "auto" else fmt
+    result["format"] = fmt
+    if exact and fmt != "text":
+        pairs = [render_example(r, tokenizer, fmt) for r in records]
+        pairs = [(p, r) for p, r in pairs if expected_answer(r, tokenizer)][: limit or None]
+        result.update(exact_match(model, tokenizer, pairs, fmt, batch_size=max(batch_size, 16)))
+    return result

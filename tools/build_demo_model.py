@@ -1,0 +1,276 @@
+"""Build the bundled demo model (qlora_lite/demo_model/) and the demo dataset (qlora_lite/demo_data/).
+
+Everything comes from text this script generates, so the result is ours to ship (Apache-2.0) and
+reproducible from a seed. The domain is a small toy world of coloured objects, places and number
+words. The base model learns to write sentences about that world and to follow a few chat
+instructions (repeat words, name the first/last word, answer colour and counting questions, add
+small numbers). It never sees word reversal: that is the skill the demo fine-tune teaches, with
+answers that can be checked exactly.
+
+    python3 tools/build_demo_model.py                 # tokenizer + model (~4 min on 2 cores) + data
+    python3 tools/build_demo_model.py --data-only     # only regenerate the demo dataset
+
+Outputs: ``qlora_lite/demo_model/`` (bf16 safetensors, tokenizer with a chat template,
+generation_config) and ``qlora_lite/demo_data/{train,eval}.jsonl`` (chat-format JSONL), which are
+also copied to ``examples/data/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = 1234
+
+COLOURS = "red blue green yellow black white orange purple brown pink grey".split()
+SIZES = "big small tiny huge tall short old new soft round".split()
+OBJECTS = ("cat dog ball box cup hat car bird fish tree book chair table lamp apple shoe boat kite "
+           "frog duck bus key coin sock egg").split()
+PLACES = ["on the table", "in the box", "under the chair", "near the tree", "by the door", "in the garden",
+          "on the shelf", "next to the lamp", "behind the car", "in the kitchen"]
+NAMES = "Tom Anna Sam Lily Ben Mia Max Zoe".split()
+NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+           "sixteen seventeen eighteen nineteen twenty").split()
+WORDS = COLOURS + SIZES + OBJECTS
+
+# Roles are plain-text markers; the end of every assistant turn is the EOS token, so generation
+# stops there. The template starts with BOS, which the tokenizer does not add by itself.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>\n{{ m['content'] }}{{ eos_token }}\n"
+    "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+MODEL_SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+def plural(word: str) -> str:
+    if word == "fish":
+        return word
+    return word + ("es" if word.endswith(("x", "s", "sh", "ch")) else "s")
+
+
+def sentence(rng: random.Random) -> str:
+    """One plausible sentence about the toy world."""
+    c, s, o, p, n = (rng.choice(COLOURS), rng.choice(SIZES), rng.choice(OBJECTS), rng.choice(PLACES),
+                     rng.randint(2, 12))
+    forms = [
+        f"The {s} {c} {o} is {p}.",
+        f"There are {NUMBERS[n]} {c} {plural(o)} {p}.",
+        f"{rng.choice(NAMES)} has a {s} {c} {o}.",
+        f"I see a {c} {o} {p}.",
+        f"The {o} is {c} and {s}.",
+        f"{rng.choice(NAMES)} put the {c} {o} {p}.",
+        f"{NUMBERS[n].capitalize()} and one make {NUMBERS[n + 1]}.",
+        f"After {NUMBERS[n]} comes {NUMBERS[n + 1]}.",
+    ]
+    return rng.choice(forms)
+
+
+def word_list(rng: random.Random, lo: int = 3, hi: int = 4) -> list[str]:
+    return rng.sample(WORDS, rng.randint(lo, hi))
+
+
+def base_instruction(rng: random.Random) -> tuple[str, str]:
+    """A (question, answer) pair for the skills the base model is pretrained on (never reversal)."""
+    kind = rng.randrange(6)
+    if kind == 0:
+        words = " ".join(word_list(rng, 2, 5))
+        return f"Repeat the words: {words}", words
+    if kind == 1:
+        words = word_list(rng, 2, 5)
+        which = rng.choice(["first", "last"])
+        return f"Name the {which} word: {' '.join(words)}", words[0 if which == "first" else -1]
+    if kind == 2:
+        c, o, p = rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(PLACES)
+        return f"The {c} {o} is {p}. What colour is the {o}?", c
+    if kind == 3:
+        n, o, p = rng.randint(2, 12), rng.choice(OBJECTS), rng.choice(PLACES)
+        return f"There are {NUMBERS[n]} {plural(o)} {p}. How many {plural(o)} are there?", NUMBERS[n]
+    if kind == 4:
+        a = rng.randint(0, 10)
+        b = rng.randint(0, 20 - a)
+        return f"What is {NUMBERS[a]} plus {NUMBERS[b]}?", NUMBERS[a + b]
+    n = rng.randint(0, 19)
+    return f"What number comes after {NUMBERS[n]}?", NUMBERS[n + 1]
+
+
+def chat(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def render(tokenizer, record: dict) -> str:
+    return tokenizer.apply_chat_template(record["messages"], tokenize=False)
+
+
+def pretraining_documents(rng: random.Random, tokenizer, n: int) -> list[str]:
+    """Half prose paragraphs, half chat conversations of one or two turns, rendered by the template."""
+    docs = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            docs.append(tokenizer.bos_token + " ".join(sentence(rng) for _ in range(rng.randint(2, 6)))
+                        + tokenizer.eos_token)
+        else:
+            messages = []
+            for _ in range(rng.randint(1, 2)):
+                messages += chat(*base_instruction(rng))["messages"]
+            docs.append(tokenizer.apply_chat_template(messages, tokenize=False))
+    return docs
+
+
+def demo_dataset(seed: int = SEED, n_train: int = 2000, n_eval: int = 100) -> tuple[list[dict], list[dict]]:
+    """The fine-tuning skill: reverse a list of 3-4 words. Held-out word lists never occur in train."""
+    rng = random.Random(seed + 1)
+    seen, train, held = set(), [], []
+    while len(held) < n_eval or len(train) < n_train:
+        words = word_list(rng)
+        key = tuple(words)
+        if key in seen:
+            continue
+        seen.add(key)
+        record = chat(f"Reverse the words: {' '.join(words)}", " ".join(reversed(words)))
+        (held if len(held) < n_eval else train).append(record)
+    return train, held
+
+
+def write_data(out_dir: Path, copy_to: Path | None) -> None:
+    train, held = demo_dataset()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, records in (("train.jsonl", train), ("eval.jsonl", held)):
+        (out_dir / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+        if copy_to is not None:
+            copy_to.mkdir(parents=True, exist_ok=True)
+            shutil.copy(out_dir / name, copy_to / f"demo_{name}")
+    print(f"wrote {len(train)} train and {len(held)} eval examples to {out_dir}")
+
+
+def train_tokenizer(vocab_size: int, out_dir: Path):
+    """Byte-level BPE on generated text; specials <unk>=0, <s>=1, </s>=2 and no pad token (like many LLMs)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(SEED)
+    texts = [sentence(rng) for _ in range(20000)]
+    texts += [q + "\n" + a for q, a in (base_instruction(rng) for _ in range(20000))]
+    texts += [f"Reverse the words: {' '.join(word_list(rng))}" for _ in range(2000)]
+    texts += ["<|user|>\n", "<|assistant|>\n", "<|system|>\n"] * 1000
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   model_max_length=MODEL_SHAPE["max_position_embeddings"])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def token_batches(tokenizer, seq_len: int, batch: int, seed: int):
+    """Endless (batch, seq_len) int64 tensors of packed pretraining documents."""
+    import torch
+
+    rng = random.Random(seed)
+    buffer: list[int] = []
+    while True:
+        while len(buffer) < seq_len * batch:
+            for doc in pretraining_documents(rng, tokenizer, 256):
+                buffer += tokenizer(doc, add_special_tokens=False)["input_ids"]
+        chunk, buffer = buffer[: seq_len * batch], buffer[seq_len * batch:]
+        yield torch.tensor(chunk, dtype=torch.long).view(batch, seq_len)
+
+
+def pretrain(tokenizer, minutes: float, steps: int, out_dir: Path) -> None:
+    """Train a small LlamaForCausalLM from scratch (bf16 autocast, AdamW, cosine) and save it in bf16."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(SEED)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=None, **MODEL_SHAPE)
+    model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters, {steps} steps or {minutes} min")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = 50
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    batches = token_batches(tokenizer, seq_len=128, batch=16, seed=SEED)
+    start = time.time()
+    model.train()
+    for step in range(steps):
+        ids = next(batches)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        schedule.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"step {step:5d}  loss {loss.item():.3f}  {time.time() - start:6.0f}s", flush=True)
+        if minutes and time.time() - start > minutes * 60:
+            print(f"time budget reached at step {step}")
+            break
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                     pad_token_id=config.eos_token_id, do_sample=False, max_new_tokens=64).save_pretrained(out_dir)
+
+
+def smoke_test(out_dir: Path) -> None:
+    """Greedy answers of the saved model to a few prompts, to eyeball what it learned."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.bfloat16)
+    for q in ["Repeat the words: red cat big", "What is two plus five?", "Name the last word: cup hat dog",
+              "Reverse the words: red cat big"]:
+        prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, max_new_tokens=16, do_sample=False)
+        print(f"{q!r} -> {tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)!r}")
+    ids = tok(tok.bos_token + "The", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    print("prose:", tok.decode(model.generate(ids, max_new_tokens=30, do_sample=False)[0], skip_special_tokens=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "qlora_lite" / "demo_model")
+    parser.add_argument("--data-out", type=Path, default=ROOT / "qlora_lite" / "demo_data")
+    parser.add_argument("--examples", type=Path, default=ROOT / "examples" / "data")
+    parser.add_argument("--steps", type=int, default=1200, help="pretraining steps (16 x 128 tokens each)")
+    parser.add_argument("--minutes", type=float, default=0, help="stop early after this much time (0: never)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (1: the same result on every run on one machine, and robust to busy CPUs)")
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--data-only", action="store_true", help="only regenerate the demo dataset")
+    args = parser.parse_args()
+    write_data(args.data_out, args.examples)
+    if args.data_only:
+        return
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True)
+    tokenizer = train_tokenizer(args.vocab_size, args.out)
+    pretrain(tokenizer, args.minutes, args.steps, args.out)
+    smoke_test(args.out)
+    size = sum(f.stat().st_size for f in args.out.iterdir()) / 1e6
+    print(f"wrote {args.out} ({size:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
