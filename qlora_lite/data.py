@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 
 IGNORE_INDEX = -100
 FORMATS = ("alpaca", "chat", "text")
@@ -402,7 +403,7 @@ def load_dataset(path, tokenizer, *, format: str = "auto", max_seq_len: int = 51
                 continue
             try:
                 example = tokenize_example(record, tokenizer, fmt, train_on_inputs)
-            except Exception as exc:  # chat templates raise their own (jinja) errors
+            except (TemplateError, ValueError, TypeError, KeyError) as exc:  # e.g. raise_exception() in templates
                 reason = f"cannot render the example ({exc})"
         if reason is not None:
             problems.append((number, f"{path}:{number}: {reason}"))

@@ -210,6 +210,14 @@ def test_skip_bad_lines_loads_the_rest_and_reports(tokenizer, tmp_path):
     assert stats.summary().endswith("3 skipped (bad lines)")
 
 
+def test_windows_line_endings_bom_and_blank_lines_are_fine(tokenizer, tmp_path):
+    path = tmp_path / "win.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(ALPACA).encode() + b"\r\n\r\n" + json.dumps(ALPACA).encode() + b"\r\n")
+    examples, stats = data.load_dataset(path, tokenizer)
+    assert (stats.total, stats.kept, stats.format) == (2, 2, "alpaca")
+    assert examples[0] == data.tokenize_example(ALPACA, tokenizer, "alpaca")
+
+
 def test_empty_and_all_too_long_raise_with_counts(tokenizer, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n  \n")
@@ -235,6 +243,9 @@ def test_format_detection_and_clear_errors(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", [CHAT])
     with pytest.raises(DataError, match=f"{path}:1: missing field 'instruction'"):
         data.load_dataset(path, tokenizer, format="alpaca")
+    tokenizer.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
+    with pytest.raises(DataError, match=f"{path}:1: cannot render the example .*roles must alternate"):
+        data.load_dataset(path, tokenizer)
 
 
 def test_split_eval_is_deterministic_and_disjoint():
