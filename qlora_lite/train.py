@@ -48,6 +48,7 @@ class TrainResult:
     train_loss: float | None = None
     resumed_from: Path | None = None
     stopped_early: bool = False
+    main_process: bool = True  # False in the other processes of a multi-process launch (they write nothing)
 
 
 # ---------------------------------------------------------------- data order and step plan
@@ -74,11 +75,11 @@ def plan_steps(micro_batches_per_epoch: int, grad_accum: int, max_steps: int, ep
     return per_epoch, total
 
 
-def run_fingerprint(config: Config, num_processes: int) -> dict:
+def run_fingerprint(config: Config, num_processes: int, **extra) -> dict:
     """What a resumed run is checked against (``checkpoint.check_resume_compatible``): settings and data hash."""
     from .checkpoint import file_sha256, make_fingerprint
 
-    return make_fingerprint(config.to_dict(), file_sha256(config.data.data), num_processes=num_processes)
+    return make_fingerprint(config.to_dict(), file_sha256(config.data.data), num_processes=num_processes, **extra)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -147,17 +148,23 @@ def train(config: Config) -> TrainResult:
     config.validate(required=("model.model", "data.data", "train.output"))
     t = config.train
     mixed = {"bf16": "bf16", "fp16": "fp16" if torch.cuda.is_available() else "no"}.get(config.model.compute_dtype, "no")
-    accelerator = Accelerator(mixed_precision=mixed)
+    # cpu=True without CUDA: lets `accelerate launch`/torchrun start several CPU processes (gloo).
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    if not accelerator.is_main_process:
+        logging.getLogger("qlora_lite").setLevel(logging.WARNING)  # one process reports progress
     output_dir = Path(t.output)
     model_dir = resolve_model_dir(config.model.model)
     guard_output_dir(output_dir, model_dir, t.resume)
     tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
     train_examples, eval_examples = load_training_data(config, tokenizer)
 
-    fingerprint = run_fingerprint(config, accelerator.num_processes)
+    # Examples per epoch: another process count may resume only if it drops no other example.
+    used = sum(map(len, epoch_batches(len(train_examples), t.batch_size, t.seed, 0, accelerator.num_processes)))
+    fingerprint = run_fingerprint(config, accelerator.num_processes, examples_per_epoch=used)
     resume_from = latest_checkpoint(output_dir) if t.resume else None
     if t.resume and resume_from is None:
         log.warning("--resume: no complete checkpoint in %s; starting from step 0", output_dir)
+    accelerator.wait_for_everyone()  # every process has checked --output before the main one writes into it
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         config.save(output_dir / "config.yaml")
@@ -235,7 +242,13 @@ class _Loop:
         n_params = sum(p.numel() for p in self.params)
         log.info("training %d LoRA parameters for %d steps (%d per epoch) on %s", n_params, self.total_steps,
                  self.steps_per_epoch, self.acc.device)
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.sharded = t.fsdp and self.acc.num_processes > 1
+        if self.sharded:  # FSDP: the frozen base sharded over the processes, LoRA whole on each
+            from .distributed import shard_frozen_base
+
+            self.model, self.optimizer = shard_frozen_base(model, self.acc, self.params), self.acc.prepare(optimizer)
+        else:
+            self.model, self.optimizer = self.acc.prepare(model, optimizer)
 
     def run(self) -> TrainResult:
         from tqdm import tqdm
@@ -299,6 +312,10 @@ class _Loop:
                 acc.backward(loss * (procs / n_labels))
             loss_sum += loss.detach()
         max_norm = self.t.max_grad_norm if self.t.max_grad_norm > 0 else float("inf")
+        if self.sharded:  # LoRA weights are replicated outside FSDP: average their gradients as DDP would
+            from .distributed import all_reduce_grads
+
+            all_reduce_grads(self.params)
         grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
         if not math.isfinite(grad_norm):
             self._diverged(f"the gradient norm is {grad_norm}")
@@ -340,6 +357,11 @@ class _Loop:
         """Eval loss over all processes (each scores its own shard of the eval examples)."""
         acc = self.acc
         shard = self.eval_examples[acc.process_index::acc.num_processes]
+        if acc.num_processes > 1:  # same number of forward passes everywhere, or collectives hang
+            from .distributed import pad_to_equal_batches
+
+            batches = math.ceil(math.ceil(len(self.eval_examples) / acc.num_processes) / self.t.batch_size)
+            shard = pad_to_equal_batches(shard, self.t.batch_size, batches, self.eval_examples[0])
         total, count = eval_sums(self.model, shard, self.t.batch_size, self.pad_token_id, acc.device)
         sums = acc.reduce(torch.tensor([total, float(count)], dtype=torch.float64, device=acc.device), "sum")
         loss = float(sums[0]) / max(1.0, float(sums[1]))
@@ -362,7 +384,7 @@ class _Loop:
         from .plot import MetricsError, plot_loss
 
         result = TrainResult(self.output_dir, None, self.metrics.path, None, self.step, dict(self.last_eval),
-                             self.last_loss, self.resumed_from, stopped)
+                             self.last_loss, self.resumed_from, stopped, self.acc.is_main_process)
         if stopped:
             return result
         if self.acc.is_main_process:

@@ -17,7 +17,7 @@ TRAIN_FIELDS = (
     "batch_size", "grad_accum", "lr", "weight_decay", "max_grad_norm", "max_steps", "epochs", "warmup_steps",
     "lr_scheduler", "optimizer", "gradient_checkpointing",
     "save_steps", "eval_steps", "save_total_limit", "logging_steps", "seed", "resume",
-    "trust_remote_code", "allow_bin_weights",
+    "trust_remote_code", "allow_bin_weights", "num_processes", "fsdp",
 )
 
 
@@ -27,11 +27,38 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..checkpoint import CheckpointError
     from ..config import ConfigError
     from ..data import DataError
+    from ..distributed import LaunchError
     from ..lora import LoRATargetError
     from ..quant import ModelLoadError
     from ..train import TrainingError
 
-    return (ConfigError, DataError, ModelLoadError, AdapterError, LoRATargetError, CheckpointError, TrainingError)
+    return (ConfigError, DataError, ModelLoadError, AdapterError, LoRATargetError, CheckpointError, TrainingError,
+            LaunchError)
+
+
+def _launch_processes(config) -> bool:
+    """With --num-processes N > 1 outside a launched process: run this training in N processes via
+    accelerate's launcher (the resolved settings travel in a temporary YAML). Returns True if it did.
+
+    Raises:
+        click.ClickException: the processes failed.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from ..distributed import in_launched_process, relaunch
+
+    n = config.train.num_processes
+    if n <= 1 or in_launched_process():
+        return False
+    config.validate(required=("model.model", "data.data", "train.output"))
+    with tempfile.TemporaryDirectory(prefix="qlora-lite-launch-") as tmp:
+        settings = Path(tmp) / "config.yaml"
+        config.save(settings)
+        code = relaunch(n, ["train", "--config", str(settings)])
+    if code != 0:
+        raise click.ClickException(f"the {n} training processes failed (exit code {code}); see their messages above")
+    return True
 
 
 def setup_logging() -> None:
@@ -67,9 +94,13 @@ def command(config_file: str | None, **values) -> None:
     setup_logging()
     try:
         config = load_config(config_file, values)
+        if _launch_processes(config):
+            return
         result = train(config)
     except user_errors() as e:
         raise click.ClickException(str(e)) from None
+    if not result.main_process:
+        return
     if result.stopped_early:
         click.echo(f"stopped after step {result.steps}; continue with --resume")
         return
