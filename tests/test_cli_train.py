@@ -145,3 +145,9 @@ def test_missing_required_options_are_listed_at_once():
     assert result.exit_code != 0
     for name in ("--model", "--data", "--output"):
         assert name in result.output
+
+
+def test_plot_of_a_folder_without_metrics_is_a_clear_error(tmp_path):
+    result = invoke("plot", tmp_path)
+    assert result.exit_code != 0
+    assert "metrics.jsonl does not exist" in result.output and "Traceback" not in result.output
