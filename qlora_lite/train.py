@@ -208,6 +208,8 @@ class _Loop:
         self.resumed_from: Path | None = None
         self.last_eval: dict[str, float] = {}
         self.last_loss: float | None = None
+        if self.t.eval_steps and not eval_examples:
+            log.warning("--eval-steps %d does nothing without --eval-data or --eval-fraction", self.t.eval_steps)
         stop = os.environ.get(STOP_ENV, "").strip()
         self.stop_after = int(stop) if stop else None
 
