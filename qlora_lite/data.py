@@ -239,6 +239,15 @@ def _render_chat(tokenizer, messages: list[dict], generation_prompt: bool) -> st
                                          chat_template=template)
 
 
+def _prompt_before(tokenizer, messages: list[dict], i: int) -> str:
+    """The template's prompt for assistant turn ``i``: the messages before it with the generation
+    prompt, or (transformers refuses an empty conversation) the turn's own header when i == 0."""
+    if i:
+        return _render_chat(tokenizer, messages[:i], True)
+    through, content = _render_chat(tokenizer, messages[:1], False), messages[0]["content"]
+    return through[:through.find(content)] if content and content in through else ""
+
+
 def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, learned) pieces: each assistant turn is learned
     from its first character through its end-of-turn marker (trailing whitespace is not).
@@ -252,7 +261,7 @@ def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render_chat(tokenizer, messages[:i], True) if i else ""
+        before = _prompt_before(tokenizer, messages, i)
         through = _render_chat(tokenizer, messages[:i + 1], False)
         if not (full.startswith(through) and through.startswith(before)):
             if i == len(messages) - 1:
@@ -292,7 +301,8 @@ def render_example(record: dict, tokenizer, fmt: str) -> tuple[str, str]:
         return _alpaca_prompt(record), record["output"]
     if fmt == "text":
         return "", record["text"]
-    return _render_chat(tokenizer, record["messages"][:-1], True), record["messages"][-1]["content"]
+    messages = record["messages"]
+    return _prompt_before(tokenizer, messages, len(messages) - 1), messages[-1]["content"]
 
 
 def _encode(tokenizer, text: str) -> list[int]:

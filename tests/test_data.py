@@ -73,6 +73,9 @@ def test_chat_learns_every_assistant_turn_with_its_end_of_turn(tokenizer):
     prompt_ids = data.encode_prompt(prompt, tokenizer, "chat")
     assert example["input_ids"][:len(prompt_ids)] == prompt_ids
     assert example["input_ids"][-1] == tokenizer.eos_token_id  # the template's EOS is not doubled
+    alone = {"messages": [{"role": "assistant", "content": "hello"}]}  # no prompt at all: the header is not learned
+    assert learned_runs(tokenizer, data.tokenize_example(alone, tokenizer, "chat")) == ["hello</s>"]
+    assert data.render_example(alone, tokenizer, "chat") == ("<|assistant|>\n", "hello")
 
 
 def test_text_learns_everything_and_train_on_inputs_learns_prompt(tokenizer):
