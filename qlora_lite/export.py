@@ -206,6 +206,13 @@ def _roundtrip(weight: torch.Tensor, conv1d: bool, quant: dict) -> torch.Tensor:
                             quant_type=quant["quant_type"], double_quant=quant["double_quant"],
                             compute_dtype=quant["compute_dtype"])
     deq = dequantize_weight(layer)  # (out, in)
+    # Params4bit and its layer reference each other: unless the cycle is cut, every quantized copy
+    # lives until the next automatic gc (a full gc.collect() costs ~1 s here), and the heap fragments.
+    if hasattr(layer.weight, "module"):
+        layer.weight.module = None
+        layer.weight.quant_state = None
+    del layer
+    release_freed_memory()
     return deq.t() if conv1d else deq
 
 
