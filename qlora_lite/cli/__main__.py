@@ -1,0 +1,5 @@
+"""``python -m qlora_lite.cli``: the same command line as ``qlora-lite`` (what ``accelerate launch -m`` runs)."""
+
+from . import main
+
+main()
