@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from qlora_lite.cli import main
 from qlora_lite.cli.train import TRAIN_FIELDS
 from qlora_lite.config import option_name
+from qlora_lite.optim import lr_factor
 from qlora_lite.plot import read_metrics
 from qlora_lite.train import STOP_ENV
 
@@ -64,6 +65,8 @@ def test_train_end_to_end_adapter_loads_in_peft_with_identical_logits(tiny_llama
     for record in metrics:
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes"} <= record.keys()
         assert record["peak_mem_bytes"] > 0 and record["tokens_per_s"] > 0
+    # the logged lr is the one each step used: cosine from 1e-2 over the 16 planned steps
+    assert [r["lr"] for r in metrics] == pytest.approx([1e-2 * lr_factor(s, 0, 16, "cosine") for s in range(16)])
     evals = [r["eval_loss"] for r in metrics if "eval_loss" in r]
     assert len(evals) == 4 and evals[-1] < evals[0] - 0.1  # the adapter learned something
 
