@@ -108,3 +108,5 @@ def command(config_file: str | None, **values) -> None:
     if result.eval_metrics:
         click.echo(f"eval loss {result.eval_metrics['eval_loss']:.4f}, perplexity {result.eval_metrics['eval_ppl']:.2f}")
     click.echo(f"metrics: {result.metrics_path}" + (f"; loss curve: {result.plot_path}" if result.plot_path else ""))
+    click.echo(f"try it: qlora-lite generate --model {config.model.model} --adapter {result.adapter_dir} "
+               f"--bits {config.model.bits}")
