@@ -232,6 +232,9 @@ def test_empty_and_all_too_long_raise_with_counts(tokenizer, tmp_path):
     message = str(error.value)
     assert "no usable example among 3" in message and "2 longer than max_seq_len=8" in message
     assert "1 empty" in message
+    bad = write_jsonl(tmp_path / "bad.jsonl", [b"{", {"instruction": "a"}])
+    with pytest.raises(DataError, match="no usable example among 2 .*2 skipped bad lines"):
+        data.load_dataset(bad, tokenizer, skip_bad_lines=True)
 
 
 def test_format_detection_and_clear_errors(tokenizer, tmp_path):
