@@ -59,6 +59,11 @@ def tiny_config(model, data, output, **overrides):
     return load_config(None, values)
 
 
+# rank 64: lora_A of the 64-wide projections has 4096 elements, the size from which bitsandbytes keeps
+# 8-bit optimizer states, so their quantized state is what the resume must restore.
+FULL_4BIT = dict(bits=4, rank=64, alpha=64, lr=2e-3)
+
+
 @pytest.fixture(scope="module")
 def full_4bit_run(tiny_llama, tmp_path_factory):
     """An uninterrupted 4-bit run: dropout, shuffling, grad_accum 2, several epochs (24 train examples
@@ -67,7 +72,7 @@ def full_4bit_run(tiny_llama, tmp_path_factory):
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("full4")
     data = write_chat_jsonl(tmp / "train.jsonl")
-    result = train(tiny_config(tiny_llama, data, tmp / "full", bits=4))
+    result = train(tiny_config(tiny_llama, data, tmp / "full", **FULL_4BIT))
     torch.set_num_threads(before)
     return data, result
 
@@ -78,10 +83,10 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_llama, 
     assert full.steps == 8 and not full.stopped_early
 
     monkeypatch.setenv(STOP_ENV, "5")
-    stopped = train(tiny_config(tiny_llama, data, tmp_path / "resumed", bits=4))
+    stopped = train(tiny_config(tiny_llama, data, tmp_path / "resumed", **FULL_4BIT))
     assert stopped.stopped_early and stopped.steps == 5 and stopped.adapter_dir is None
     monkeypatch.delenv(STOP_ENV)
-    resumed = train(tiny_config(tiny_llama, data, tmp_path / "resumed", bits=4, resume=True))
+    resumed = train(tiny_config(tiny_llama, data, tmp_path / "resumed", **FULL_4BIT, resume=True))
     assert resumed.resumed_from.name == "checkpoint-4"  # mid-epoch: epoch 1, 2 of 6 batches consumed
 
     a, b = read_metrics(full.metrics_path), read_metrics(resumed.metrics_path)
