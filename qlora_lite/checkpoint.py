@@ -76,7 +76,10 @@ def _write_bytes(path: Path, data: bytes) -> None:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            written = os.write(fd, view)
+            if written == 0:  # a regular file only stops accepting bytes when the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            view = view[written:]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -180,7 +183,11 @@ def _checkpoint_files(model: nn.Module, optimizer, scheduler, trainer_state: dic
     files: dict[str, bytes] = {}
     if optimizer is not None:
         tensors: dict[str, torch.Tensor] = {}
-        encoded = _encode(optimizer.state_dict(), "optimizer", tensors)
+        try:
+            encoded = _encode(optimizer.state_dict(), "optimizer", tensors)
+        except TypeError as e:
+            raise CheckpointError(f"cannot save the state of {type(optimizer).__name__}: {e}, which cannot be "
+                                  "stored without pickle") from None
         files[OPTIMIZER_TENSORS] = _safetensors_bytes(tensors)
         files[OPTIMIZER_JSON] = _json_bytes({"class": type(optimizer).__name__, "state_dict": encoded})
     if scheduler is not None:
@@ -447,6 +454,17 @@ def _load_adapter_weights(path: Path, model: nn.Module) -> None:
                 target.copy_(saved)
 
 
+def read_trainer_state(path) -> dict:
+    """Verify a checkpoint and return its trainer_state without loading any tensor (for checking a
+    resume with ``check_resume_compatible`` before the model is touched).
+
+    Raises:
+        CheckpointError: as ``verify_checkpoint``.
+    """
+    verify_checkpoint(path)
+    return _read_json(Path(path) / TRAINER_STATE)
+
+
 def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None) -> dict:
     """Restore LoRA weights (in place, so optimizer references stay valid), optimizer, scheduler and
     RNG states from a checkpoint folder.
@@ -465,7 +483,8 @@ def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None) -> d
         if not (path / OPTIMIZER_JSON).is_file():
             raise CheckpointError(f"{path / OPTIMIZER_JSON}: missing (checkpoint saved without optimizer state)")
         saved = _read_json(path / OPTIMIZER_JSON)
-        if saved.get("class") != type(optimizer).__name__:
+        # Paged and plain twins keep the same state (paged ones fall back to plain off CUDA).
+        if str(saved.get("class")).removeprefix("Paged") != type(optimizer).__name__.removeprefix("Paged"):
             raise CheckpointError(f"{path / OPTIMIZER_JSON}: state of {saved.get('class')}, but the run uses "
                                   f"{type(optimizer).__name__}; restore the original --optimizer")
         state_dict = _decode(saved["state_dict"], _load_tensors(path / OPTIMIZER_TENSORS))
@@ -495,7 +514,7 @@ FINGERPRINT_KEYS: dict[str, tuple[str, bool]] = {
     "batch_size": ("batch size", True), "grad_accum": ("grad accum", True), "seed": ("seed", True),
     "num_processes": ("number of processes", True), "model": ("base model", True), "bits": ("bits", True),
     "quant_type": ("quant type", True), "double_quant": ("double quant", True),
-    "compute_dtype": ("compute dtype", True), "rank": ("LoRA rank", True), "alpha": ("LoRA alpha", True),
+    "compute_dtype": ("compute dtype", False), "rank": ("LoRA rank", True), "alpha": ("LoRA alpha", True),
     "rslora": ("rsLoRA", True), "target_modules": ("target modules", True), "lora_dtype": ("LoRA dtype", True),
     "adapter": ("starting adapter", True), "optimizer": ("optimizer", True),
     "lr": ("learning rate", False), "lr_scheduler": ("lr scheduler", False), "warmup_steps": ("warmup steps", False),
@@ -504,7 +523,20 @@ FINGERPRINT_KEYS: dict[str, tuple[str, bool]] = {
     "eval_steps": ("eval steps", False), "save_total_limit": ("save total limit", False),
     "logging_steps": ("logging steps", False), "dropout": ("LoRA dropout", False),
     "gradient_checkpointing": ("gradient checkpointing", False), "eval_data": ("eval data", False),
+    "examples_per_epoch": ("examples per epoch", True),
 }
+# Spreading the same global micro-batch (batch size x processes) over another number of processes
+# trains each step on the same examples with the same loss (train.epoch_batches), so both may change.
+_LAYOUT_KEYS = ("batch_size", "num_processes")
+
+
+def _relaid_keys(saved: dict, current: dict) -> set[str]:
+    """The process-layout keys whose change is allowed: the global micro-batch and epoch stay the same."""
+    if "batch_size" not in saved or "batch_size" not in current:
+        return set()
+    same = (saved["batch_size"] * saved.get("num_processes", 1) == current["batch_size"] * current.get("num_processes", 1)
+            and saved.get("examples_per_epoch") == current.get("examples_per_epoch"))
+    return set(_LAYOUT_KEYS) if same else set()
 
 
 def file_sha256(path, chunk: int = 1 << 20) -> str:
@@ -548,19 +580,24 @@ def check_resume_compatible(saved_state: dict, fingerprint: dict) -> list[str]:
     """
     saved = saved_state.get("fingerprint", saved_state)
     refused, warned = [], []
+    relaid = _relaid_keys(saved, fingerprint)
     for key in sorted(set(saved) & set(fingerprint), key=lambda k: list(FINGERPRINT_KEYS).index(k)
                       if k in FINGERPRINT_KEYS else len(FINGERPRINT_KEYS)):
         old, new = saved[key], fingerprint[key]
         if old == new:
             continue
         label, refuse = FINGERPRINT_KEYS.get(key, (key.replace("_", " "), False))
+        refuse = refuse and key not in relaid
         if key.endswith("sha256"):
             (refused if refuse else warned).append(f"{label} changed (sha256 {_show(key, old)} -> {_show(key, new)})")
         else:
             (refused if refuse else warned).append(f"{label} changed {_show(key, old)} -> {_show(key, new)}")
     if refused:
+        layout = saved.get("num_processes", 1) != fingerprint.get("num_processes", 1)
         raise CheckpointError("cannot resume: " + ", ".join(refused) +
-                              "; start a new --output or restore the original settings")
+                              "; start a new --output or restore the original settings" +
+                              (" (another number of processes may resume when --batch-size x processes stays "
+                               "the same)" if layout else ""))
     return [w + " (allowed on resume)" for w in warned]
 
 

@@ -28,6 +28,7 @@ from qlora_lite.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     make_fingerprint,
+    read_trainer_state,
     restore_rng_state,
     save_checkpoint,
 )
@@ -35,6 +36,15 @@ from qlora_lite.lora import lora_layers
 from qlora_lite.model import build_model
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qlora_lite"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from a second thread; on a shared 2-core machine its spinning only costs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _model(path, seed=0):
@@ -385,3 +395,29 @@ def test_package_never_unpickles():
         problems += [f"{file.name}: {call}" for call in _calls(source, "torch.load")
                      if not re.search(r"weights_only\s*=\s*True", call)]
     assert problems == []
+
+
+def test_paged_state_loads_into_plain_twin_but_not_other_optimizer(tmp_path, tiny_llama):
+    """A checkpoint from a GPU run (paged optimizer) resumes on a CPU (plain twin); AdamW state does not
+    silently load into an 8-bit optimizer."""
+    model = _model(tiny_llama)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [torch.randn_like(p) for p in params]
+
+    def step(opt):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+
+    paged = bnb.optim.PagedAdamW8bit(params, lr=1e-3, min_8bit_size=1)
+    step(paged)
+    path = save_checkpoint(tmp_path, 1, model, paged, None, {"step": 1, "fingerprint": {"seed": 5}})
+    step(paged)
+    expected = [p.detach().clone() for p in params]
+    plain = bnb.optim.AdamW8bit(params, lr=1e-3, min_8bit_size=1)
+    load_checkpoint(path, model, plain)
+    step(plain)
+    assert all(torch.equal(p, e) for p, e in zip(params, expected))
+    with pytest.raises(CheckpointError, match=r"optimizer\.json: state of PagedAdamW8bit, but the run uses AdamW;"):
+        load_checkpoint(path, model, torch.optim.AdamW(params))
+    assert read_trainer_state(path)["fingerprint"] == {"seed": 5}

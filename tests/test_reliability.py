@@ -16,6 +16,8 @@ import random
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -61,9 +63,23 @@ def _config(model: Path, data: Path, output: Path, **changes):
 
 def _start_killed_run(model, data, output, crash_at: str, **changes) -> subprocess.Popen:
     """Start ``qlora-lite train`` (unpickling disabled) in a subprocess that SIGKILLs itself at ``crash_at``."""
-    env = {**os.environ, CRASH_ENV: crash_at, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, CRASH_ENV: crash_at, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", NO_PICKLE, "train", *_args(model, data, output, **changes)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_when_exists(proc: subprocess.Popen, path: Path) -> threading.Thread:
+    """SIGKILL ``proc`` from outside as soon as ``path`` appears (at whatever instant that happens to be)."""
+    def watch():
+        while proc.poll() is None and not path.exists():
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
 def _wait_killed(proc: subprocess.Popen) -> None:
@@ -99,7 +115,17 @@ def no_pickle(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_llama, tmp_path_factory):
+def one_thread():
+    """Every run of this module (subprocesses too) on one thread: the same numerics everywhere, and four
+    concurrent runs do not fight over two cores with spinning thread pools."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(one_thread, tiny_llama, tmp_path_factory):
     """Data, two training subprocesses killed inside checkpoint writes, and an uninterrupted reference
     run in this process (started together: the subprocesses spend most of their time importing)."""
     from qlora_lite.train import train
@@ -110,7 +136,9 @@ def setup(tiny_llama, tmp_path_factory):
         "renamed": (root / "renamed", _start_killed_run(tiny_llama, data, root / "renamed", "4:renamed")),
         "rotating": (root / "rotating", _start_killed_run(tiny_llama, data, root / "rotating", "4:rotating",
                                                           save_total_limit=1)),
+        "external": (root / "external", _start_killed_run(tiny_llama, data, root / "external", "")),
     }
+    _kill_when_exists(killed["external"][1], root / "external" / "checkpoint-2" / COMPLETE_MARKER)
     reference = root / "reference"
     result = train(_config(tiny_llama, data, reference))
     assert result.steps == 6 and not result.stopped_early
@@ -192,3 +220,19 @@ def test_nan_loss_stops_within_one_step_and_saves_nothing_non_finite(setup, tmp_
     weights = load_file(output / "checkpoint-2" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert not (output / "adapter_model.safetensors").exists()
+
+
+def test_external_sigkill_after_a_checkpoint_resumes_to_the_same_result(setup):
+    """Killed from outside at an arbitrary instant after checkpoint-2 completed (mid-step, mid-write...)."""
+    from qlora_lite.checkpoint import verify_checkpoint
+    from qlora_lite.train import train
+
+    model, data, reference, killed = setup
+    output = killed["external"]
+    newest = latest_checkpoint(output)
+    assert newest is not None and newest.name in ("checkpoint-2", "checkpoint-4")
+    for checkpoint in list_checkpoints(output):
+        verify_checkpoint(checkpoint)
+    result = train(_config(model, data, output, resume=True))
+    assert result.resumed_from == newest
+    _assert_same_run(output, reference)
