@@ -1,0 +1,188 @@
+"""Several processes on the CPU (gloo): same losses and adapter as one process with the whole batch.
+
+Two launches of two processes each (about 30 s apiece on 2 cores): a fresh DDP run through
+``qlora-lite train --num-processes 2``, and an FSDP run under ``accelerate launch`` resuming a
+one-process checkpoint. fp32 compute and LoRA weights and no dropout, so that the only difference
+between 1 and 2 processes is the order of floating-point sums (about 1e-7).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from qlora_lite.checkpoint import CheckpointError, check_resume_compatible
+from qlora_lite.cli.train import command as train_command
+from qlora_lite.config import load_config
+from qlora_lite.distributed import launch_command, pad_to_equal_batches, store_4bit_as
+from qlora_lite.plot import read_metrics
+from qlora_lite.train import train
+
+STEPS = 4
+# 20 examples: 15 train (the last global micro-batch of 4 holds 3: uneven between processes),
+# 5 eval (3 and 2 per process: the evaluation pads one process's batches).
+SETTINGS = dict(bits=4, compute_dtype="fp32", lora_dtype="fp32", dropout=0.0, rank=4, alpha=8.0, max_seq_len=48,
+                grad_accum=2, lr=1e-2, max_steps=STEPS, save_steps=2, eval_fraction=0.25, seed=3, optimizer="adamw")
+
+
+def write_chat_jsonl(path, n=20):
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"add {a} and {b}"},
+                                             {"role": "assistant", "content": f"{a} plus {b} equals {a + b}"}]}) + "\n")
+    return path
+
+
+def cli_args(model, data, output, **overrides) -> list[str]:
+    values = {**SETTINGS, "model": model, "data": data, "output": output, **overrides}
+    args = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama, tmp_path_factory):
+    """One process, batch 4: the run the two-process runs must reproduce."""
+    root = tmp_path_factory.mktemp("distributed")
+    data = write_chat_jsonl(root / "train.jsonl")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = train(load_config(None, {**SETTINGS, "model": str(tiny_llama), "data": str(data),
+                                           "output": str(root / "one"), "batch_size": 4}))
+    finally:
+        torch.set_num_threads(threads)
+    return root, data, result
+
+
+def assert_same_run(ref_dir, other_dir, steps=range(1, STEPS + 1)):
+    """Per-step losses within 1e-5, the same eval loss and final adapter; returns the largest loss difference."""
+    ref = {r["step"]: r for r in read_metrics(ref_dir / "metrics.jsonl")}
+    other = read_metrics(other_dir / "metrics.jsonl")
+    assert [r["step"] for r in other] == list(range(1, STEPS + 1))  # one writer: no line twice
+    diffs = [abs(r["loss"] - ref[r["step"]]["loss"]) for r in other if r["step"] in steps]
+    assert max(diffs) < 1e-5, diffs
+    assert other[-1]["eval_loss"] == pytest.approx(ref[STEPS]["eval_loss"], abs=1e-5)
+    wa = load_file(ref_dir / "adapter_model.safetensors")
+    wb = load_file(other_dir / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=1e-5, rtol=0)
+    assert any(w.abs().max() > 0 for k, w in wa.items() if "lora_B" in k)  # it did train
+    return max(diffs)
+
+
+def resumable_copy(src, dst, step=2):
+    """``src`` as a run interrupted after ``step``: later checkpoints removed."""
+    shutil.copytree(src, dst)
+    for folder in dst.glob("checkpoint-*"):
+        if int(folder.name.split("-")[1]) > step:
+            shutil.rmtree(folder)
+    return dst
+
+
+def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(reference, tiny_llama, monkeypatch, capfd):
+    root, data, ref = reference
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = cli_args(tiny_llama, data, root / "two", batch_size=2, num_processes=2)
+    result = CliRunner().invoke(train_command, args)
+    assert result.exit_code == 0, result.output + capfd.readouterr().err[-3000:]
+    assert f"trained {STEPS} steps" in capfd.readouterr().out  # printed once, by the main process
+    two = root / "two"
+    assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    print("max loss difference 1 vs 2 processes (DDP):", assert_same_run(ref.output_dir, two))
+
+    # The 2-process checkpoint, resumed by 1 process with the same global batch.
+    resumed = resumable_copy(two, root / "two-then-one")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = train(load_config(None, {**SETTINGS, "model": str(tiny_llama), "data": str(data),
+                                       "output": str(resumed), "batch_size": 4, "resume": True}))
+    finally:
+        torch.set_num_threads(threads)
+    assert out.resumed_from.name == "checkpoint-2"
+    assert_same_run(ref.output_dir, resumed, steps=(3, 4))
+
+
+def test_fsdp_resumes_a_one_process_checkpoint_in_two(reference, tiny_llama, monkeypatch):
+    root, data, ref = reference
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    resumed = resumable_copy(ref.output_dir, root / "one-then-two-fsdp")
+    argv, env = launch_command(2, ["train", *cli_args(tiny_llama, data, resumed, batch_size=2, fsdp=True,
+                                                      resume=True)])
+    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "FSDP: this process holds 50.0% of the" in run.stderr  # the frozen base is really sharded
+    assert "resuming from" in run.stderr and "checkpoint-2" in run.stderr
+    print("max loss difference 1 vs 2 processes (FSDP, resumed):", assert_same_run(ref.output_dir, resumed, (3, 4)))
+
+
+FP = {"dataset_sha256": "a" * 64, "batch_size": 4, "grad_accum": 2, "seed": 1, "num_processes": 1,
+      "examples_per_epoch": 15}
+
+
+def test_resume_with_another_process_count_needs_the_same_global_batch():
+    assert len(check_resume_compatible(FP, {**FP, "batch_size": 2, "num_processes": 2})) == 2  # two warnings
+    assert check_resume_compatible({**FP, "batch_size": 1, "num_processes": 4}, FP)
+    with pytest.raises(CheckpointError, match="number of processes changed 1 -> 2.*batch-size x processes"):
+        check_resume_compatible(FP, {**FP, "num_processes": 2})  # global batch 4 -> 8
+    with pytest.raises(CheckpointError, match="examples per epoch"):  # another remainder dropped per epoch
+        check_resume_compatible(FP, {**FP, "batch_size": 2, "num_processes": 2, "examples_per_epoch": 14})
+    with pytest.raises(CheckpointError, match="grad accum"):
+        check_resume_compatible(FP, {**FP, "batch_size": 2, "num_processes": 2, "grad_accum": 4})
+
+
+def test_padding_gives_every_process_the_same_batches_without_scoring():
+    shard = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}]
+    padded = pad_to_equal_batches(shard, batch_size=2, num_batches=2, template=shard[0])
+    assert len(padded) == 4 and padded[0] is shard[0]
+    assert all(set(e["labels"]) == {-100} and e["input_ids"] for e in padded[1:])
+    assert pad_to_equal_batches([], 2, 1, shard[0])[0]["labels"] == [-100] * 3
+    assert pad_to_equal_batches(shard * 3, 2, 1, shard[0]) == shard * 3
+
+
+def test_4bit_storage_as_float_keeps_the_weights(tiny_llama):
+    from qlora_lite.model import build_model
+    from qlora_lite.quant import dequantize_weight
+
+    model = build_model(str(tiny_llama), bits=4, compute_dtype="fp32", trainable=False)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    layer = model.model.layers[0].self_attn.q_proj
+    before, logits = dequantize_weight(layer), model(input_ids=ids).logits
+    assert store_4bit_as(model, torch.float32) == 14  # 7 linear layers per block, 2 blocks
+    assert layer.weight.dtype == torch.float32 and layer.quant_state is layer.weight.quant_state
+    assert torch.equal(dequantize_weight(layer), before)
+    assert torch.equal(model(input_ids=ids).logits, logits)
+
+
+def test_launch_command_runs_accelerate_with_gloo_on_the_cpu():
+    argv, env = launch_command(3, ["train", "--config", "x.yaml"], port=29555)
+    assert argv[1:4] == ["-m", "accelerate.commands.launch", "--multi_gpu"]
+    assert argv[argv.index("--num_processes") + 1] == "3" and argv[argv.index("--main_process_port") + 1] == "29555"
+    assert argv[-5:] == ["-m", "qlora_lite.cli", "train", "--config", "x.yaml"]
+    if not torch.cuda.is_available():
+        assert env["ACCELERATE_USE_CPU"] == "true" and int(env["OMP_NUM_THREADS"]) >= 1
+
+
+def test_bad_settings_fail_before_any_process_starts(tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("launched despite invalid settings")
+
+    monkeypatch.setattr("qlora_lite.distributed.relaunch", never)
+    result = CliRunner().invoke(train_command, ["--num-processes", "2", "--data", str(tmp_path / "d.jsonl")])
+    assert result.exit_code != 0 and "--model is required" in result.output
