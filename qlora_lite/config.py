@@ -99,6 +99,8 @@ class TrainConfig:
     seed: int = _opt(42, "Random seed for initialization, shuffling and dropout.")
     resume: bool = _opt(False, "Continue from the newest complete checkpoint in --output.")
     num_processes: int = _opt(1, "Processes to launch through accelerate (one per GPU; gloo on the CPU).")
+    fsdp: bool = _opt(False, "With several processes, shard the frozen base over them (FSDP) instead of a "
+                             "whole copy per process (DDP): for models too large for one device.")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}
