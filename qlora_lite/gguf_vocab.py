@@ -64,10 +64,10 @@ def _vocab(tokenizer: dict, vocab_size: int, spm: bool):
             kind = gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED
         elif i in by_id:
             text, kind = by_id[i], gguf.TokenType.NORMAL
-            if spm and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
-                kind = gguf.TokenType.BYTE
         else:
             text, kind = f"[PAD{i}]", gguf.TokenType.UNUSED
+        if spm and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+            kind = gguf.TokenType.BYTE  # byte-fallback pieces, whether in the vocab or added
         if text == unk:
             kind = gguf.TokenType.UNKNOWN
         tokens.append(text)

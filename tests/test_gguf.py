@@ -1,0 +1,175 @@
+"""GGUF export: files transformers reads back with the merged model's logits, and llama.cpp metadata."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from test_export import logits, make_adapter, probe
+
+from qlora_lite.cli import main
+from qlora_lite.export import merge_adapter
+from qlora_lite.gguf_export import GGUFExportError, export_gguf, permute_qk
+
+# Largest |logit difference| relative to the largest logit, per GGUF type, against the fp32 merge.
+TOLERANCE = {"f16": 2e-3, "bf16": 2e-2, "q8_0": 4e-2}
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_model_factory, tmp_path_factory):
+    """Per architecture: base, adapter and the fp32 merged folder (the reference for the GGUF files)."""
+    made = {}
+
+    def get(arch):
+        if arch not in made:
+            root = tmp_path_factory.mktemp(f"gguf-{arch}")
+            base = tiny_model_factory(arch)
+            adapter = make_adapter(base, root / "adapter", targets="q_proj,k_proj,v_proj,o_proj,gate_proj")
+            merge_adapter(base, adapter, root / "merged", dtype="fp32", verify=False, progress=False)
+            made[arch] = base, adapter, root / "merged"
+        return made[arch]
+
+    return get
+
+
+def load_gguf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("out_type", ["f16", "bf16", "q8_0"])
+def test_gguf_reads_back_with_merged_logits(merged, tmp_path, arch, out_type):
+    """Written with --adapter (streamed merge) and read back by transformers' GGUF loader."""
+    from transformers import AutoModelForCausalLM
+
+    base, adapter, merged_dir = merged(arch)
+    path = export_gguf(base, tmp_path / "model.gguf", adapter_dir=adapter, out_type=out_type, progress=False)
+    ids = probe()
+    expected = logits(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32), ids)
+    got = logits(load_gguf(path), ids)
+    diff = (got - expected).abs().max().item()
+    assert diff <= TOLERANCE[out_type] * expected.abs().max().item(), diff
+    base_logits = logits(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), ids)
+    assert diff < 0.2 * (expected - base_logits).abs().max().item(), "the adapter must be in the GGUF file"
+
+
+def test_gguf_from_merged_folder_equals_direct_export(merged, tmp_path):
+    _, _, merged_dir = merged("llama")
+    path = export_gguf(merged_dir, tmp_path / "m.gguf", out_type="f16", progress=False)
+    direct = export_gguf(*merged("llama")[:1], tmp_path / "d.gguf", adapter_dir=merged("llama")[1], out_type="f16",
+                         progress=False)
+    ids = probe()
+    torch.testing.assert_close(logits(load_gguf(path), ids), logits(load_gguf(direct), ids), atol=1e-5, rtol=0)
+
+
+def test_gguf_tokenizer_metadata(merged, tmp_path):
+    import gguf
+    from transformers import AutoTokenizer
+
+    _, _, merged_dir = merged("llama")
+    path = export_gguf(merged_dir, tmp_path / "m.gguf", progress=False)
+    reader = gguf.GGUFReader(path)
+
+    def field(name):
+        f = reader.fields[name]
+        values = [f.parts[i] for i in f.data]
+        if f.types[-1] == gguf.GGUFValueType.STRING:
+            values = [bytes(v).decode() for v in values]
+        else:
+            values = [v.tolist()[0] for v in values]
+        return values if f.types[0] == gguf.GGUFValueType.ARRAY else values[0]
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    spec = json.loads((merged_dir / "tokenizer.json").read_text())
+    assert field("general.architecture") == "llama"
+    assert field("tokenizer.ggml.model") == "gpt2"
+    assert field("tokenizer.ggml.pre") == "gpt-2"
+    assert field("tokenizer.ggml.tokens") == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    assert field("tokenizer.ggml.merges") == merges and merges
+    types = field("tokenizer.ggml.token_type")
+    assert types[tokenizer.eos_token_id] == gguf.TokenType.CONTROL and types[100] == gguf.TokenType.NORMAL
+    assert field("tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id == 2
+    assert field("tokenizer.ggml.bos_token_id") == tokenizer.bos_token_id == 1
+    assert field("tokenizer.chat_template") == tokenizer.chat_template
+    assert field("llama.attention.head_count_kv") == 2
+    assert field("llama.rope.dimension_count") == 16
+
+
+def test_modelfile_template_renders_like_the_chat_template(merged, tmp_path):
+    from transformers import AutoTokenizer
+
+    _, _, merged_dir = merged("qwen2")
+    export_gguf(merged_dir, tmp_path / "q.gguf", out_type="q8_0", modelfile=True, progress=False)
+    text = (tmp_path / "Modelfile").read_text()
+    assert text.startswith("FROM ./q.gguf") and 'PARAMETER stop "</s>"' in text
+    template = text.split('TEMPLATE """')[1].split('"""')[0]
+    rendered = (template.replace("{{ if .System }}", "").replace("{{ end }}", "").replace("{{ .System }}", "Be brief.")
+                .replace("{{ .Prompt }}", "Hi there").replace("{{ .Response }}", "Hello!"))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello!"}]
+    expected = AutoTokenizer.from_pretrained(merged_dir).apply_chat_template(messages, tokenize=False)
+    assert expected.startswith(rendered.rstrip("\n")) and len(rendered) > 30
+
+
+def test_llama_qk_permutation_inverts_transformers_reader():
+    """Our permutation is exactly undone by the reverse permutation transformers applies on reading."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    weight = torch.randn(4 * 2 * 8, 32)
+    processor = LlamaTensorProcessor(config={"num_attention_heads": 8, "num_key_value_heads": 4})
+    for name, n_head_kv in (("blk.0.attn_q.weight", 8), ("blk.0.attn_k.weight", 4)):
+        rows = weight[: n_head_kv * 8] if n_head_kv == 4 else weight
+        permuted = permute_qk(rows, 8, n_head_kv).numpy()
+        assert not (permuted == rows.numpy()).all()
+        restored = processor.process(permuted, name).weights
+        assert (restored == rows.numpy()).all()
+
+
+def test_unsupported_architecture_is_a_clear_error(tiny_model_factory, tmp_path):
+    with pytest.raises(GGUFExportError, match="supported: llama, mistral, qwen2"):
+        export_gguf(tiny_model_factory("gpt2"), tmp_path / "x.gguf", progress=False)
+    result = CliRunner().invoke(main, ["export-gguf", "--model", str(tiny_model_factory("phi3")), "--output",
+                                       str(tmp_path / "y.gguf"), "--quiet"])
+    assert result.exit_code == 1 and "'phi3' cannot be exported" in result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_export_gguf_with_adapter(merged, tmp_path):
+    base, adapter, _ = merged("mistral")
+    result = CliRunner().invoke(main, ["export-gguf", "--model", str(base), "--adapter", str(adapter), "--output",
+                                       str(tmp_path / "out" / "m.gguf"), "--type", "bf16", "--modelfile", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "m.gguf").stat().st_size > 0 and (tmp_path / "out" / "Modelfile").exists()
+
+
+def test_sentencepiece_style_tokenizer_metadata(tmp_path):
+    """A Llama-2-style tokenizer (BPE with byte fallback, Metaspace) is written as tokenizer model "llama"."""
+    import gguf
+    from tiny_models import CORPUS
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    from qlora_lite.gguf_vocab import add_tokenizer
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    writer = gguf.GGUFWriter(tmp_path / "t.gguf", "llama")
+    add_tokenizer(writer, tmp_path, 400)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    reader = gguf.GGUFReader(tmp_path / "t.gguf")
+    model = reader.fields["tokenizer.ggml.model"]
+    assert bytes(model.parts[model.data[0]]).decode() == "llama"
+    types = reader.fields["tokenizer.ggml.token_type"]
+    type_of = [int(types.parts[i][0]) for i in types.data]
+    assert type_of[3 + 0x41] == gguf.TokenType.BYTE and type_of[1] == gguf.TokenType.CONTROL
+    assert type_of[0] == gguf.TokenType.UNKNOWN
+    assert "tokenizer.ggml.scores" in reader.fields
