@@ -33,8 +33,9 @@ from qlora_lite.checkpoint import (
 )
 from qlora_lite.config import load_config
 
-# Dropout, shuffling (seeded per epoch), grad accumulation and an epoch boundary (4 steps per epoch).
-SETTINGS = {"bits": 4, "rank": 4, "alpha": 8.0, "dropout": 0.1, "batch_size": 2, "grad_accum": 2,
+# Dropout, shuffling (seeded per epoch), grad accumulation and an epoch boundary (4 steps per epoch);
+# rank 64 so bitsandbytes keeps real uint8 optimizer states (it uses fp32 below 4096 elements).
+SETTINGS = {"bits": 4, "rank": 64, "alpha": 128.0, "dropout": 0.1, "batch_size": 2, "grad_accum": 2,
             "max_steps": 6, "save_steps": 2, "optimizer": "adamw_8bit", "max_seq_len": 32, "lr": 1e-3,
             "seed": 3, "warmup_steps": 1, "format": "text"}
 WORDS = "the quick brown fox jumps over the lazy dog add two numbers plus minus equals hello how are you".split()
@@ -158,6 +159,8 @@ def test_kill_inside_checkpoint_write_then_resume_matches_and_merges_without_pic
     assert list_checkpoints(output) == [output / "checkpoint-2"]
     assert latest_checkpoint(output) == output / "checkpoint-2"
     assert [r["step"] for r in _metrics(output)] == [1, 2, 3, 4]  # logged past the newest checkpoint
+    states = load_file(output / "checkpoint-2" / "optimizer.safetensors")
+    assert any(t.dtype == torch.uint8 for t in states.values())  # real 8-bit optimizer states in the checkpoint
 
     with pytest.raises(CheckpointError, match="--resume"):
         train(_config(model, data, output))  # an existing run is never overwritten by accident
