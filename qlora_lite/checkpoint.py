@@ -236,6 +236,35 @@ def _remove_checkpoint(path: Path, crash_step: int | None = None) -> None:
     shutil.rmtree(path)
 
 
+def _write_folder(tmp: Path, model: nn.Module, files: dict[str, bytes], where: list) -> dict[str, int]:
+    """Write the adapter and ``files`` into a fresh ``tmp`` folder, fsync every file and the folder.
+
+    Returns:
+        The manifest ``{file name: size}`` for the marker. ``where[0]`` tracks the path being written.
+    """
+    if tmp.exists():  # left by a run killed while writing
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    where[0] = tmp / WEIGHTS_NAME
+    save_adapter(model, tmp)
+    for name, data in files.items():
+        where[0] = tmp / name
+        _write_bytes(where[0], data)
+    for leftover in tmp.glob("*.tmp"):
+        leftover.unlink()
+    manifest = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    for name in manifest:  # save_adapter fsyncs its own files; do it again so every file is covered
+        where[0] = tmp / name
+        fd = os.open(where[0], os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    where[0] = tmp
+    _fsync_dir(tmp)
+    return manifest
+
+
 def save_checkpoint(output_dir, step: int, model: nn.Module, optimizer, scheduler, trainer_state: dict,
                     total_limit: int = 0) -> Path:
     """Write ``output_dir/checkpoint-{step}/`` atomically, then rotate old checkpoints.
@@ -259,48 +288,28 @@ def save_checkpoint(output_dir, step: int, model: nn.Module, optimizer, schedule
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f"checkpoint-{step}.tmp"
     _check_finite(model, step)
     files = _checkpoint_files(model, optimizer, scheduler, trainer_state)
-    current = tmp
+    where = [tmp]  # the path being written, for the error message
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a run killed while writing
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        current = tmp / WEIGHTS_NAME
-        save_adapter(model, tmp)
-        for name, data in files.items():
-            current = tmp / name
-            _write_bytes(current, data)
-        for leftover in tmp.glob("*.tmp"):
-            leftover.unlink()
-        manifest = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        for name in manifest:  # save_adapter fsyncs its own files; do it again so every file is covered
-            current = tmp / name
-            fd = os.open(current, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        current = tmp
-        _fsync_dir(tmp)
+        manifest = _write_folder(tmp, model, files, where)
         _crash_point(step, "written")
+        where[0] = final
         if final.exists():  # an incomplete folder from a killed run, or a checkpoint of this step redone
-            current = final
             _remove_checkpoint(final)
-        current = final
         os.rename(tmp, final)
         _fsync_dir(output_dir)
         _crash_point(step, "renamed")
-        current = final / COMPLETE_MARKER
+        where[0] = final / COMPLETE_MARKER
         _write_bytes(final / (COMPLETE_MARKER + ".tmp"), _json_bytes(
             {"format": FORMAT_VERSION, "step": step, "files": manifest}))
-        os.replace(final / (COMPLETE_MARKER + ".tmp"), current)
+        os.replace(final / (COMPLETE_MARKER + ".tmp"), where[0])
         _fsync_dir(final)
     except (OSError, AdapterError, _safetensors_error()) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if final.exists() and not (final / COMPLETE_MARKER).exists():
             shutil.rmtree(final, ignore_errors=True)
         reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e)
-        raise CheckpointError(f"cannot write checkpoint {current}: {reason}; older checkpoints in {output_dir} "
+        raise CheckpointError(f"cannot write checkpoint {where[0]}: {reason}; older checkpoints in {output_dir} "
                               "are intact (free disk space, then resume with --resume)") from None
     _crash_point(step, "complete")
     rotate_checkpoints(output_dir, total_limit, keep=final, _crash_step=step)
