@@ -1,0 +1,116 @@
+"""Adapters cross between qlora-lite and PEFT unchanged, and refuse a base they were not trained on."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from test_export import logits, make_adapter, probe
+
+from qlora_lite.adapter import AdapterError, load_adapter, save_adapter
+from qlora_lite.export import merge_adapter
+from qlora_lite.lora import lora_layers
+from qlora_lite.model import build_model
+from qlora_lite.quant import load_base_model
+
+
+def peft_adapter(base, folder, targets, rslora=True, seed=5):
+    """Write an adapter with PEFT itself: get_peft_model, random lora_B, save_pretrained.
+
+    ``autocast_adapter_dtype=False`` keeps PEFT's A/B in bf16 like ours, so both sides do the same
+    arithmetic and logits must match exactly (PEFT's default fp32 adapters differ by rounding only,
+    checked separately).
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=rslora, lora_dropout=0.0,
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(model, config, autocast_adapter_dtype=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def from_peft(tiny_model_factory, tmp_path_factory):
+    base = tiny_model_factory("llama")
+    folder = tmp_path_factory.mktemp("peft-adapter")
+    model = peft_adapter(base, folder, ["q_proj", "v_proj", "down_proj"])
+    return base, folder, model
+
+
+def test_peft_adapter_loads_with_identical_logits_and_generates(from_peft):
+    base, folder, peft_model = from_peft
+    assert not (folder / "qlora_lite.json").exists()
+    ours = build_model(str(base), bits=16, adapter=str(folder), trainable=False)
+    layers = lora_layers(ours)
+    assert len(layers) == 6 and all(layer.rslora for layer in layers.values())
+    ids = probe()
+    assert torch.equal(logits(ours, ids), logits(peft_model, ids))
+    prompt = probe(length=6)[:1]
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=2)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(prompt, **kwargs), peft_model.generate(input_ids=prompt, **kwargs))
+
+
+def test_peft_adapter_trains_further_and_merges(from_peft, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, folder, _ = from_peft
+    model = build_model(str(base), bits=4, adapter=str(folder), trainable=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    ids = probe()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    save_adapter(model, tmp_path / "continued")
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16),
+                                         tmp_path / "continued")
+    assert reloaded.peft_config["default"].use_rslora
+
+    report = merge_adapter(base, folder, tmp_path / "merged", progress=False)
+    assert any("no qlora_lite.json" in note for note in report.notes)
+    assert report.max_abs_logit_diff <= report.tolerance
+
+
+def test_our_adapter_loads_in_peft_with_identical_logits(tiny_model_factory, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model_factory("qwen2")
+    folder = make_adapter(base, tmp_path / "ours", bits=16, rslora=True)
+    ours = build_model(str(base), bits=16, adapter=str(folder), trainable=False)
+    ids = probe()
+    expected = logits(ours, ids)
+    exact = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), folder,
+                                      autocast_adapter_dtype=False)
+    assert torch.equal(logits(exact, ids), expected)
+    # PEFT's default upcasts A/B to fp32: the same model up to bf16 rounding (a few ulps over 2 layers).
+    default = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), folder)
+    effect = (expected - logits(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), ids)).abs().max()
+    diff = (logits(default, ids) - expected).abs().max()
+    assert diff <= 0.02 * expected.abs().max() and diff < 0.1 * effect
+    assert json.loads((folder / "qlora_lite.json").read_text())["bits"] == 16
+
+
+def test_adapter_on_a_different_base_is_refused(tiny_model_factory, tmp_path):
+    llama, qwen = tiny_model_factory("llama"), tiny_model_factory("qwen2")
+    folder = make_adapter(llama, tmp_path / "a", bits=16)
+    with pytest.raises(AdapterError, match="model type llama .adapter. vs qwen2"):
+        load_adapter(load_base_model(qwen, bits=16), folder)
+    with pytest.raises(AdapterError, match="model type"):
+        merge_adapter(qwen, folder, tmp_path / "m", progress=False)
+    assert not (tmp_path / "m").exists()
+    other = tmp_path / "b"
+    shutil.copytree(folder, other)
+    record = json.loads((other / "qlora_lite.json").read_text())
+    (other / "qlora_lite.json").write_text(json.dumps({**record, "vocab_size": 32000}))
+    with pytest.raises(AdapterError, match="vocab size 32000 .adapter. vs 320 .base."):
+        load_adapter(load_base_model(llama, bits=16), other)
