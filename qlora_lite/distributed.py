@@ -135,22 +135,30 @@ def pad_to_equal_batches(examples: list[dict], batch_size: int, num_batches: int
     return examples + [filler] * (target - len(examples))
 
 
-def all_reduce_grads(params: list[nn.Parameter]) -> None:
-    """Average the gradients of replicated parameters over all processes, as DDP does (in place)."""
+def all_reduce_grads(params: list[nn.Parameter], bucket_elements: int = 1 << 24) -> None:
+    """Average the gradients of replicated parameters over all processes, as DDP does (in place).
+
+    Gradients travel in fp32 buckets of about ``bucket_elements`` values: few collectives, and a
+    bounded extra buffer (64 MB) instead of a second copy of every gradient.
+    """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()):
         return
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1).float() for g in grads])  # one collective instead of one per tensor
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    world = dist.get_world_size()
+    while grads:
+        bucket, size = [], 0
+        while grads and (not bucket or size + grads[0].numel() <= bucket_elements):
+            bucket.append(grads.pop(0))
+            size += bucket[-1].numel()
+        flat = torch.cat([g.reshape(-1).float() for g in bucket])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 # ---------------------------------------------------------------- FSDP for bases too large for one device
@@ -205,6 +213,18 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def base_bytes(model: nn.Module, exclude: set[nn.Parameter]) -> tuple[int, int]:
+    """``(bytes this process holds, bytes of the whole tensors)`` over the parameters not in ``exclude``."""
+    local = total = 0
+    for p in model.parameters():
+        if p in exclude:
+            continue
+        size = p.element_size()
+        total += p.numel() * size
+        local += (p.to_local() if hasattr(p, "to_local") else p).numel() * size
+    return local, total
+
+
 def shard_frozen_base(model: nn.Module, accelerator, trainable: list[nn.Parameter]) -> nn.Module:
     """Shard the frozen base over all processes with FSDP (torch ``fully_shard``); keep ``trainable`` whole.
 
@@ -240,6 +260,9 @@ def shard_frozen_base(model: nn.Module, accelerator, trainable: list[nn.Paramete
     for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh, ignored_params=keep & set(block.parameters()))
     fully_shard(model, mesh=mesh, ignored_params=keep)
+    local, total = base_bytes(model, keep)
+    log.info("FSDP: this process holds %.1f%% of the %.1f MB frozen base (%d processes)", 100 * local / total,
+             total / 1e6, accelerator.num_processes)
     if accelerator.mixed_precision != "no":  # what accelerator.prepare would add around forward
         forward = model.forward
 

@@ -193,8 +193,9 @@ def estimate_memory(
         seq_len, batch_size: tokens per micro-batch are ``batch_size * seq_len``.
         rank, target_modules: the LoRA adapters.
         optimizer: one of OPTIMIZER_BYTES.
-        num_processes, fsdp: with FSDP the weights, adapters and optimizer states are sharded over
-            the processes (one block is gathered at a time); without, each process holds everything.
+        num_processes, fsdp: with FSDP the frozen weights are sharded over the processes (one block
+            is gathered at a time); adapters and optimizer states stay whole on every process
+            (``distributed.shard_frozen_base``). Without FSDP each process holds everything.
         loss_chunk: tokens per chunk when the loss is computed chunk by chunk (None: full logits).
         device: "cpu" (process RSS) or "cuda" (``torch.cuda.max_memory_allocated``).
 
@@ -225,7 +226,7 @@ def estimate_memory(
 
     shard = num_processes if fsdp and num_processes > 1 else 1
     block_bytes = (weights - 2 * shape.embedding_params + constants) / shape.layers
-    weights, constants, lora, optim = weights / shard, constants / shard, lora / shard, optim / shard
+    weights, constants = weights / shard, constants / shard  # LoRA and its optimizer state are replicated
     activations = _activation_bytes(shape, targets, tokens, rank, bits, gradient_checkpointing)
     if shard > 1:
         activations += 2 * block_bytes  # the gathered block and the next one being prefetched

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from qlora_lite.checkpoint import CheckpointError, check_resume_compatible
 from qlora_lite.cli.train import command as train_command
 from qlora_lite.config import load_config
-from qlora_lite.distributed import launch_command, pad_to_equal_batches, store_4bit_as
+from qlora_lite.distributed import all_reduce_grads, launch_command, pad_to_equal_batches, store_4bit_as
 from qlora_lite.plot import read_metrics
 from qlora_lite.train import train
 
@@ -186,3 +186,20 @@ def test_bad_settings_fail_before_any_process_starts(tmp_path, monkeypatch):
     monkeypatch.setattr("qlora_lite.distributed.relaunch", never)
     result = CliRunner().invoke(train_command, ["--num-processes", "2", "--data", str(tmp_path / "d.jsonl")])
     assert result.exit_code != 0 and "--model is required" in result.output
+
+
+def test_gradient_buckets_put_every_value_back_in_place(tmp_path):
+    import torch.distributed as dist
+
+    params = [torch.nn.Parameter(torch.randn(n, 3, dtype=dtype)) for n, dtype in
+              [(4, torch.float32), (1, torch.bfloat16), (7, torch.float32), (2, torch.float32)]]
+    for p in params[:2] + params[3:]:
+        p.grad = torch.randn_like(p)
+    expected = [None if p.grad is None else p.grad.clone() for p in params]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        all_reduce_grads(params, bucket_elements=8)  # buckets of 12, 3 and 6 values
+    finally:
+        dist.destroy_process_group()
+    for p, grad in zip(params, expected):
+        assert (p.grad is None) if grad is None else torch.equal(p.grad, grad)

@@ -16,7 +16,7 @@ from .options import config_options
               help="A training YAML file whose settings are used (flags override it).")
 @click.option("--seq-len", "seq_len", type=int, default=None, help="Tokens per sequence  [default: --max-seq-len, 512]")
 @config_options("bits", "batch_size", "rank", "target_modules", "gradient_checkpointing", "optimizer", "num_processes")
-@click.option("--fsdp", is_flag=True, help="Shard weights, adapters and optimizer over --num-processes (FSDP).")
+@click.option("--fsdp", is_flag=True, help="Shard the frozen weights over --num-processes (FSDP); adapters stay whole.")
 @click.option("--loss-chunk", type=int, default=None, help="Tokens per chunk of a chunked loss (default: full logits).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where it runs: CPU peak is process RSS, CUDA peak is the allocator's.")
