@@ -142,7 +142,7 @@ def train(config: Config) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from .checkpoint import guard_output_dir, latest_checkpoint
+    from .checkpoint import check_resume_compatible, guard_output_dir, latest_checkpoint, read_trainer_state
     from .quant import load_tokenizer, resolve_model_dir
 
     config.validate(required=("model.model", "data.data", "train.output"))
@@ -164,6 +164,9 @@ def train(config: Config) -> TrainResult:
     resume_from = latest_checkpoint(output_dir) if t.resume else None
     if t.resume and resume_from is None:
         log.warning("--resume: no complete checkpoint in %s; starting from step 0", output_dir)
+    if resume_from is not None:  # refuse an incompatible resume before the model is loaded
+        for warning in check_resume_compatible(read_trainer_state(resume_from), fingerprint):
+            log.warning("resume: %s", warning)
     accelerator.wait_for_everyone()  # every process has checked --output before the main one writes into it
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +221,7 @@ class _Loop:
 
     def setup(self, resume_from: Path | None) -> None:
         """Build model, optimizer and schedule; restore them (and the RNG) from ``resume_from`` if given."""
-        from .checkpoint import check_resume_compatible, load_checkpoint
+        from .checkpoint import load_checkpoint
         from .model import build_model_from_config
         from .optim import build_optimizer, build_scheduler
 
@@ -230,8 +233,6 @@ class _Loop:
         self.scheduler = build_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, self.total_steps)
         if resume_from is not None:
             state = load_checkpoint(resume_from, model, optimizer, self.scheduler)
-            for warning in check_resume_compatible(state, self.fingerprint):
-                log.warning("resume: %s", warning)
             self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["batches_consumed"]
             self.resumed_from = self.last_checkpoint = Path(resume_from)
             self.last_loss = state.get("loss")

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_lite import train as train_module
+from qlora_lite.checkpoint import CheckpointError
 from qlora_lite.config import load_config
 from qlora_lite.data import DataError
 from qlora_lite.optim import build_optimizer, lr_factor
@@ -86,6 +87,10 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_llama, 
     stopped = train(tiny_config(tiny_llama, data, tmp_path / "resumed", **FULL_4BIT))
     assert stopped.stopped_early and stopped.steps == 5 and stopped.adapter_dir is None
     monkeypatch.delenv(STOP_ENV)
+    with monkeypatch.context() as patched:  # a refused resume fails before the model is loaded
+        patched.setattr("qlora_lite.model.build_model_from_config", _no_model)
+        with pytest.raises(CheckpointError, match="batch size changed 4 -> 2"):
+            train(tiny_config(tiny_llama, data, tmp_path / "resumed", **FULL_4BIT, resume=True, batch_size=2))
     resumed = train(tiny_config(tiny_llama, data, tmp_path / "resumed", **FULL_4BIT, resume=True))
     assert resumed.resumed_from.name == "checkpoint-4"  # mid-epoch: epoch 1, 2 of 6 batches consumed
 
@@ -150,6 +155,10 @@ def test_packed_batch_loss_equals_the_examples_one_by_one(tiny_llama, tmp_path, 
     assert float(packed_loss) == pytest.approx(sum(float(loss) for loss, _ in parts), rel=2e-7)
 
 
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded before the inputs were checked")
+
+
 def _failing_loss(monkeypatch, on_call, error=None):
     """Make the training loss NaN (or raise ``error``) from the ``on_call``-th micro-batch on."""
     real, calls = train_module.batch_loss_sum, {"n": 0}
@@ -195,10 +204,7 @@ def test_bad_data_fails_before_the_model_is_loaded(tiny_llama, tmp_path, monkeyp
     with open(data, "a") as f:
         f.write('{"messages": [ broken\n')
 
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded before the data was validated")
-
-    monkeypatch.setattr("qlora_lite.model.build_model_from_config", no_model)
+    monkeypatch.setattr("qlora_lite.model.build_model_from_config", _no_model)
     with pytest.raises(DataError, match=r"train\.jsonl:4"):
         train(tiny_config(tiny_llama, data, tmp_path / "run"))
 
