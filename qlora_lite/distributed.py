@@ -113,6 +113,23 @@ def configure_process_logging() -> None:
         logging.getLogger("qlora_lite").setLevel(logging.WARNING)
 
 
+def check_same_checkpoint(accelerator, checkpoint, output_dir) -> None:
+    """Refuse to start when the processes found different checkpoints to resume (a collective: all call it).
+
+    On several machines ``--output`` must be one folder they all see (a shared filesystem): only the
+    main process writes checkpoints, and every process loads the same one on ``--resume``.
+
+    Raises:
+        LaunchError: naming what each process found.
+    """
+    step = int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint is not None else -1
+    steps = accelerator.gather(torch.tensor([step], device=accelerator.device)).tolist()
+    if len(set(steps)) > 1:
+        found = ", ".join(f"process {i}: " + (f"checkpoint-{s}" if s >= 0 else "none") for i, s in enumerate(steps))
+        raise LaunchError(f"--resume: the processes found different checkpoints in {output_dir} ({found}); on "
+                          "several machines put --output on a filesystem they all share")
+
+
 # ---------------------------------------------------------------- per-step helpers
 
 

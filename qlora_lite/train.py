@@ -164,6 +164,10 @@ def train(config: Config) -> TrainResult:
     resume_from = latest_checkpoint(output_dir) if t.resume else None
     if t.resume and resume_from is None:
         log.warning("--resume: no complete checkpoint in %s; starting from step 0", output_dir)
+    if accelerator.num_processes > 1:  # all processes continue from one checkpoint (machines share --output)
+        from .distributed import check_same_checkpoint
+
+        check_same_checkpoint(accelerator, resume_from, output_dir)
     if resume_from is not None:  # refuse an incompatible resume before the model is loaded
         for warning in check_resume_compatible(read_trainer_state(resume_from), fingerprint):
             log.warning("resume: %s", warning)

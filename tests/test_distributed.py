@@ -21,7 +21,14 @@ from safetensors.torch import load_file
 from qlora_lite.checkpoint import CheckpointError, check_resume_compatible
 from qlora_lite.cli.train import command as train_command
 from qlora_lite.config import load_config
-from qlora_lite.distributed import all_reduce_grads, launch_command, pad_to_equal_batches, store_4bit_as
+from qlora_lite.distributed import (
+    LaunchError,
+    all_reduce_grads,
+    check_same_checkpoint,
+    launch_command,
+    pad_to_equal_batches,
+    store_4bit_as,
+)
 from qlora_lite.plot import read_metrics
 from qlora_lite.train import train
 
@@ -203,3 +210,15 @@ def test_gradient_buckets_put_every_value_back_in_place(tmp_path):
         dist.destroy_process_group()
     for p, grad in zip(params, expected):
         assert (p.grad is None) if grad is None else torch.equal(p.grad, grad)
+
+
+def test_processes_that_see_different_checkpoints_refuse_to_start(tmp_path):
+    class TwoMachines:  # process 1 runs on a machine whose --output holds no checkpoint
+        device = torch.device("cpu")
+
+        def gather(self, tensor):
+            return torch.cat([tensor, torch.tensor([-1])])
+
+    with pytest.raises(LaunchError, match="process 0: checkpoint-6, process 1: none.*filesystem they all share"):
+        check_same_checkpoint(TwoMachines(), tmp_path / "checkpoint-6", tmp_path)
+    check_same_checkpoint(TwoMachines(), None, tmp_path)  # neither resumes: fine
