@@ -50,13 +50,14 @@ def test_train_end_to_end_adapter_loads_in_peft_with_identical_logits(tiny_llama
     data, out = write_chat_jsonl(tmp_path / "train.jsonl"), tmp_path / "run"
     result = invoke("train", "--model", tiny_llama, "--data", data, "--output", out, "--bits", 16, "--rank", 8,
                     "--alpha", 16, "--max-seq-len", 64, "--batch-size", 4, "--lr", 1e-2, "--max-steps", 16,
-                    "--eval-fraction", 0.25, "--eval-steps", 4, "--save-steps", 8, "--seed", 0)
+                    "--eval-fraction", 0.25, "--eval-steps", 4, "--save-steps", 4, "--save-total-limit", 2,
+                    "--seed", 0)
     assert result.exit_code == 0, result.output
     assert "trained 16 steps" in result.output
     for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "config.yaml"):
         assert (out / name).is_file(), name
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-8"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-16"]  # newest 2
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 16 and saved["lora"]["rank"] == 8
 
