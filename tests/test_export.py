@@ -1,6 +1,7 @@
 """Streaming merge: the merged folder loads in transformers and behaves like base+adapter."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -178,6 +179,10 @@ def test_merge_refuses_base_folder_and_existing_output(sharded, adapter4, tmp_pa
     with pytest.raises(MergeError, match="--overwrite"):
         merge_adapter(sharded, adapter4, tmp_path / "busy", progress=False)
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    report = merge_adapter(sharded, adapter4, tmp_path / "busy", overwrite=True, verify=False, progress=False)
+    assert report.max_abs_logit_diff is None and report.shards == 1
+    assert not (tmp_path / "busy" / "keep.txt").exists() and (tmp_path / "busy" / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
     assert MergeVerificationError.__mro__[1] is MergeError
 
 
@@ -246,6 +251,7 @@ def _write_big_adapter(folder):
                                                         "model_type": "llama", "vocab_size": 32000}))
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc (Linux)")
 def test_merge_peak_memory_stays_near_one_shard(tmp_path):
     """Peak RSS growth of a 4-bit-policy merge of a multi-shard base: well under 1.5 shards.
 
