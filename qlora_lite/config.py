@@ -153,6 +153,8 @@ class Config:
              "--save-steps, --eval-steps and --save-total-limit must be 0 or more"),
             (self.train.logging_steps >= 1, "--logging-steps must be at least 1"),
             (self.train.num_processes >= 1, "--num-processes must be at least 1"),
+            (not (self.train.fsdp and self.model.bits == 8),
+             "--fsdp shards 4-bit or 16-bit bases; 8-bit (LLM.int8) weights cannot be sharded: use --bits 4"),
         ]
         problems += [message for ok, message in checks if not ok]
         if problems:

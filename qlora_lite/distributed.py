@@ -271,8 +271,9 @@ def shard_frozen_base(model: nn.Module, accelerator, trainable: list[nn.Paramete
         if getattr(module, "quant_state", None) is not None and hasattr(module.quant_state, "to"):
             module.quant_state.to(device)
     keep = set(trainable)
-    for p in keep:  # FSDP leaves ignored parameters where they are
+    for p in trainable:  # FSDP leaves ignored parameters alone: move them, and start all processes alike
         p.data = p.data.to(device)
+        torch.distributed.broadcast(p.data, src=0)
     mesh = init_device_mesh(device.type, (accelerator.num_processes,))
     for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh, ignored_params=keep & set(block.parameters()))

@@ -193,6 +193,9 @@ def test_bad_settings_fail_before_any_process_starts(tmp_path, monkeypatch):
     monkeypatch.setattr("qlora_lite.distributed.relaunch", never)
     result = CliRunner().invoke(train_command, ["--num-processes", "2", "--data", str(tmp_path / "d.jsonl")])
     assert result.exit_code != 0 and "--model is required" in result.output
+    result = CliRunner().invoke(train_command, ["--num-processes", "2", "--fsdp", "--bits", "8", "--model", "m",
+                                                "--data", "d.jsonl", "--output", str(tmp_path)])
+    assert result.exit_code != 0 and "8-bit (LLM.int8) weights cannot be sharded" in result.output
 
 
 def test_gradient_buckets_put_every_value_back_in_place(tmp_path):
