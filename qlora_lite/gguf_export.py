@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -64,17 +65,42 @@ def _add_hparams(writer, config: dict, arch: str, out_type: str, name: str) -> N
     if head_dim != config["hidden_size"] // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    scaling = config.get("rope_scaling") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type")) or (config.get("rope_parameters") or {}).get("rope_type")
+    scaling = _rope_scaling(config)
+    rope_type = scaling.get("rope_type", scaling.get("type"))
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
-    elif rope_type not in (None, "default"):
+    elif rope_type not in (None, "default", "llama3"):  # llama3: the rope_freqs tensor, see below
         log.warning("rope scaling %r is not written to the GGUF file; long-context behaviour may differ", rope_type)
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type]
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _rope_scaling(config: dict) -> dict:
+    """RoPE scaling settings: ``rope_scaling`` (transformers 4) or ``rope_parameters`` (transformers 5)."""
+    return config.get("rope_scaling") or config.get("rope_parameters") or {}
+
+
+def llama3_rope_factors(config: dict) -> torch.Tensor | None:
+    """Llama 3.1+ frequency divisors (head_dim/2,), stored as ``rope_freqs.weight`` as llama.cpp does.
+
+    llama.cpp divides each rotary frequency by its factor; None when the model has no llama3 scaling.
+    """
+    scaling = _rope_scaling(config)
+    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+        return None
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    freqs = 1.0 / (_rope_theta(config) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = scaling.get("factor", 8.0)
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_context = scaling.get("original_max_position_embeddings", config.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    factors = 1 / ((1 - smooth) / factor + smooth)  # between the two bands: interpolate
+    factors = torch.where(wavelen < old_context / high, torch.ones_like(freqs), factors)  # high frequencies kept
+    return torch.where(wavelen > old_context / low, torch.full_like(freqs, factor), factors).float()
 
 
 def permute_qk(weight: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
@@ -199,11 +225,16 @@ def export_gguf(
     try:
         _add_hparams(writer, config, arch, out_type, model_dir.name)
         add_tokenizer(writer, tok_dir, config["vocab_size"])
+        rope_factors = llama3_rope_factors(config) if arch == "llama" else None
+        if rope_factors is not None:
+            _add_tensor_info(writer, "rope_freqs.weight", "f32", tuple(rope_factors.shape))
         for _, name, kind, shape in layout:
             _add_tensor_info(writer, name, kind, shape)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        if rope_factors is not None:
+            writer.write_tensor_data(rope_factors.numpy())
         kinds = {key: kind for key, _, kind, _ in layout}
         for key, tensor in iter_merged_tensors(plan, progress):
             if key in kinds:

@@ -196,3 +196,23 @@ def test_tokenizer_reads_back_from_gguf(merged, tmp_path, arch):
         list(range(len(original))))
     assert (restored.bos_token, restored.eos_token) == ("<s>", "</s>")
     assert restored.chat_template == original.chat_template
+
+
+def test_llama3_rope_scaling_written_as_rope_freqs(tokenizer_dir, tmp_path):
+    """Llama 3.1-style rope scaling: llama.cpp's frequency divisors reproduce transformers' inv_freq."""
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, vocab_size=320,
+                                  max_position_embeddings=131072, rope_scaling=rope, rope_theta=500000.0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path)
+    path = export_gguf(tmp_path, tmp_path / "l3.gguf", progress=False)
+    factors = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(path).tensors}["rope_freqs.weight"]
+    unscaled = 1.0 / (500000.0 ** (torch.arange(0, 32, 2, dtype=torch.float32) / 32))
+    assert factors.min() == 1.0 and factors.max() == 8.0
+    torch.testing.assert_close(unscaled / factors, model.model.rotary_emb.inv_freq.float(), rtol=1e-6, atol=0)
