@@ -140,6 +140,7 @@ def train(config: Config) -> TrainResult:
         TrainingError: with a message meant for the user.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     from .checkpoint import check_resume_compatible, guard_output_dir, latest_checkpoint, read_trainer_state
@@ -148,6 +149,9 @@ def train(config: Config) -> TrainResult:
     config.validate(required=("model.model", "data.data", "train.output"))
     t = config.train
     mixed = {"bf16": "bf16", "fp16": "fp16" if torch.cuda.is_available() else "no"}.get(config.model.compute_dtype, "no")
+    # accelerate keeps one precision per process; a run before this one in the same process (a test,
+    # the demo) may have set another, which Accelerator() would refuse.
+    AcceleratorState._reset_state()
     # cpu=True without CUDA: lets `accelerate launch`/torchrun start several CPU processes (gloo).
     accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
     if not accelerator.is_main_process:
@@ -238,6 +242,10 @@ class _Loop:
         if resume_from is not None:
             state = load_checkpoint(resume_from, model, optimizer, self.scheduler)
             self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["batches_consumed"]
+            if "fingerprint" in state:  # micro-batches of another size when the process layout changed
+                from .distributed import rescale_position
+
+                self.consumed = rescale_position(self.consumed, state["fingerprint"], self.fingerprint)
             self.resumed_from = self.last_checkpoint = Path(resume_from)
             self.last_loss = state.get("loss")
             self.last_eval = {k: state[k] for k in ("eval_loss", "eval_ppl") if k in state}
