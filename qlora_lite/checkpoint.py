@@ -534,16 +534,21 @@ FINGERPRINT_KEYS: dict[str, tuple[str, bool]] = {
     "gradient_checkpointing": ("gradient checkpointing", False), "eval_data": ("eval data", False),
     "examples_per_epoch": ("examples per epoch", True),
 }
-# Spreading the same global micro-batch (batch size x processes) over another number of processes
-# trains each step on the same examples with the same loss (train.epoch_batches), so both may change.
-_LAYOUT_KEYS = ("batch_size", "num_processes")
+# Spreading the same global batch (batch size x processes x grad accum) differently trains each step
+# on the same examples with the same loss (train.epoch_batches), so all three may change together.
+_LAYOUT_KEYS = ("batch_size", "num_processes", "grad_accum")
+
+
+def global_batch(fingerprint: dict) -> int:
+    """Sequences per optimizer step over all processes."""
+    return fingerprint["batch_size"] * fingerprint.get("num_processes", 1) * fingerprint.get("grad_accum", 1)
 
 
 def _relaid_keys(saved: dict, current: dict) -> set[str]:
-    """The process-layout keys whose change is allowed: the global micro-batch and epoch stay the same."""
+    """The process-layout keys whose change is allowed: the global batch and the epoch stay the same."""
     if "batch_size" not in saved or "batch_size" not in current:
         return set()
-    same = (saved["batch_size"] * saved.get("num_processes", 1) == current["batch_size"] * current.get("num_processes", 1)
+    same = (global_batch(saved) == global_batch(current)
             and saved.get("examples_per_epoch") == current.get("examples_per_epoch"))
     return set(_LAYOUT_KEYS) if same else set()
 
@@ -605,8 +610,8 @@ def check_resume_compatible(saved_state: dict, fingerprint: dict) -> list[str]:
         layout = saved.get("num_processes", 1) != fingerprint.get("num_processes", 1)
         raise CheckpointError("cannot resume: " + ", ".join(refused) +
                               "; start a new --output or restore the original settings" +
-                              (" (another number of processes may resume when --batch-size x processes stays "
-                               "the same)" if layout else ""))
+                              (" (another number of processes may resume when --batch-size x processes x "
+                               "--grad-accum stays the same)" if layout else ""))
     return [w + " (allowed on resume)" for w in warned]
 
 

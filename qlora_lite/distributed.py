@@ -130,6 +130,26 @@ def check_same_checkpoint(accelerator, checkpoint, output_dir) -> None:
                           "several machines put --output on a filesystem they all share")
 
 
+def rescale_position(consumed: int, saved: dict, current: dict) -> int:
+    """Micro-batches consumed in the current epoch, recounted for the current global micro-batch size.
+
+    A checkpoint counts its position in global micro-batches of ``batch_size x num_processes``
+    sequences; a run resumed with another layout (same global batch, see
+    ``checkpoint.check_resume_compatible``) counts in its own. Checkpoints fall on optimizer steps,
+    i.e. on whole global batches, which both sizes divide.
+
+    Raises:
+        ValueError: the position does not fall on a whole micro-batch of the new size.
+    """
+    if "batch_size" not in saved:  # a fingerprint from before layouts could change
+        return consumed
+    old = saved["batch_size"] * saved.get("num_processes", 1)
+    new = current.get("batch_size", 1) * current.get("num_processes", 1)
+    if consumed * old % new:
+        raise ValueError(f"cannot continue {consumed} micro-batches of {old} sequences with micro-batches of {new}")
+    return consumed * old // new
+
+
 # ---------------------------------------------------------------- per-step helpers
 
 

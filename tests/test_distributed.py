@@ -27,19 +27,20 @@ from qlora_lite.distributed import (
     check_same_checkpoint,
     launch_command,
     pad_to_equal_batches,
+    rescale_position,
     store_4bit_as,
 )
 from qlora_lite.plot import read_metrics
 from qlora_lite.train import train
 
 STEPS = 4
-# 20 examples: 15 train (the last global micro-batch of 4 holds 3: uneven between processes),
-# 5 eval (3 and 2 per process: the evaluation pads one process's batches).
+# 24 examples: 19 train (global micro-batches of 4: 3 steps per epoch, so checkpoint-2 is mid-epoch;
+# the last one holds 3, uneven between processes), 5 eval (3 and 2 per process: one gets padded).
 SETTINGS = dict(bits=4, compute_dtype="fp32", lora_dtype="fp32", dropout=0.0, rank=4, alpha=8.0, max_seq_len=48,
-                grad_accum=2, lr=1e-2, max_steps=STEPS, save_steps=2, eval_fraction=0.25, seed=3, optimizer="adamw")
+                grad_accum=2, lr=1e-2, max_steps=STEPS, save_steps=2, eval_fraction=0.2, seed=3, optimizer="adamw")
 
 
-def write_chat_jsonl(path, n=20):
+def write_chat_jsonl(path, n=24):
     rng = random.Random(0)
     with open(path, "w") as f:
         for _ in range(n):
@@ -113,13 +114,14 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(reference, 
     assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     print("max loss difference 1 vs 2 processes (DDP):", assert_same_run(ref.output_dir, two))
 
-    # The 2-process checkpoint, resumed by 1 process with the same global batch.
+    # The 2-process checkpoint (mid-epoch), resumed by 1 process with the same global batch of 8 as
+    # 2 sequences x 4 micro-batches: the position in the epoch is recounted in the smaller micro-batches.
     resumed = resumable_copy(two, root / "two-then-one")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         out = train(load_config(None, {**SETTINGS, "model": str(tiny_llama), "data": str(data),
-                                       "output": str(resumed), "batch_size": 4, "resume": True}))
+                                       "output": str(resumed), "batch_size": 2, "grad_accum": 4, "resume": True}))
     finally:
         torch.set_num_threads(threads)
     assert out.resumed_from.name == "checkpoint-2"
@@ -140,18 +142,27 @@ def test_fsdp_resumes_a_one_process_checkpoint_in_two(reference, tiny_llama, mon
 
 
 FP = {"dataset_sha256": "a" * 64, "batch_size": 4, "grad_accum": 2, "seed": 1, "num_processes": 1,
-      "examples_per_epoch": 15}
+      "examples_per_epoch": 19}
 
 
 def test_resume_with_another_process_count_needs_the_same_global_batch():
     assert len(check_resume_compatible(FP, {**FP, "batch_size": 2, "num_processes": 2})) == 2  # two warnings
     assert check_resume_compatible({**FP, "batch_size": 1, "num_processes": 4}, FP)
+    assert len(check_resume_compatible(FP, {**FP, "batch_size": 1, "num_processes": 2, "grad_accum": 4})) == 3
     with pytest.raises(CheckpointError, match="number of processes changed 1 -> 2.*batch-size x processes"):
         check_resume_compatible(FP, {**FP, "num_processes": 2})  # global batch 4 -> 8
     with pytest.raises(CheckpointError, match="examples per epoch"):  # another remainder dropped per epoch
         check_resume_compatible(FP, {**FP, "batch_size": 2, "num_processes": 2, "examples_per_epoch": 14})
     with pytest.raises(CheckpointError, match="grad accum"):
         check_resume_compatible(FP, {**FP, "batch_size": 2, "num_processes": 2, "grad_accum": 4})
+
+
+def test_position_in_the_epoch_is_recounted_in_the_new_micro_batches():
+    saved = {"batch_size": 2, "num_processes": 2}  # micro-batches of 4 sequences
+    assert rescale_position(6, saved, {"batch_size": 2, "num_processes": 1}) == 12
+    assert rescale_position(6, saved, {"batch_size": 8, "num_processes": 1}) == 3
+    with pytest.raises(ValueError, match="cannot continue"):
+        rescale_position(1, saved, {"batch_size": 8, "num_processes": 1})
 
 
 def test_padding_gives_every_process_the_same_batches_without_scoring():
