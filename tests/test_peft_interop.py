@@ -114,3 +114,32 @@ def test_adapter_on_a_different_base_is_refused(tiny_model_factory, tmp_path):
     (other / "qlora_lite.json").write_text(json.dumps({**record, "vocab_size": 32000}))
     with pytest.raises(AdapterError, match="vocab size 32000 .adapter. vs 320 .base."):
         load_adapter(load_base_model(llama, bits=16), other)
+
+
+def test_peft_adapter_through_the_commands(from_peft, tmp_path):
+    """generate, eval, train --adapter and merge all accept the adapter PEFT wrote."""
+    from click.testing import CliRunner
+
+    from qlora_lite.cli import main
+
+    base, folder, _ = from_peft
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Add {i} and 2.", "output": str(i + 2)}) + "\n"
+                            for i in range(4)))
+    runs = {
+        "generate": ["generate", "--model", str(base), "--adapter", str(folder), "--prompt", "hello",
+                     "--max-new-tokens", "4"],
+        "eval": ["eval", "--model", str(base), "--adapter", str(folder), "--data", str(data), "--json",
+                 "--no-exact-match"],
+        "train": ["train", "--model", str(base), "--adapter", str(folder), "--data", str(data), "--output",
+                  str(tmp_path / "run"), "--max-steps", "1", "--max-seq-len", "200", "--optimizer", "adamw"],
+        "merge": ["merge", "--model", str(base), "--adapter", str(folder), "--output", str(tmp_path / "m"),
+                  "--quiet"],
+    }
+    outputs = {}
+    for name, args in runs.items():
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, f"{name}: {result.output}\n{result.exception!r}"
+        outputs[name] = result.output
+    assert json.loads(outputs["eval"].strip().splitlines()[-1])["eval_loss"] > 0
+    assert (tmp_path / "m" / "config.json").exists()
