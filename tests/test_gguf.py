@@ -216,3 +216,21 @@ def test_llama3_rope_scaling_written_as_rope_freqs(tokenizer_dir, tmp_path):
     unscaled = 1.0 / (500000.0 ** (torch.arange(0, 32, 2, dtype=torch.float32) / 32))
     assert factors.min() == 1.0 and factors.max() == 8.0
     torch.testing.assert_close(unscaled / factors, model.model.rotary_emb.inv_freq.float(), rtol=1e-6, atol=0)
+
+
+def test_byte_level_pre_tokenizer_names():
+    """llama.cpp picks its pre-tokenizer by name: Llama 3 and Qwen2 regexes are recognised."""
+    from qlora_lite.gguf_vocab import _pre_tokenizer_name
+
+    tail = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    head = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+
+    def spec(pattern):
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}}
+
+    assert _pre_tokenizer_name(spec(head + r"\p{N}{1,3}" + tail)) == "llama-bpe"
+    assert _pre_tokenizer_name(spec(head + r"\p{N}" + tail)) == "qwen2"
+    assert _pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
+    assert _pre_tokenizer_name(spec(r"\w+")) == "default"
