@@ -149,6 +149,10 @@ def train(config: Config) -> TrainResult:
     config.validate(required=("model.model", "data.data", "train.output"))
     t = config.train
     mixed = {"bf16": "bf16", "fp16": "fp16" if torch.cuda.is_available() else "no"}.get(config.model.compute_dtype, "no")
+    if mixed == "fp16" and config.lora.lora_dtype != "fp32":
+        # fp16 training needs a gradient scaler, and the scaler refuses 16-bit master weights.
+        log.warning("--compute-dtype fp16 trains the adapter with fp32 weights (--lora-dtype fp32)")
+        config.lora.lora_dtype = "fp32"
     # accelerate keeps one precision per process; a run before this one in the same process (a test,
     # the demo) may have set another, which Accelerator() would refuse.
     AcceleratorState._reset_state()
@@ -332,7 +336,8 @@ class _Loop:
 
             all_reduce_grads(self.params)
         grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
-        if not math.isfinite(grad_norm):
+        # With fp16 the gradient scaler skips overflowing steps itself (and lowers its scale).
+        if not math.isfinite(grad_norm) and acc.scaler is None:
             self._diverged(f"the gradient norm is {grad_norm}")
         self.optimizer.step()
         self.scheduler.step()
