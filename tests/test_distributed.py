@@ -236,3 +236,14 @@ def test_processes_that_see_different_checkpoints_refuse_to_start(tmp_path):
     with pytest.raises(LaunchError, match="process 0: checkpoint-6, process 1: none.*filesystem they all share"):
         check_same_checkpoint(TwoMachines(), tmp_path / "checkpoint-6", tmp_path)
     check_same_checkpoint(TwoMachines(), None, tmp_path)  # neither resumes: fine
+
+
+def test_inside_a_launch_num_processes_does_not_launch_again(monkeypatch, caplog):
+    from qlora_lite.cli.train import _launch_processes
+
+    monkeypatch.setattr("qlora_lite.distributed.relaunch", lambda *a: pytest.fail("launched from a launched process"))
+    for var, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(var, value)
+    with caplog.at_level("WARNING", logger="qlora_lite"):
+        assert _launch_processes(load_config(None, {"num_processes": 2})) is False
+    assert "--num-processes 2 ignored: the launcher started 4 process(es)" in caplog.text

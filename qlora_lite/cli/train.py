@@ -43,13 +43,20 @@ def _launch_processes(config) -> bool:
     Raises:
         click.ClickException: the processes failed.
     """
+    import os
     import tempfile
     from pathlib import Path
 
     from ..distributed import in_launched_process, relaunch
 
     n = config.train.num_processes
-    if n <= 1 or in_launched_process():
+    if in_launched_process():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if n > 1 and n != world and os.environ.get("RANK", "0") == "0":
+            logging.getLogger("qlora_lite").warning("--num-processes %d ignored: the launcher started %d process(es)",
+                                                    n, world)
+        return False
+    if n <= 1:
         return False
     config.validate(required=("model.model", "data.data", "train.output"))
     with tempfile.TemporaryDirectory(prefix="qlora-lite-launch-") as tmp:
