@@ -148,9 +148,10 @@ def chunked_causal_lm_loss(
     labels: torch.Tensor,
     chunk: int = 1024,
     ignore_index: int = -100,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """The mean next-token cross-entropy, as ``model(..., labels=labels).loss`` computes it, without
-    materialising the (B, T, V) logits.
+    """The next-token cross-entropy, as ``model(..., labels=labels).loss`` computes it (``reduction=
+    "mean"``) or summed over the tokens that count (``"sum"``), without materialising (B, T, V) logits.
 
     Args:
         hidden_states: (B, T, H) final hidden states (after the last norm).
@@ -160,13 +161,14 @@ def chunked_causal_lm_loss(
         chunk: tokens per chunk; peak extra memory is about 10 * chunk * V bytes.
 
     Returns:
-        A scalar fp32 loss, the mean over the tokens that count (0 when none count).
+        A scalar fp32 loss: the mean over the tokens that count (0 when none count), or their sum.
     """
     hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])
     targets = labels[:, 1:].reshape(-1).to(hidden.device)
-    count = (targets != ignore_index).sum().clamp(min=1)
     total = _ChunkedCrossEntropy.apply(hidden, lm_head_weight.detach(), targets, chunk, ignore_index)
-    return total / count
+    if reduction == "sum":
+        return total
+    return total / (targets != ignore_index).sum().clamp(min=1)
 
 
 def supports_chunked_loss(model: nn.Module) -> bool:
@@ -178,17 +180,44 @@ def supports_chunked_loss(model: nn.Module) -> bool:
             and getattr(config, "logit_scale", None) in (None, 1, 1.0))
 
 
-def causal_lm_loss(model: nn.Module, input_ids, labels, attention_mask=None, chunk: int = 1024) -> torch.Tensor:
+def causal_lm_loss(model: nn.Module, input_ids, labels, attention_mask=None, chunk: int = 1024,
+                   reduction: str = "mean", **inputs) -> torch.Tensor:
     """The training loss of a causal LM; chunked (no full logits) when the architecture allows it.
 
     Args:
         input_ids, labels: (B, T); labels use -100 for tokens outside the loss.
-        attention_mask: (B, T) or None.
+        attention_mask: (B, T) or None; further ``inputs`` (e.g. position_ids) go to the model.
+        reduction: "mean" over the tokens that count, or "sum".
 
     Returns:
-        Scalar loss equal (to bf16 rounding) to ``model(input_ids, attention_mask, labels=labels).loss``.
+        Scalar loss equal (to bf16 rounding) to ``model(input_ids, attention_mask, labels=labels).loss``
+        (times the token count for "sum").
     """
-    if not supports_chunked_loss(model):
-        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return chunked_causal_lm_loss(hidden, model.get_output_embeddings().weight, labels, chunk)
+    if supports_chunked_loss(model):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                  **inputs).last_hidden_state
+        return chunked_causal_lm_loss(hidden, model.get_output_embeddings().weight, labels, chunk,
+                                      reduction=reduction)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs).logits
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                                       ignore_index=-100, reduction=reduction)
+
+
+def _attention_ops() -> set:
+    names = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    return {getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)}
+
+
+def keep_attention_context():
+    """A ``context_fn`` for non-reentrant checkpointing that keeps attention outputs instead of
+    recomputing them (the fused attention kernel was a tenth of a CPU step; its output is only
+    (B, T, H) per block). Everything else in the block is still recomputed."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    keep = _attention_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)

@@ -7,7 +7,7 @@ The model is described by its shapes; each part of the peak is counted in bytes:
 - ``quant_constants``: the per-block scales of the quantized layers (absmax, double-quant tables).
 - ``lora``: adapter weights (bf16) and their gradients.
 - ``optimizer``: AdamW moments: 8 bytes per adapter parameter in fp32, about 2 in 8-bit.
-- ``activations``: with checkpointing, each block's bf16 input (2*L*B*T*H bytes) plus one block's
+- ``activations``: with checkpointing, each block's bf16 input and attention output (4*L*B*T*H bytes) plus one block's
   working set while it is recomputed; without, every block's working set.
 - ``logits``: the output head's logits and the loss over them (fp32), or one chunk when the loss is
   computed chunk by chunk.
@@ -33,9 +33,10 @@ NO_DQ_CONST_BYTES = 4 / 64
 
 OPTIMIZER_BYTES = {"paged_adamw_8bit": 2.0, "adamw_8bit": 2.0, "paged_adamw_32bit": 8.0, "adamw": 8.0}
 
-# Process memory before the model: torch + transformers + bitsandbytes imported (measured RSS on
-# CPU, 0.44 GB); on CUDA the allocator's peak does not include the context, so only slack counts.
-RUNTIME_BYTES = {"cpu": int(0.44e9), "cuda": int(0.05e9)}
+# Process memory besides the model. CPU: torch + transformers + bitsandbytes imported hold 0.44 GB
+# of RSS, and the first training step pages in another ~0.12 GB (autograd and oneDNN kernels, thread
+# stacks), measured by tools/benchmark.py. CUDA: the allocator's peak excludes the context.
+RUNTIME_BYTES = {"cpu": int(0.56e9), "cuda": int(0.05e9)}
 
 
 class EstimateError(ValueError):
@@ -247,6 +248,8 @@ def _activation_bytes(shape: ModelShape, targets, tokens: int, rank: int, bits: 
 
     A block's working set: norms, q/k/v/o and attention outputs (~12 values of width H per token),
     the MLP's gate, up, activation and product (4 of width I), and each adapter's rank-r input.
+    With a 4-bit base and checkpointing, the recomputed block keeps its dequantized bf16 weights
+    until their backward (qlora_lite.fastpath: one dequantization per layer saved).
     """
     h, inter = shape.hidden, shape.intermediate
     lora_per_token = len(targets) * rank * 2
@@ -254,7 +257,9 @@ def _activation_bytes(shape: ModelShape, targets, tokens: int, rank: int, bits: 
     largest = max(i * o for _, i, o in shape.linears)
     dequant = 2 * largest if bits in (4, 8) else 0
     if checkpointing:
-        return 2 * shape.layers * tokens * h + block + dequant
+        # per block: its bf16 input and its attention output (kept, not recomputed)
+        kept = 2 * sum(i * o for _, i, o in shape.linears) if bits == 4 else 0
+        return 4 * shape.layers * tokens * h + block + max(dequant, kept)
     return shape.layers * block + dequant
 
 

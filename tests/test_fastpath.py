@@ -91,6 +91,8 @@ def test_chunked_loss_matches_full_logits():
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(grad_chunked.float(), hidden.grad.float(), rtol=2e-2, atol=1e-3)
+    total = chunked_causal_lm_loss(hidden.detach(), head, labels, chunk=3, reduction="sum")
+    torch.testing.assert_close(total, ref.detach() * (labels[:, 1:] != -100).sum(), rtol=1e-3, atol=1e-2)
 
 
 def test_checkpointed_model_step_same_loss_and_grads(tiny_llama):

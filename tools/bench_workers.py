@@ -105,10 +105,10 @@ def run_train(job: dict) -> dict:
     out["trainable_params"] = sum(p.numel() for p in params)
     optimizer = bnb.optim.PagedAdamW8bit(params, lr=2e-4, weight_decay=0.0)
     reset_peak()
-    losses, times = [], []
+    losses, times, cpu_times = [], [], []
     for step in range(job["warmup"] + job["steps"]):
         ids = batch(step, job).to(DEVICE)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         loss = step_loss(side, model, ids)
         loss.backward()
         optimizer.step()
@@ -116,9 +116,12 @@ def run_train(job: dict) -> dict:
         if CUDA:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
+        # CPU seconds of all threads: far less disturbed than wall time when other jobs share the cores
+        cpu_times.append(time.process_time() - cpu_started)
         losses.append(float(loss.detach()))
         print(f"[{side}] step {step} loss {losses[-1]:.4f} {times[-1]:.2f}s", file=sys.stderr, flush=True)
-    out.update(train_peak_bytes=peak_bytes(), losses=losses, step_s=times)
+    out.update(train_peak_bytes=peak_bytes(), losses=losses, step_s=times, step_cpu_s=cpu_times,
+               threads=torch.get_num_threads())
     if job.get("profile"):
         out["profile"] = profile_step(side, model, optimizer, job)
     if job.get("save_adapter"):
