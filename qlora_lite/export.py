@@ -268,6 +268,12 @@ def _copy_metadata(plan: MergePlan, tmp: Path, dtype: str) -> None:
         for name in _TOKENIZER_FILES:
             if (plan.adapter_dir / name).exists():
                 shutil.copy2(plan.adapter_dir / name, tmp / name)
+    if not _has_chat_template(tmp):
+        # Training rendered chats with the default template; the merged model must carry the same one.
+        from .data import DEFAULT_CHAT_TEMPLATE
+
+        (tmp / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE)
+        plan.notes.append("the base tokenizer has no chat template; wrote the default one training used")
     config = dict(plan.config)
     config.pop("quantization_config", None)
     config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = str(
@@ -275,6 +281,12 @@ def _copy_metadata(plan: MergePlan, tmp: Path, dtype: str) -> None:
     write_json_atomic(tmp / "config.json", config)
     if not (tmp / "generation_config.json").exists():
         GenerationConfig.from_model_config(AutoConfig.from_pretrained(tmp)).save_pretrained(tmp)
+
+
+def _has_chat_template(folder: Path) -> bool:
+    config = folder / "tokenizer_config.json"
+    in_config = config.exists() and bool(json.loads(config.read_text()).get("chat_template"))
+    return in_config or (folder / "chat_template.jinja").exists() or (folder / "chat_template.json").exists()
 
 
 def _place(tmp: Path, output: Path) -> None:

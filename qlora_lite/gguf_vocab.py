@@ -106,6 +106,10 @@ def add_tokenizer(writer, tok_dir: Path, vocab_size: int) -> None:
         writer.add_add_space_prefix('"Prepend"' in normalizer or '"prepend_scheme": "always"' in normalizer)
     special = _gguf().SpecialVocab(tok_dir, load_merges=not spm, n_vocab=len(tokens))
     special.add_to_gguf(writer, quiet=True)
+    if special.chat_template is None:  # training used the default template; so must inference
+        from .data import DEFAULT_CHAT_TEMPLATE
+
+        writer.add_chat_template(DEFAULT_CHAT_TEMPLATE)
 
 
 def _render(template: str, messages: list[dict], generation: bool, specials: dict) -> str:
@@ -151,6 +155,10 @@ def write_modelfile(gguf_file: Path, tok_dir: Path) -> Path:
     template = config.get("chat_template")
     if template is None and (Path(tok_dir) / "chat_template.jinja").exists():
         template = (Path(tok_dir) / "chat_template.jinja").read_text()
+    if template is None:
+        from .data import DEFAULT_CHAT_TEMPLATE
+
+        template = DEFAULT_CHAT_TEMPLATE
     specials = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
     lines = [f"FROM ./{gguf_file.name}", ""]
     go_template = ollama_template(template, specials) if isinstance(template, str) else None

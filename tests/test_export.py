@@ -272,3 +272,27 @@ def test_merge_peak_memory_stays_near_one_shard(tmp_path):
           f"{n_shards} shards, total {sum(f.stat().st_size for f in (tmp_path / 'base').glob('*.safetensors')) / 1e6:.0f} MB")
     assert growth < 1.5 * shard_bytes + 32e6
     assert (tmp_path / "out" / "model.safetensors").stat().st_size > 200e6
+
+
+def test_base_without_chat_template_gets_the_one_training_used(tiny_llama, tmp_path):
+    """Training renders chats with data.DEFAULT_CHAT_TEMPLATE when the tokenizer has none: so do the exports."""
+    import shutil
+
+    import gguf
+    from transformers import AutoTokenizer
+
+    from qlora_lite.data import DEFAULT_CHAT_TEMPLATE
+    from qlora_lite.gguf_export import export_gguf
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    (base / "chat_template.jinja").unlink()
+    assert AutoTokenizer.from_pretrained(base).chat_template is None
+    adapter = make_adapter(base, tmp_path / "adapter")
+    report = merge_adapter(base, adapter, tmp_path / "merged", verify=False, progress=False)
+    assert any("chat template" in note for note in report.notes)
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == DEFAULT_CHAT_TEMPLATE
+    path = export_gguf(base, tmp_path / "m.gguf", adapter_dir=adapter, modelfile=True, progress=False)
+    field = gguf.GGUFReader(path).fields["tokenizer.chat_template"]
+    assert bytes(field.parts[field.data[0]]).decode() == DEFAULT_CHAT_TEMPLATE
+    assert "TEMPLATE" in (tmp_path / "Modelfile").read_text()
