@@ -26,6 +26,8 @@ def command(model, adapter, output, out_type, modelfile, merge_base, bits, quiet
 
     Tensors are streamed one at a time, so memory stays near one tensor even for large models.
     q8_0 quantizes the weight matrices to 8 bits in blocks of 32 (as llama.cpp's Q8_0).
+    With --adapter the merge (the same code as `qlora-lite merge`) is not checked against
+    base+adapter here; for a checked merge run `qlora-lite merge` first and export its folder.
     """
     from ..adapter import AdapterError
     from ..export import MergeError
