@@ -244,3 +244,12 @@ def test_paged_optimizer_falls_back_on_cpu_with_one_clear_line(caplog):
     assert [r.message for r in caplog.records if "paged" in r.message] == [
         "paged_adamw_8bit needs a CUDA GPU (paging uses unified memory); using adamw_8bit on the cpu"]
     assert math.isfinite(float(param.detach().float().sum()))
+
+
+def test_ctrl_c_says_which_checkpoint_to_resume_from(tiny_llama, tmp_path, monkeypatch, caplog, one_thread):
+    data = write_chat_jsonl(tmp_path / "train.jsonl")
+    _failing_loss(monkeypatch, on_call=5, error=KeyboardInterrupt())  # during step 3
+    with caplog.at_level(logging.WARNING, logger="qlora_lite"), pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_llama, data, tmp_path / "run"))
+    assert any("interrupted during step 3" in r.message and "checkpoint-2" in r.message and "--resume" in r.message
+               for r in caplog.records)
