@@ -37,8 +37,8 @@ def make_data(path: Path, n: int) -> Path:
     with open(path, "w") as f:
         for _ in range(n):
             a, b = rng.randint(0, 99), rng.randint(0, 99)
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"add {a} and {b}"},
-                                             {"role": "assistant", "content": f"{a} plus {b} equals {a + b}"}]}) + "\n")
+            # Plain text: any model folder works, with or without a chat template.
+            f.write(json.dumps({"text": f"{a} plus {b} equals {a + b}, and {b} plus {a} is {a + b} too."}) + "\n")
     return path
 
 
