@@ -47,6 +47,7 @@ class DemoSettings:
     rank: int = 16
     seed: int = 0
     gguf: bool = True
+    threads: int | None = 1
 
 
 @dataclass
@@ -96,17 +97,13 @@ def evaluate_model(model_path: str, eval_file: Path, limit: int | None, *, adapt
     Returns:
         ``(metrics, answers)``; answers are the model's greedy replies to the first ``limit`` prompts.
     """
-    from .data import read_jsonl, render_example
-    from .generation import evaluate_jsonl, greedy_answers, load_for_inference, prompt_ids
+    from .generation import evaluate_jsonl, load_for_inference
 
     model, tokenizer = load_for_inference(model_path, adapter=adapter, bits=bits)
-    metrics = evaluate_jsonl(model, tokenizer, eval_file, fmt="chat", max_seq_len=128, limit=limit)
-    records = [r for _, r in read_jsonl(eval_file)[0]][:limit]
-    prompts = [prompt_ids(tokenizer, render_example(r, tokenizer, "chat")[0]) for r in records]
-    answers = [a.strip() for a in greedy_answers(model, tokenizer, prompts, max_new_tokens=24)]
+    metrics = evaluate_jsonl(model, tokenizer, eval_file, fmt="chat", max_seq_len=128, limit=limit, keep_answers=True)
     del model
     gc.collect()
-    return metrics, answers
+    return metrics, metrics.pop("answers")
 
 
 def train_adapter(settings: DemoSettings, train_file: Path, eval_file: Path):
@@ -125,20 +122,24 @@ def train_adapter(settings: DemoSettings, train_file: Path, eval_file: Path):
     return train(config)
 
 
-def reload_merged(merged_dir: Path, eval_file: Path, limit: int | None) -> list[str]:
-    """Greedy answers of the merged folder loaded with plain transformers (no qlora-lite code in the model)."""
+def reload_merged(merged_dir: Path, eval_file: Path, limit: int | None) -> dict:
+    """Exact-match of the merged folder loaded with plain transformers (no qlora-lite code in the model).
+
+    Returns:
+        ``generation.exact_match``'s result, every answer included (same prompts and lengths as the
+        adapter's evaluation, so answers can be compared one to one).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data import read_jsonl, render_example
-    from .generation import greedy_answers, prompt_ids
+    from .generation import exact_match
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).eval()
     records = [r for _, r in read_jsonl(eval_file)[0]][:limit]
-    prompts = [prompt_ids(tokenizer, render_example(r, tokenizer, "chat")[0]) for r in records]
-    return [a.strip() for a in greedy_answers(model, tokenizer, prompts, max_new_tokens=24)]
+    return exact_match(model, tokenizer, [render_example(r, tokenizer, "chat") for r in records])
 
 
 def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> DemoResult:
@@ -157,11 +158,20 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> Dem
                             "`python3 tools/build_demo_model.py`")
     output, result, clock = settings.output, DemoResult(), time.time()
     prepare_output(output)
+    import torch
+
+    if settings.threads and not torch.cuda.is_available():
+        # The demo model's matrices are tiny: a second thread buys little, and on a busy CPU the
+        # threads' barriers make each of the thousands of small ops per step wait for a time slice.
+        torch.set_num_threads(settings.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars of every reload would drown the story
 
     echo(f"[1/5] evaluating the 4-bit base model {model_dir} on the held-out set ...")
-    result.before, base_answers = evaluate_model(str(model_dir), eval_file, settings.eval_limit)
+    result.before, _ = evaluate_model(str(model_dir), eval_file, settings.eval_limit)
     echo(f"      base: exact match {_pct(result.before)}, eval loss {result.before['eval_loss']:.3f}")
-    _show_samples(result.before, echo)
+    _show_samples(result.before, eval_file, echo)
     result.seconds["eval_before"] = _lap(clock)
 
     echo(f"[2/5] fine-tuning LoRA r={settings.rank} on the 4-bit base for {settings.max_steps} steps ...")
@@ -174,17 +184,17 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> Dem
                                                    adapter=str(trained.adapter_dir))
     echo(f"      tuned: exact match {_pct(result.after)} (was {_pct(result.before)}), "
          f"eval loss {result.after['eval_loss']:.3f} (was {result.before['eval_loss']:.3f})")
-    _show_samples(result.after, echo)
+    _show_samples(result.after, eval_file, echo)
     result.seconds["eval_after"] = _lap(clock, result.seconds)
 
     echo("[4/5] merging the adapter into the dequantized base, reloading it with plain transformers ...")
     report = merge_adapter(model_dir, trained.adapter_dir, output / "merged", progress=False, overwrite=True)
-    merged_answers = reload_merged(output / "merged", eval_file, settings.eval_limit)
-    same = sum(a == b for a, b in zip(adapter_answers, merged_answers))
-    result.merged = {"same_answers": same, "total": len(merged_answers),
-                     "max_abs_logit_diff": report.max_abs_logit_diff}
-    echo(f"      merged model (plain transformers) gives the same answer as base+adapter on {same}/{len(merged_answers)}"
-         f" prompts; max |logit diff| on the probe {report.max_abs_logit_diff:.3g}")
+    merged = reload_merged(output / "merged", eval_file, settings.eval_limit)
+    same = sum(a == b for a, b in zip(adapter_answers, merged.pop("answers")))
+    result.merged = {"same_answers": same, "total": merged["total"], "exact_match": merged["exact_match"],
+                     "correct": merged["correct"], "max_abs_logit_diff": report.max_abs_logit_diff}
+    echo(f"      merged model (plain transformers): same answer as base + adapter on {same}/{merged['total']} "
+         f"prompts, exact match {_pct(merged)}; max |logit diff| on the probe {report.max_abs_logit_diff:.3g}")
     result.paths = {"adapter": str(trained.adapter_dir), "merged model": str(output / "merged"),
                     "metrics": str(trained.metrics_path), "loss plot": str(trained.plot_path)}
     if settings.gguf:
@@ -198,7 +208,7 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> Dem
     result.paths["summary"] = str(output / "summary.json")
     (output / "summary.json").write_text(json.dumps(asdict(result), indent=2, default=str))
     echo("[5/5] done")
-    echo(summary_table(result, base_answers))
+    echo(summary_table(result))
     return result
 
 
@@ -211,13 +221,15 @@ def _pct(metrics: dict) -> str:
     return f"{metrics['exact_match']:.0%} ({metrics['correct']}/{metrics['total']})"
 
 
-def _show_samples(metrics: dict, echo: Callable[[str], None], n: int = 2) -> None:
-    for s in metrics.get("samples", [])[:n]:
-        question = s["prompt"].split("<|user|>\n")[-1].split("\n")[0]
+def _show_samples(metrics: dict, eval_file: Path, echo: Callable[[str], None], n: int = 2) -> None:
+    """Print the first ``n`` questions with the model's and the expected answer."""
+    with open(eval_file) as f:
+        questions = [json.loads(next(f))["messages"][0]["content"] for _ in range(min(n, len(metrics["samples"])))]
+    for question, s in zip(questions, metrics["samples"]):
         echo(f"        {question!r} -> {s['got']!r} (expected {s['expected']!r})")
 
 
-def summary_table(result: DemoResult, base_answers: list[str] | None = None) -> str:
+def summary_table(result: DemoResult) -> str:
     """A plain-text summary: metrics before/after, merge check, time, memory, and the written paths."""
     b, a = result.before, result.after
     rows = [("", "base (4-bit)", "base + LoRA"),
@@ -227,7 +239,8 @@ def summary_table(result: DemoResult, base_answers: list[str] | None = None) -> 
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, width)).rstrip() for row in rows]
     m = result.merged
-    lines += ["", f"merged model agrees with base + LoRA on {m['same_answers']}/{m['total']} answers",
+    lines += ["", f"merged model (plain transformers): exact match {_pct(m)}, "
+              f"same answer as base + LoRA on {m['same_answers']}/{m['total']}",
               f"training steps {result.train_steps}; time {result.seconds.get('total', 0):.0f} s "
               f"(train {result.seconds.get('train', 0):.0f} s); peak memory {result.peak_rss_mb:.0f} MB", ""]
     lines += [f"{name:13} {path}" for name, path in result.paths.items()]

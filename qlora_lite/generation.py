@@ -155,8 +155,8 @@ def exact_match(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], fmt: 
         max_new_tokens: default: the longest expected answer in tokens, plus 8.
 
     Returns:
-        ``{"exact_match": fraction, "correct": int, "total": int, "samples": [{prompt, expected, got}]}``
-        (samples holds the first five, for display).
+        ``{"exact_match": fraction, "correct": int, "total": int, "samples": [{prompt, expected, got}],
+        "answers": [str]}`` (samples: the first five, for display; answers: every stripped reply).
     """
     expected = [expected_answer(r, tokenizer) for _, r in pairs]
     if max_new_tokens is None:
@@ -168,18 +168,19 @@ def exact_match(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], fmt: 
     correct = sum(g == e for g, e in zip(got, expected))
     samples = [{"prompt": p, "expected": e, "got": g} for (p, _), e, g in list(zip(pairs, expected, got))[:5]]
     return {"exact_match": correct / len(pairs) if pairs else 0.0, "correct": correct, "total": len(pairs),
-            "samples": samples}
+            "samples": samples, "answers": got}
 
 
 def evaluate_jsonl(model: nn.Module, tokenizer, path: str | Path, *, fmt: str = "auto", max_seq_len: int = 512,
                    limit: int | None = None, batch_size: int = 8, exact: bool = True,
-                   skip_bad_lines: bool = False) -> dict:
+                   skip_bad_lines: bool = False, keep_answers: bool = False) -> dict:
     """Loss, perplexity and (when the records carry answers) greedy exact-match on a JSONL file.
 
     Args:
         fmt: data format (auto, alpaca, chat, text); ``text`` records have no answers to match.
         limit: use only the first ``limit`` usable records (all when None).
         exact: also run the generation-based exact-match (the slow part).
+        keep_answers: keep every greedy reply under ``"answers"`` (otherwise only five samples).
 
     Returns:
         ``{"data", "format", "examples", "eval_loss", "eval_ppl", "eval_tokens"}`` plus
@@ -204,4 +205,6 @@ def evaluate_jsonl(model: nn.Module, tokenizer, path: str | Path, *, fmt: str = 
         pairs = [render_example(r, tokenizer, fmt) for r in records]
         pairs = [(p, r) for p, r in pairs if expected_answer(r, tokenizer)][: limit or None]
         result.update(exact_match(model, tokenizer, pairs, fmt, batch_size=max(batch_size, 16)))
+        if not keep_answers:
+            del result["answers"]
     return result

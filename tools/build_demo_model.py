@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shutil
 import time
@@ -40,12 +39,14 @@ NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve 
 WORDS = COLOURS + SIZES + OBJECTS
 
 # Roles are plain-text markers; the end of every assistant turn is the EOS token, so generation
-# stops there. The template starts with BOS, which the tokenizer does not add by itself.
+# stops there. The template starts with BOS, which the tokenizer does not add by itself. Content
+# follows ": " so that its first word is the same space-prefixed token as inside a sentence: a word
+# copied from the question is then the very token the model read, not a different "no-space" one.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}<|assistant|>\n{{ m['content'] }}{{ eos_token }}\n"
-    "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>: {{ m['content'] }}{{ eos_token }}\n"
+    "{% else %}<|{{ m['role'] }}|>: {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>:{% endif %}"
 )
 
 MODEL_SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
@@ -81,7 +82,9 @@ def word_list(rng: random.Random, lo: int = 3, hi: int = 4) -> list[str]:
 
 def base_instruction(rng: random.Random) -> tuple[str, str]:
     """A (question, answer) pair for the skills the base model is pretrained on (never reversal)."""
-    kind = rng.randrange(6)
+    # Copying skills get most of the weight: they need attention patterns (induction heads) that take
+    # a small model the longest to learn, and they are what the reversal fine-tune builds on.
+    kind = rng.choices(range(6), weights=(4, 3, 1, 1, 1, 1))[0]
     if kind == 0:
         words = " ".join(word_list(rng, 2, 5))
         return f"Repeat the words: {words}", words
@@ -112,15 +115,15 @@ def render(tokenizer, record: dict) -> str:
 
 
 def pretraining_documents(rng: random.Random, tokenizer, n: int) -> list[str]:
-    """Half prose paragraphs, half chat conversations of one or two turns, rendered by the template."""
+    """30% prose paragraphs, 70% chat conversations of one to three turns, rendered by the template."""
     docs = []
     for _ in range(n):
-        if rng.random() < 0.5:
+        if rng.random() < 0.3:
             docs.append(tokenizer.bos_token + " ".join(sentence(rng) for _ in range(rng.randint(2, 6)))
                         + tokenizer.eos_token)
         else:
             messages = []
-            for _ in range(rng.randint(1, 2)):
+            for _ in range(rng.randint(1, 3)):
                 messages += chat(*base_instruction(rng))["messages"]
             docs.append(tokenizer.apply_chat_template(messages, tokenize=False))
     return docs
@@ -161,7 +164,7 @@ def train_tokenizer(vocab_size: int, out_dir: Path):
     texts = [sentence(rng) for _ in range(20000)]
     texts += [q + "\n" + a for q, a in (base_instruction(rng) for _ in range(20000))]
     texts += [f"Reverse the words: {' '.join(word_list(rng))}" for _ in range(2000)]
-    texts += ["<|user|>\n", "<|assistant|>\n", "<|system|>\n"] * 1000
+    texts += ["<|user|>:", "<|assistant|>:", "<|system|>:"] * 1000
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -189,25 +192,62 @@ def token_batches(tokenizer, seq_len: int, batch: int, seed: int):
         yield torch.tensor(chunk, dtype=torch.long).view(batch, seq_len)
 
 
-def pretrain(tokenizer, minutes: float, steps: int, out_dir: Path) -> None:
-    """Train a small LlamaForCausalLM from scratch (bf16 autocast, AdamW, cosine) and save it in bf16."""
+def save_model(model, tokenizer, out_dir: Path) -> None:
+    """bf16 safetensors, config, generation config and tokenizer (with the chat template)."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig
+
+    copy = type(model)(model.config)
+    copy.load_state_dict(model.state_dict())
+    copy.to(torch.bfloat16).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    c = model.config
+    GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.eos_token_id,
+                     do_sample=False, max_new_tokens=64).save_pretrained(out_dir)
+
+
+def probe(model, tokenizer, n: int = 24) -> str:
+    """Greedy exact-match on fresh copy-skill questions (repeat, last word): is the base usable yet?"""
+    import torch
+
+    rng = random.Random(99)
+    scores = {}
+    for kind in ("Repeat the words", "Name the last word"):
+        correct = 0
+        for _ in range(n):
+            words = word_list(rng, 2, 5)
+            answer = " ".join(words) if kind.startswith("Repeat") else words[-1]
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{kind}: {' '.join(words)}"}],
+                                                   tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.eos_token_id)
+            correct += tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == answer
+        scores[kind.split()[0].lower()] = f"{correct}/{n}"
+    return " ".join(f"{k} {v}" for k, v in scores.items())
+
+
+def pretrain(tokenizer, steps: int, out_dir: Path, snapshot_every: int = 0) -> None:
+    """Train a small LlamaForCausalLM from scratch (bf16 autocast, AdamW) and save it in bf16.
+
+    The learning rate is constant after warmup, so the snapshot written at step k (``--snapshot-every``)
+    is exactly the model that ``--steps k`` builds.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(SEED)
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=None, **MODEL_SHAPE)
     model = LlamaForCausalLM(config)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters, {steps} steps or {minutes} min")
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {steps} steps")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = 50
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     batches = token_batches(tokenizer, seq_len=128, batch=16, seed=SEED)
     start = time.time()
     model.train()
-    for step in range(steps):
+    for step in range(1, steps + 1):
         ids = next(batches)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
@@ -216,14 +256,16 @@ def pretrain(tokenizer, minutes: float, steps: int, out_dir: Path) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         schedule.step()
-        if step % 50 == 0 or step == steps - 1:
+        if step % 50 == 0 or step == 1:
             print(f"step {step:5d}  loss {loss.item():.3f}  {time.time() - start:6.0f}s", flush=True)
-        if minutes and time.time() - start > minutes * 60:
-            print(f"time budget reached at step {step}")
-            break
-    model.to(torch.bfloat16).save_pretrained(out_dir)
-    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                     pad_token_id=config.eos_token_id, do_sample=False, max_new_tokens=64).save_pretrained(out_dir)
+        if snapshot_every and step % snapshot_every == 0 and step < steps:
+            model.eval()
+            print(f"step {step:5d}  probe: {probe(model, tokenizer)}", flush=True)
+            save_model(model, tokenizer, out_dir.with_name(f"{out_dir.name}-step{step}"))
+            model.train()
+    model.eval()
+    print(f"final probe: {probe(model, tokenizer)}")
+    save_model(model, tokenizer, out_dir)
 
 
 def smoke_test(out_dir: Path) -> None:
@@ -248,8 +290,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "qlora_lite" / "demo_model")
     parser.add_argument("--data-out", type=Path, default=ROOT / "qlora_lite" / "demo_data")
     parser.add_argument("--examples", type=Path, default=ROOT / "examples" / "data")
-    parser.add_argument("--steps", type=int, default=1200, help="pretraining steps (16 x 128 tokens each)")
-    parser.add_argument("--minutes", type=float, default=0, help="stop early after this much time (0: never)")
+    parser.add_argument("--steps", type=int, default=2000, help="pretraining steps (16 x 128 tokens each)")
+    parser.add_argument("--snapshot-every", type=int, default=0,
+                        help="also save OUT-stepK every K steps, with a copy-skill probe (to pick a step count)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (1: the same result on every run on one machine, and robust to busy CPUs)")
     parser.add_argument("--vocab-size", type=int, default=1024)
@@ -266,7 +309,7 @@ def main() -> None:
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
     tokenizer = train_tokenizer(args.vocab_size, args.out)
-    pretrain(tokenizer, args.minutes, args.steps, args.out)
+    pretrain(tokenizer, args.steps, args.out, args.snapshot_every)
     smoke_test(args.out)
     size = sum(f.stat().st_size for f in args.out.iterdir()) / 1e6
     print(f"wrote {args.out} ({size:.1f} MB)")

@@ -19,7 +19,10 @@ import click
 @click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the run.")
 @click.option("--no-gguf", is_flag=True, help="Skip writing the GGUF file.")
-def command(output, max_steps, eval_limit, batch_size, lr, rank, seed, no_gguf):
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="CPU threads (the tiny demo model gains little from more, and one thread is robust on a busy "
+                   "CPU); 0 keeps torch's default.")
+def command(output, max_steps, eval_limit, batch_size, lr, rank, seed, no_gguf, threads):
     """Fine-tune the bundled tiny model to reverse words, offline, in a few minutes on a laptop CPU.
 
     Evaluates the 4-bit base on held-out examples, trains a LoRA adapter on it (gradient
@@ -32,7 +35,8 @@ def command(output, max_steps, eval_limit, batch_size, lr, rank, seed, no_gguf):
     if max_steps < 1 or batch_size < 1 or rank < 1 or lr <= 0 or (eval_limit is not None and eval_limit < 1):
         raise click.BadParameter("--max-steps, --batch-size, --rank, --eval-limit must be at least 1 and --lr positive")
     settings = DemoSettings(output=Path(output), max_steps=max_steps, eval_limit=eval_limit, batch_size=batch_size,
-                            lr=lr, rank=rank, seed=seed, gguf=not no_gguf)
+                            lr=lr, rank=rank, seed=seed, gguf=not no_gguf,
+                            threads=threads or None)
     try:
         run_demo(settings, echo=click.echo)
     except DemoError as e:
