@@ -247,3 +247,42 @@ def test_inside_a_launch_num_processes_does_not_launch_again(monkeypatch, caplog
     with caplog.at_level("WARNING", logger="qlora_lite"):
         assert _launch_processes(load_config(None, {"num_processes": 2})) is False
     assert "--num-processes 2 ignored: the launcher started 4 process(es)" in caplog.text
+
+
+def test_fsdp_wrapping_shards_the_base_keeps_lora_whole_and_runs_under_autocast(tiny_llama, tmp_path):
+    # One gloo process: the same wrapping as with several, checked in-process with bf16 autocast.
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from qlora_lite.distributed import shard_frozen_base
+    from qlora_lite.model import build_model
+
+    model = build_model(str(tiny_llama), bits=4, compute_dtype="bf16", rank=4, alpha=8, dropout=0.0, seed=0)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in lora:
+            p.normal_(0, 0.1)  # lora_B starts at zero: make the adapter matter
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(input_ids=ids).logits.float()
+    autocasts = []
+
+    class Accelerator:
+        device, num_processes, mixed_precision = torch.device("cpu"), 1, "bf16"
+
+        def autocast(self):
+            autocasts.append(1)
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sharded = shard_frozen_base(model, Accelerator(), lora)
+        logits = sharded(input_ids=ids).logits.float()
+        logits.logsumexp(-1).sum().backward()
+        base = [p for n, p in sharded.named_parameters() if "lora_" not in n]
+        assert base and all(isinstance(p, DTensor) for p in base)
+        assert all(not isinstance(p, DTensor) and p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+    finally:
+        dist.destroy_process_group()
+    assert autocasts  # the forward ran under the accelerator's autocast, as accelerator.prepare would arrange
+    torch.testing.assert_close(logits, expected)  # the same bf16 computation, gathered block by block

@@ -57,6 +57,9 @@ def _launch_processes(config) -> bool:
                                                     n, world)
         return False
     if n <= 1:
+        if config.train.fsdp:
+            logging.getLogger("qlora_lite").warning("--fsdp shards over several processes; with one process it "
+                                                    "changes nothing (add --num-processes N)")
         return False
     config.validate(required=("model.model", "data.data", "train.output"))
     with tempfile.TemporaryDirectory(prefix="qlora-lite-launch-") as tmp:
