@@ -316,6 +316,9 @@ class _Loop:
         n_tokens = sum(len(examples[i]["input_ids"]) for chunk in window for i in chunk)
         lr = self.scheduler.get_last_lr()[0]
         started = time.perf_counter()
+        # Dropout draws from a generator seeded per (seed, step, process): a resumed run, or any
+        # process of a multi-process one, repeats exactly the masks of the uninterrupted run.
+        torch.manual_seed((self.t.seed * 1_000_003 + self.step) * 1024 + rank)
         loss_sum = torch.zeros((), device=acc.device)
         from .data import collate
 
