@@ -179,14 +179,16 @@ def train(config: Config) -> TrainResult:
     if resume_from is not None:  # refuse an incompatible resume before the model is loaded
         for warning in check_resume_compatible(read_trainer_state(resume_from), fingerprint):
             log.warning("resume: %s", warning)
-    accelerator.wait_for_everyone()  # every process has checked --output before the main one writes into it
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config.save(output_dir / "config.yaml")
     set_seed(t.seed)
     loop = _Loop(config, accelerator, train_examples, eval_examples, tokenizer.pad_token_id, fingerprint)
     try:
         loop.setup(resume_from)
+        # Nothing is written before every process has checked --output and built its model, so a
+        # run that fails to start (bad --target-modules, no memory) leaves no folder to --resume.
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            config.save(output_dir / "config.yaml")
         return loop.run()
     except Exception as e:
         if is_out_of_memory(e):

@@ -155,3 +155,14 @@ def test_plot_of_a_folder_without_metrics_is_a_clear_error(tmp_path):
     result = invoke("plot", tmp_path)
     assert result.exit_code != 0
     assert "metrics.jsonl does not exist" in result.output and "Traceback" not in result.output
+
+
+def test_a_run_that_fails_to_start_leaves_nothing_to_resume(tiny_llama, tmp_path, one_thread):
+    data, out = write_chat_jsonl(tmp_path / "train.jsonl", n=8), tmp_path / "run"
+    args = ("train", "--model", tiny_llama, "--data", data, "--output", out, "--bits", 16, "--rank", 2,
+            "--max-seq-len", 64, "--batch-size", 4, "--max-steps", 1, "--optimizer", "adamw")
+    result = invoke(*args, "--target-modules", "foo_proj")
+    assert result.exit_code != 0 and "q_proj" in result.output  # the error lists the real layer names
+    assert not out.exists()
+    result = invoke(*args, "--target-modules", "q_proj")  # the corrected command just works
+    assert result.exit_code == 0, result.output
