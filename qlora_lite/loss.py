@@ -40,6 +40,8 @@ def eval_sums(model: nn.Module, examples: list[dict], batch_size: int, pad_token
     """Summed eval loss and token count over ``examples`` (model put in eval mode, then restored)."""
     from .data import collate
 
+    # Similar lengths batched together waste less compute on padding (the result does not depend on it).
+    examples = sorted(examples, key=lambda e: len(e["input_ids"]))
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
