@@ -32,6 +32,23 @@ def merged(tiny_model_factory, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def reference_logits(merged):
+    """Per architecture: probe logits of the fp32 merged model and of the base alone (computed once)."""
+    from transformers import AutoModelForCausalLM
+
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            base, _, merged_dir = merged(arch)
+            load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # noqa: E731
+            cache[arch] = logits(load(merged_dir), probe()), logits(load(base), probe())
+        return cache[arch]
+
+    return get
+
+
 def load_gguf(path):
     from transformers import AutoModelForCausalLM
 
@@ -40,18 +57,13 @@ def load_gguf(path):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("out_type", ["f16", "bf16", "q8_0"])
-def test_gguf_reads_back_with_merged_logits(merged, tmp_path, arch, out_type):
+def test_gguf_reads_back_with_merged_logits(merged, reference_logits, tmp_path, arch, out_type):
     """Written with --adapter (streamed merge) and read back by transformers' GGUF loader."""
-    from transformers import AutoModelForCausalLM
-
-    base, adapter, merged_dir = merged(arch)
+    base, adapter, _ = merged(arch)
     path = export_gguf(base, tmp_path / "model.gguf", adapter_dir=adapter, out_type=out_type, progress=False)
-    ids = probe()
-    expected = logits(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32), ids)
-    got = logits(load_gguf(path), ids)
-    diff = (got - expected).abs().max().item()
+    expected, base_logits = reference_logits(arch)
+    diff = (logits(load_gguf(path), probe()) - expected).abs().max().item()
     assert diff <= TOLERANCE[out_type] * expected.abs().max().item(), diff
-    base_logits = logits(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), ids)
     assert diff < 0.2 * (expected - base_logits).abs().max().item(), "the adapter must be in the GGUF file"
 
 
