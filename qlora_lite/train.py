@@ -1,9 +1,9 @@
 """The training loop on accelerate: data -> model -> steps (eval, checkpoints, metrics) -> adapter.
 
 Reading order: ``train`` (the entry point) prepares everything, ``_Loop`` runs the optimizer steps.
-Data order is a pure function of (seed, epoch), so a resumed run replays exactly the batches the
-uninterrupted run would have seen; together with the restored RNG, optimizer and scheduler this makes
-resumed losses equal the uninterrupted ones.
+Data order is a pure function of (seed, epoch) and dropout masks of (seed, step, process), so a
+resumed run replays exactly the batches and masks the uninterrupted run would have seen; with the
+restored adapter, optimizer and scheduler its losses equal the uninterrupted ones.
 
 Testing hook: the environment variable ``QLORA_LITE_STOP_AFTER_STEPS=k`` stops the run right after
 optimizer step ``k`` (an absolute step number; checkpoints due at ``k`` are written, nothing else),
