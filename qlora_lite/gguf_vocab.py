@@ -139,13 +139,19 @@ def ollama_template(template: str, specials: dict) -> str | None:
     except Exception as e:  # any template error means: leave it to Ollama
         log.warning("chat template could not be translated for Ollama (%s); the Modelfile has no TEMPLATE", e)
         return None
-    if not (with_system.endswith(prompt) and generation.startswith(prompt) and full.startswith(prompt)
-            and reply in full):
+    # The user turn is what the prompt with and without a system message have in common at the end;
+    # what precedes it in the prompt (e.g. a BOS token) precedes the system block too.
+    common = 0
+    while common < min(len(prompt), len(with_system)) and prompt[-1 - common] == with_system[-1 - common]:
+        common += 1
+    head, tail = prompt[: len(prompt) - common], prompt[len(prompt) - common:]
+    system_part = with_system[len(head): len(with_system) - common]
+    if not (with_system.startswith(head) and sys_ in system_part and user in tail and generation.startswith(prompt)
+            and full.startswith(prompt) and reply in full):
         return None
-    system_part = with_system[: len(with_system) - len(prompt)].replace(sys_, "{{ .System }}")
     after_reply = full[full.index(reply) + len(reply):]
-    return ("{{ if .System }}" + system_part + "{{ end }}" + prompt.replace(user, "{{ .Prompt }}")
-            + generation[len(prompt):] + "{{ .Response }}" + after_reply)
+    return (head + "{{ if .System }}" + system_part.replace(sys_, "{{ .System }}") + "{{ end }}"
+            + tail.replace(user, "{{ .Prompt }}") + generation[len(prompt):] + "{{ .Response }}" + after_reply)
 
 
 def write_modelfile(gguf_file: Path, tok_dir: Path) -> Path:

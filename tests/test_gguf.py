@@ -246,3 +246,28 @@ def test_byte_level_pre_tokenizer_names():
     assert _pre_tokenizer_name(spec(head + r"\p{N}" + tail)) == "qwen2"
     assert _pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
     assert _pre_tokenizer_name(spec(r"\w+")) == "default"
+
+
+@pytest.mark.parametrize("bos", ["", "{{ bos_token }}"])
+def test_ollama_template_with_and_without_system(bos):
+    """The Go template renders, with and without a system message, what the Jinja template renders."""
+    import re
+
+    from qlora_lite.gguf_vocab import _render, ollama_template
+
+    template = (bos + "{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>\n{{ m['content'] }}"
+                "{{ eos_token }}\n{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    specials = {"bos_token": "<s>", "eos_token": "</s>"}
+    go = ollama_template(template, specials)
+    assert go is not None
+
+    def render_go(system):
+        text = re.sub(r"\{\{ if \.System \}\}(.*?)\{\{ end \}\}", lambda m: m.group(1) if system else "", go,
+                      flags=re.S)
+        return text.replace("{{ .System }}", system).replace("{{ .Prompt }}", "Hi").replace("{{ .Response }}", "Yo")
+
+    for system in ("", "Be brief."):
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+        assert render_go(system) == _render(template, messages, False, specials)
