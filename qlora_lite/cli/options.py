@@ -23,7 +23,8 @@ def config_options(*field_names: str):
             tp = field_type(f)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             choices = f.metadata.get("choices")
-            help_text = f"{f.metadata['help']}  [default: {default}]"
+            shown = (f"--{'' if default else 'no-'}{name.replace('_', '-')}") if tp is bool else default
+            help_text = f.metadata["help"] + ("" if default is None else f"  [default: {shown}]")
             flag = option_name(name)
             if tp is bool:
                 decl = f"{flag}/--no-{flag[2:]}"
