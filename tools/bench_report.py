@@ -116,6 +116,12 @@ def render_markdown(results: dict, s: dict, command: str) -> str:
                               ("merge_s", "merge time", None)):
         fmt = _gb if "peak" in key else (lambda x: f"{x:.1f} s")
         lines.append(_row(name, ref.get("merge", {}).get(key), ours.get("merge", {}).get(key), fmt, target))
+    noverify = results.get("ours_merge_noverify") or {}
+    if "merge_peak_bytes" in noverify:
+        lines.append(_row("merge peak memory, qlora-lite --no-verify", ref.get("merge", {}).get("merge_peak_bytes"),
+                          noverify["merge_peak_bytes"], _gb, TARGETS["merge_peak"]))
+        lines.append(_row("merge time, qlora-lite --no-verify", ref.get("merge", {}).get("merge_s"),
+                          noverify["merge_s"], lambda x: f"{x:.1f} s"))
     lines += _floor_lines(s, ours) + _loss_lines(s, ref, ours) + _cli_lines(results) + _estimate_lines(s)
     return "\n".join(lines) + "\n"
 

@@ -128,6 +128,10 @@ def main(argv=None) -> dict:
             results[f"{side}_merge"] = run_job({**base, "kind": "merge", "side": side,
                                                "adapter": str(out / f"{side}-adapter"),
                                                "output": str(out / f"{side}-merged")}, out, f"{side}-merge")
+        # the streaming merge alone (`qlora-lite merge --no-verify`): verification loads the merged model
+        results["ours_merge_noverify"] = run_job({**base, "kind": "merge", "side": "ours", "verify": False,
+                                                  "adapter": str(out / "ours-adapter"),
+                                                  "output": str(out / "ours-merged-noverify")}, out, "ours-merge-noverify")
     results["estimate_models"] = {}
     for extra in args.estimate_model or ([] if args.small else [generated_model("medium")]):
         extra_config = json.loads((extra / "config.json").read_text())
