@@ -87,6 +87,20 @@ def matmul_peak(seconds: float = 3.0) -> dict:
     return best
 
 
+def bf16_copy(adapter: Path, target: Path) -> Path:
+    """The adapter folder with its tensors in bf16 (same layout and config)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(adapter / "adapter_config.json", target / "adapter_config.json")
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(adapter / "adapter_model.safetensors").items()}
+    save_file(tensors, target / "adapter_model.safetensors", metadata={"format": "pt"})
+    return target
+
+
 def write_cli_data(path: Path, steps: int, job: dict) -> None:
     """The benchmark ids as word-level text (token i is ``w{i}``); the data stage appends EOS."""
     import torch
@@ -116,7 +130,10 @@ def main(argv=None) -> dict:
     init = out / "init-adapter"
     results["reference"] = run_job({**base, "kind": "train", "side": "reference", "save_init_adapter": str(init),
                                     "save_adapter": str(out / "reference-adapter")}, out, "reference-train")
-    results["ours"] = run_job({**base, "kind": "train", "side": "ours", "init_adapter": str(init),
+    # peft stores the adapter in fp32; ours trains A and B in bf16 (its default --lora-dtype), so it
+    # starts from the same values rounded to bf16.
+    init16 = bf16_copy(init, out / "init-adapter-bf16")
+    results["ours"] = run_job({**base, "kind": "train", "side": "ours", "init_adapter": str(init16),
                                "save_adapter": str(out / "ours-adapter")}, out, "ours-train")
     if not args.no_cli:
         data = out / "cli-data.jsonl"
