@@ -105,10 +105,10 @@ def run_train(job: dict) -> dict:
     out["trainable_params"] = sum(p.numel() for p in params)
     optimizer = bnb.optim.PagedAdamW8bit(params, lr=2e-4, weight_decay=0.0)
     reset_peak()
-    losses, times, cpu_times = [], [], []
+    losses, times, cpu_times, thread_times = [], [], [], []
     for step in range(job["warmup"] + job["steps"]):
         ids = batch(step, job).to(DEVICE)
-        started, cpu_started = time.perf_counter(), time.process_time()
+        started, cpu_started, thread_started = time.perf_counter(), time.process_time(), time.thread_time()
         loss = step_loss(side, model, ids)
         loss.backward()
         optimizer.step()
@@ -118,9 +118,11 @@ def run_train(job: dict) -> dict:
         times.append(time.perf_counter() - started)
         # CPU seconds of all threads: far less disturbed than wall time when other jobs share the cores
         cpu_times.append(time.process_time() - cpu_started)
+        thread_times.append(time.thread_time() - thread_started)
         losses.append(float(loss.detach()))
         print(f"[{side}] step {step} loss {losses[-1]:.4f} {times[-1]:.2f}s", file=sys.stderr, flush=True)
     out.update(train_peak_bytes=peak_bytes(), losses=losses, step_s=times, step_cpu_s=cpu_times,
+               step_thread_s=thread_times,
                threads=torch.get_num_threads())
     if job.get("profile"):
         out["profile"] = profile_step(side, model, optimizer, job)
@@ -201,6 +203,8 @@ def run_baseline(job: dict) -> dict:
 
 def main() -> None:
     job = json.loads(Path(sys.argv[1]).read_text())
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
     torch.manual_seed(0)
     kind = {"baseline": run_baseline, "train": run_train, "cli_train": run_cli_train, "merge": run_merge}[job["kind"]]
     result = kind(job)

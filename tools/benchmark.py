@@ -43,6 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--no-merge", action="store_true", help="skip the merge measurements")
     p.add_argument("--no-cli", action="store_true", help="skip the `qlora-lite train` run")
     p.add_argument("--profile", action="store_true", help="add a torch.profiler table of one step per stack")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per process (default: all cores); with 1, steps are also timed in "
+                        "CPU seconds of that thread, which other jobs on shared cores barely disturb")
+    p.add_argument("--no-estimate-check", action="store_true", help="skip the second model size")
     p.add_argument("--write", type=Path, help="also write the markdown to this file (e.g. BENCHMARKS.md)")
     return p.parse_args(argv)
 
@@ -70,19 +74,23 @@ def run_job(job: dict, out: Path, name: str, timeout: int = 3600) -> dict:
     return json.loads(Path(job["result"]).read_text())
 
 
-def matmul_peak(seconds: float = 3.0) -> dict:
-    """The machine's bf16 (and fp32) matmul peak in FLOP/s: best of repeated 2048x2048x5632 products."""
+def matmul_peak(threads: int = 0, seconds: float = 3.0) -> dict:
+    """The machine's bf16 (and fp32) matmul peak in FLOP/s: best of repeated 2048x2048x5632 products
+    (timed in CPU seconds of the thread when ``threads`` is 1)."""
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
+    clock = time.thread_time if threads == 1 else time.perf_counter
     best = {}
     for dtype in (torch.bfloat16, torch.float32):
         a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 5632, dtype=dtype)
         a @ b
         rates, deadline = [], time.perf_counter() + seconds
         while time.perf_counter() < deadline:
-            t = time.perf_counter()
+            t = clock()
             a @ b
-            rates.append(2 * 2048 * 2048 * 5632 / (time.perf_counter() - t))
+            rates.append(2 * 2048 * 2048 * 5632 / max(clock() - t, 1e-9))
         best[str(dtype).removeprefix("torch.")] = max(rates)
     return best
 
@@ -122,10 +130,11 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     config = json.loads((model / "config.json").read_text())
     base = dict(model=str(model), seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
-                warmup=args.warmup, steps=args.steps, vocab_size=config["vocab_size"], profile=args.profile)
+                warmup=args.warmup, steps=args.steps, vocab_size=config["vocab_size"], profile=args.profile,
+                threads=args.threads)
     print(f"benchmark of {model} -> {out}", flush=True)
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "model": str(model), "config": config,
-               "load_avg_before": os.getloadavg(), "peak_flops": matmul_peak()}
+               "load_avg_before": os.getloadavg(), "peak_flops": matmul_peak(args.threads)}
     results["runtime"] = run_job({"kind": "baseline"}, out, "baseline")
     init = out / "init-adapter"
     results["reference"] = run_job({**base, "kind": "train", "side": "reference", "save_init_adapter": str(init),
@@ -150,7 +159,8 @@ def main(argv=None) -> dict:
                                                   "adapter": str(out / "ours-adapter"),
                                                   "output": str(out / "ours-merged-noverify")}, out, "ours-merge-noverify")
     results["estimate_models"] = {}
-    for extra in args.estimate_model or ([] if args.small else [generated_model("medium")]):
+    extras = args.estimate_model or ([] if args.small or args.no_estimate_check else [generated_model("medium")])
+    for extra in extras:
         extra_config = json.loads((extra / "config.json").read_text())
         job = {**base, "model": str(extra), "vocab_size": extra_config["vocab_size"], "warmup": 1, "steps": 2,
                "kind": "train", "side": "ours", "profile": False}
