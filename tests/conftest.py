@@ -8,8 +8,21 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny matmuls gain nothing from a second thread, and on 2 shared cores spinning thread pools only
+# cost; one thread also gives every process of a test (subprocesses too) the same numerics.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tiny_models import ARCHS, make_tiny_model, train_tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -38,15 +38,6 @@ from qlora_lite.model import build_model
 PACKAGE = Path(__file__).resolve().parents[1] / "qlora_lite"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread; on a shared 2-core machine its spinning only costs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _model(path, seed=0):
     return build_model(str(path), bits=4, rank=8, alpha=16, dropout=0.2, seed=seed, gradient_checkpointing=False)
 

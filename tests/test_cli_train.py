@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from tiny_models import write_chat_jsonl
 
 from qlora_lite.cli import main
 from qlora_lite.cli.train import TRAIN_FIELDS
@@ -16,25 +16,6 @@ from qlora_lite.config import option_name
 from qlora_lite.optim import lr_factor
 from qlora_lite.plot import read_metrics
 from qlora_lite.train import STOP_ENV
-
-
-def write_chat_jsonl(path, n=32, seed=0):
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            messages = [{"role": "user", "content": f"add {a} and {b}"},
-                        {"role": "assistant", "content": f"{a} plus {b} equals {a + b}"}]
-            f.write(json.dumps({"messages": messages}) + "\n")
-    return path
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def invoke(*args, env=None):

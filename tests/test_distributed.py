@@ -8,8 +8,6 @@ between 1 and 2 processes is the order of floating-point sums (about 1e-7).
 
 from __future__ import annotations
 
-import json
-import random
 import shutil
 import subprocess
 
@@ -17,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from tiny_models import write_chat_jsonl
 
 from qlora_lite.checkpoint import CheckpointError, check_resume_compatible
 from qlora_lite.cli.train import command as train_command
@@ -40,16 +39,6 @@ SETTINGS = dict(bits=4, compute_dtype="fp32", lora_dtype="fp32", dropout=0.0, ra
                 grad_accum=2, lr=1e-2, max_steps=STEPS, save_steps=2, eval_fraction=0.2, seed=3, optimizer="adamw")
 
 
-def write_chat_jsonl(path, n=24):
-    rng = random.Random(0)
-    with open(path, "w") as f:
-        for _ in range(n):
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"add {a} and {b}"},
-                                             {"role": "assistant", "content": f"{a} plus {b} equals {a + b}"}]}) + "\n")
-    return path
-
-
 def cli_args(model, data, output, **overrides) -> list[str]:
     values = {**SETTINGS, "model": model, "data": data, "output": output, **overrides}
     args = []
@@ -66,7 +55,7 @@ def cli_args(model, data, output, **overrides) -> list[str]:
 def reference(tiny_llama, tmp_path_factory):
     """One process, batch 4: the run the two-process runs must reproduce."""
     root = tmp_path_factory.mktemp("distributed")
-    data = write_chat_jsonl(root / "train.jsonl")
+    data = write_chat_jsonl(root / "train.jsonl", n=24)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -116,16 +116,6 @@ def no_pickle(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Every run of this module (subprocesses too) on one thread: the same numerics everywhere, and four
-    concurrent runs do not fight over two cores with spinning thread pools."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def setup(one_thread, tiny_llama, tmp_path_factory):
     """Data, two training subprocesses killed inside checkpoint writes, and an uninterrupted reference
     run in this process (started together: the subprocesses spend most of their time importing)."""

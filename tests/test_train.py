@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
 import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import write_chat_jsonl
 
 from qlora_lite import train as train_module
 from qlora_lite.checkpoint import CheckpointError
@@ -29,27 +28,6 @@ from qlora_lite.train import (
     plan_steps,
     train,
 )
-
-
-def write_chat_jsonl(path, n=32, seed=0):
-    """Short chat examples (about 20 tokens each with the tiny tokenizer)."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            messages = [{"role": "user", "content": f"add {a} and {b}"},
-                        {"role": "assistant", "content": f"{a} plus {b} equals {a + b}"}]
-            f.write(json.dumps({"messages": messages}) + "\n")
-    return path
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread: these tiny matmuls only lose from threading, and the CI cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(model, data, output, **overrides):

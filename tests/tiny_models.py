@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -79,3 +80,15 @@ def make_tiny_model(arch: str, folder: Path, tokenizer_dir: Path, shards: int = 
         index = json.loads((Path(folder) / "model.safetensors.index.json").read_text())
         assert len(set(index["weight_map"].values())) >= 2, "expected a multi-shard checkpoint"
     return Path(folder)
+
+
+def write_chat_jsonl(path, n=32, seed=0):
+    """Short chat examples ("add 3 and 4" -> "3 plus 4 equals 7"), about 20 tokens each."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            messages = [{"role": "user", "content": f"add {a} and {b}"},
+                        {"role": "assistant", "content": f"{a} plus {b} equals {a + b}"}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
