@@ -114,11 +114,22 @@ def render(tokenizer, record: dict) -> str:
     return tokenizer.apply_chat_template(record["messages"], tokenize=False)
 
 
-def pretraining_documents(rng: random.Random, tokenizer, n: int) -> list[str]:
-    """30% prose paragraphs, 70% chat conversations of one to three turns, rendered by the template."""
+def echo_document(rng: random.Random) -> str:
+    """A random word list said three times: repeated random sequences are what teaches a small model
+    to copy (the "induction" attention pattern) quickly, and every copying skill builds on that."""
+    words = " ".join(rng.sample(WORDS, rng.randint(3, 8)))
+    return f"{words}. Again: {words}. Again: {words}."
+
+
+def pretraining_documents(rng: random.Random, tokenizer, n: int, chat_fraction: float = 0.6,
+                          echo_fraction: float = 0.25) -> list[str]:
+    """Echo documents, chat conversations of one to three turns (rendered by the template) and prose."""
     docs = []
     for _ in range(n):
-        if rng.random() < 0.3:
+        draw = rng.random()
+        if draw < echo_fraction:
+            docs.append(tokenizer.bos_token + echo_document(rng) + tokenizer.eos_token)
+        elif draw >= echo_fraction + chat_fraction:
             docs.append(tokenizer.bos_token + " ".join(sentence(rng) for _ in range(rng.randint(2, 6)))
                         + tokenizer.eos_token)
         else:
@@ -164,6 +175,7 @@ def train_tokenizer(vocab_size: int, out_dir: Path):
     texts = [sentence(rng) for _ in range(20000)]
     texts += [q + "\n" + a for q, a in (base_instruction(rng) for _ in range(20000))]
     texts += [f"Reverse the words: {' '.join(word_list(rng))}" for _ in range(2000)]
+    texts += [echo_document(rng) for _ in range(2000)]
     texts += ["<|user|>:", "<|assistant|>:", "<|system|>:"] * 1000
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -178,7 +190,7 @@ def train_tokenizer(vocab_size: int, out_dir: Path):
     return fast
 
 
-def token_batches(tokenizer, seq_len: int, batch: int, seed: int):
+def token_batches(tokenizer, seq_len: int, batch: int, seed: int, chat_fraction: float):
     """Endless (batch, seq_len) int64 tensors of packed pretraining documents."""
     import torch
 
@@ -186,7 +198,7 @@ def token_batches(tokenizer, seq_len: int, batch: int, seed: int):
     buffer: list[int] = []
     while True:
         while len(buffer) < seq_len * batch:
-            for doc in pretraining_documents(rng, tokenizer, 256):
+            for doc in pretraining_documents(rng, tokenizer, 256, chat_fraction):
                 buffer += tokenizer(doc, add_special_tokens=False)["input_ids"]
         chunk, buffer = buffer[: seq_len * batch], buffer[seq_len * batch:]
         yield torch.tensor(chunk, dtype=torch.long).view(batch, seq_len)
@@ -228,7 +240,8 @@ def probe(model, tokenizer, n: int = 24) -> str:
     return " ".join(f"{k} {v}" for k, v in scores.items())
 
 
-def pretrain(tokenizer, steps: int, out_dir: Path, snapshot_every: int = 0) -> None:
+def pretrain(tokenizer, steps: int, out_dir: Path, snapshot_every: int = 0, lr: float = 1e-3,
+             chat_fraction: float = 0.6) -> None:
     """Train a small LlamaForCausalLM from scratch (bf16 autocast, AdamW) and save it in bf16.
 
     The learning rate is constant after warmup, so the snapshot written at step k (``--snapshot-every``)
@@ -242,9 +255,9 @@ def pretrain(tokenizer, steps: int, out_dir: Path, snapshot_every: int = 0) -> N
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=None, **MODEL_SHAPE)
     model = LlamaForCausalLM(config)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {steps} steps")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
-    batches = token_batches(tokenizer, seq_len=128, batch=16, seed=SEED)
+    batches = token_batches(tokenizer, seq_len=128, batch=16, seed=SEED, chat_fraction=chat_fraction)
     start = time.time()
     model.train()
     for step in range(1, steps + 1):
@@ -290,12 +303,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "qlora_lite" / "demo_model")
     parser.add_argument("--data-out", type=Path, default=ROOT / "qlora_lite" / "demo_data")
     parser.add_argument("--examples", type=Path, default=ROOT / "examples" / "data")
-    parser.add_argument("--steps", type=int, default=2000, help="pretraining steps (16 x 128 tokens each)")
+    parser.add_argument("--steps", type=int, default=800, help="pretraining steps (16 x 128 tokens each)")
     parser.add_argument("--snapshot-every", type=int, default=0,
                         help="also save OUT-stepK every K steps, with a copy-skill probe (to pick a step count)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (1: the same result on every run on one machine, and robust to busy CPUs)")
     parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=1e-3, help="pretraining learning rate (constant after warmup)")
+    parser.add_argument("--chat-fraction", type=float, default=0.6,
+                        help="share of chat documents (plus 25%% echo documents; the rest is prose)")
     parser.add_argument("--data-only", action="store_true", help="only regenerate the demo dataset")
     args = parser.parse_args()
     write_data(args.data_out, args.examples)
@@ -309,7 +325,7 @@ def main() -> None:
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
     tokenizer = train_tokenizer(args.vocab_size, args.out)
-    pretrain(tokenizer, args.steps, args.out, args.snapshot_every)
+    pretrain(tokenizer, args.steps, args.out, args.snapshot_every, args.lr, args.chat_fraction)
     smoke_test(args.out)
     size = sum(f.stat().st_size for f in args.out.iterdir()) / 1e6
     print(f"wrote {args.out} ({size:.1f} MB)")
