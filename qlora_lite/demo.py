@@ -40,7 +40,7 @@ class DemoSettings:
     output: Path = Path("qlora-lite-demo")
     model: Path = DEMO_MODEL
     data_dir: Path = DEMO_DATA
-    max_steps: int = 150
+    max_steps: int = 200
     eval_limit: int | None = None
     batch_size: int = 8
     lr: float = 2e-3

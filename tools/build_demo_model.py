@@ -7,8 +7,15 @@ instructions (repeat words, name the first/last word, answer colour and counting
 small numbers). It never sees word reversal: that is the skill the demo fine-tune teaches, with
 answers that can be checked exactly.
 
-    python3 tools/build_demo_model.py                 # tokenizer + model (~4 min on 2 cores) + data
+    python3 tools/build_demo_model.py                 # tokenizer + model + data (800 steps, 5-15 min
+                                                      # on 2 cores, one thread: same bytes every run)
     python3 tools/build_demo_model.py --data-only     # only regenerate the demo dataset
+
+What was measured while choosing the settings (probe: greedy exact match on fresh questions):
+copying appears only once echo documents are in the mix (without them: 0/24 "repeat" after 1200
+steps); with them, at lr 1e-3: step 400 repeat 7/24, step 600 15/24 (last word 24/24), step 800
+22/24 (24/24). Starting the demo fine-tune (300 LoRA steps) from step 400 gave 30% reversal exact
+match, from step 600 92%; the shipped model is step 800.
 
 Outputs: ``qlora_lite/demo_model/`` (bf16 safetensors, tokenizer with a chat template,
 generation_config) and ``qlora_lite/demo_data/{train,eval}.jsonl`` (chat-format JSONL), which are

@@ -63,7 +63,7 @@ EXAMPLES = {
 DEMO = ("The bundled demo model and data (CPU, about a minute)", "qlora_lite/demo_model", "well under 1 GB (CPU RSS)",
         dict(data="examples/data/demo_train.jsonl", eval_data="examples/data/demo_eval.jsonl", eval_fraction=0.0,
              format="chat", max_seq_len=64, batch_size=8, grad_accum=1, rank=16, alpha=32.0, dropout=0.0, lr=2e-3,
-             max_steps=150, epochs=1.0, warmup_steps=10, save_steps=0, eval_steps=0, save_total_limit=0,
+             max_steps=200, epochs=1.0, warmup_steps=10, save_steps=0, eval_steps=0, save_total_limit=0,
              logging_steps=5, output="runs/demo"))
 
 

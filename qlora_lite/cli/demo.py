@@ -11,7 +11,7 @@ import click
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="qlora-lite-demo", show_default=True,
               help="Folder for the adapter, merged model, GGUF file, metrics and loss plot. "
                    "A previous demo run there is replaced; any other non-empty folder is refused.")
-@click.option("--max-steps", type=int, default=150, show_default=True,
+@click.option("--max-steps", type=int, default=200, show_default=True,
               help="Training steps (the default is the measured full run; try 5 for a quick check).")
 @click.option("--eval-limit", type=int, default=None, help="Evaluate only the first N held-out examples (all 100).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Training sequences per step.")
