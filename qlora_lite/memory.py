@@ -7,7 +7,7 @@ The model is described by its shapes; each part of the peak is counted in bytes:
 - ``quant_constants``: the per-block scales of the quantized layers (absmax, double-quant tables).
 - ``lora``: adapter weights (bf16) and their gradients.
 - ``optimizer``: AdamW moments: 8 bytes per adapter parameter in fp32, about 2 in 8-bit.
-- ``activations``: with checkpointing, each block's bf16 input and attention output (4*L*B*T*H bytes) plus one block's
+- ``activations``: with checkpointing, each block's bf16 input, attention and down-projection outputs (6*L*B*T*H bytes) plus one block's
   working set while it is recomputed; without, every block's working set.
 - ``logits``: the output head's logits and the loss over them (fp32), or one chunk when the loss is
   computed chunk by chunk.
@@ -257,9 +257,9 @@ def _activation_bytes(shape: ModelShape, targets, tokens: int, rank: int, bits: 
     largest = max(i * o for _, i, o in shape.linears)
     dequant = 2 * largest if bits in (4, 8) else 0
     if checkpointing:
-        # per block: its bf16 input and its attention output (kept, not recomputed)
+        # per block: its bf16 input, attention output and down-projection output (kept, not recomputed)
         kept = 2 * sum(i * o for _, i, o in shape.linears) if bits == 4 else 0
-        return 4 * shape.layers * tokens * h + block + max(dequant, kept)
+        return 6 * shape.layers * tokens * h + block + max(dequant, kept)
     return shape.layers * block + dequant
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .adapter import load_adapter
-from .fastpath import keep_attention_context
+from .fastpath import selective_checkpoint_context
 from .lora import inject_lora
 from .quant import DTYPES, load_base_model
 
@@ -19,9 +19,9 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True) 
     useless while training and would hold memory, so it is switched off.
     """
     model.config.use_cache = False
-    # Attention outputs are kept rather than recomputed (fastpath.keep_attention_context: 4% of a
-    # CPU step for (B, T, H) per block).
-    kwargs = {"use_reentrant": False, "context_fn": keep_attention_context}
+    # Attention and down-projection outputs are kept rather than recomputed
+    # (fastpath.selective_checkpoint_context: two (B, T, H) tensors per block for ~10% of a step).
+    kwargs = {"use_reentrant": False, "context_fn": selective_checkpoint_context}
     # transformers 5 renamed the switch; older releases only have the gradient_checkpointing_* names.
     if hasattr(model, "activation_checkpointing_enable"):
         if gradient_checkpointing:
