@@ -49,7 +49,7 @@ def test_fewer_bits_use_less_memory():
 def test_checkpointing_lowers_activations():
     on = estimate_memory(LLAMA_7B, gradient_checkpointing=True, seq_len=1024)
     off = estimate_memory(LLAMA_7B, gradient_checkpointing=False, seq_len=1024)
-    assert on.breakdown["activations"] * 5 < off.breakdown["activations"]
+    assert on.breakdown["activations"] * 4 < off.breakdown["activations"]
     assert estimate_memory(LLAMA_7B, seq_len=2048).breakdown["activations"] > on.breakdown["activations"]
 
 
