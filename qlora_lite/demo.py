@@ -138,6 +138,8 @@ def reload_merged(merged_dir: Path, eval_file: Path, limit: int | None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).eval()
+    if torch.cuda.is_available():
+        model = model.to("cuda")
     records = [r for _, r in read_jsonl(eval_file)[0]][:limit]
     return exact_match(model, tokenizer, [render_example(r, tokenizer, "chat") for r in records])
 

@@ -57,7 +57,13 @@ def load_for_inference(model_path: str, *, adapter: str | None = None, bits: int
     model = build_model(model_path, bits=bits, quant_type=quant_type, double_quant=double_quant,
                         compute_dtype=compute_dtype, trust_remote_code=trust_remote_code,
                         allow_bin_weights=allow_bin_weights, adapter=adapter, trainable=False)
+    if torch.cuda.is_available():
+        model = model.to("cuda")  # the loader builds on the CPU; bitsandbytes moves quantized weights as they are
     return model, load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> str:
@@ -98,7 +104,7 @@ def generate_reply(model: nn.Module, tokenizer, ids: list[int], *, max_new_token
 
     if seed is not None:
         torch.manual_seed(seed)
-    input_ids = torch.tensor([ids], dtype=torch.long)  # (1, T)
+    input_ids = torch.tensor([ids], dtype=torch.long, device=model_device(model))  # (1, T)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     output = model.generate(
         input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
@@ -130,6 +136,7 @@ def greedy_answers(model: nn.Module, tokenizer, prompts: list[list[int]], *, max
     try:
         for start in range(0, len(prompts), batch_size):
             input_ids, mask = left_pad(prompts[start:start + batch_size], tokenizer.pad_token_id)
+            input_ids, mask = input_ids.to(model_device(model)), mask.to(model_device(model))
             out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                  **sampling_kwargs(0, 1, 0))
