@@ -144,14 +144,29 @@ def reload_merged(merged_dir: Path, eval_file: Path, limit: int | None) -> dict:
     return exact_match(model, tokenizer, [render_example(r, tokenizer, "chat") for r in records])
 
 
+def merge_and_check(model_dir: Path, adapter_dir: Path, output: Path, eval_file: Path, limit: int | None,
+                    adapter_answers: list[str]) -> dict:
+    """Merge into ``output/merged`` (verified on a probe), reload it with plain transformers, and
+    compare its greedy answers with base + adapter's, one by one.
+
+    Returns:
+        ``{"same_answers", "total", "exact_match", "correct", "max_abs_logit_diff"}``.
+    """
+    from .export import merge_adapter
+
+    report = merge_adapter(model_dir, adapter_dir, output / "merged", progress=False, overwrite=True)
+    merged = reload_merged(output / "merged", eval_file, limit)
+    same = sum(a == b for a, b in zip(adapter_answers, merged.pop("answers")))
+    return {"same_answers": same, "total": merged["total"], "exact_match": merged["exact_match"],
+            "correct": merged["correct"], "max_abs_logit_diff": report.max_abs_logit_diff}
+
+
 def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> DemoResult:
     """Run the five steps; ``echo`` prints progress lines. Returns the DemoResult (saved as summary.json).
 
     Raises:
         DemoError, and the errors of the steps (ModelLoadError, DataError, MergeError, ...).
     """
-    from .export import merge_adapter
-
     model_dir = settings.model
     train_file, eval_file = settings.data_dir / "train.jsonl", settings.data_dir / "eval.jsonl"
     for needed in (model_dir / "config.json", train_file, eval_file):
@@ -190,13 +205,11 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> Dem
     result.seconds["eval_after"] = _lap(clock, result.seconds)
 
     echo("[4/5] merging the adapter into the dequantized base, reloading it with plain transformers ...")
-    report = merge_adapter(model_dir, trained.adapter_dir, output / "merged", progress=False, overwrite=True)
-    merged = reload_merged(output / "merged", eval_file, settings.eval_limit)
-    same = sum(a == b for a, b in zip(adapter_answers, merged.pop("answers")))
-    result.merged = {"same_answers": same, "total": merged["total"], "exact_match": merged["exact_match"],
-                     "correct": merged["correct"], "max_abs_logit_diff": report.max_abs_logit_diff}
-    echo(f"      merged model (plain transformers): same answer as base + adapter on {same}/{merged['total']} "
-         f"prompts, exact match {_pct(merged)}; max |logit diff| on the probe {report.max_abs_logit_diff:.3g}")
+    result.merged = merge_and_check(model_dir, trained.adapter_dir, output, eval_file, settings.eval_limit,
+                                    adapter_answers)
+    m = result.merged
+    echo(f"      merged model (plain transformers): same answer as base + adapter on {m['same_answers']}/{m['total']}"
+         f" prompts, exact match {_pct(m)}; max |logit diff| on the probe {m['max_abs_logit_diff']:.3g}")
     result.paths = {"adapter": str(trained.adapter_dir), "merged model": str(output / "merged"),
                     "metrics": str(trained.metrics_path), "loss plot": str(trained.plot_path)}
     if settings.gguf:
