@@ -186,7 +186,7 @@ def run_merge(job: dict) -> dict:
         from qlora_lite.export import merge_adapter
 
         merge_adapter(job["model"], job["adapter"], job["output"], verify=job.get("verify", True),
-                      progress=False, overwrite=True)
+                      progress=False, overwrite=True, tolerance=job.get("tolerance"))
     return {"merge_s": time.perf_counter() - started, "merge_peak_bytes": peak_bytes()}
 
 
