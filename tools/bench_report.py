@@ -86,8 +86,9 @@ def _gb(x) -> str:
 
 def _row(name, ref, ours, fmt, target=None, better="lower"):
     if ref is None or ours is None:
+        tgt = "" if target is None else f"{'<=' if better == 'lower' else '>='} {target}x"
         return f"| {name} | {fmt(ref) if ref is not None else 'not measured'} | " \
-               f"{fmt(ours) if ours is not None else 'not measured'} | | {target or ''} | |"
+               f"{fmt(ours) if ours is not None else 'not measured'} | | {tgt} | |"
     ratio = ours / ref
     met = ""
     if target is not None:
