@@ -15,7 +15,8 @@ What was measured while choosing the settings (probe: greedy exact match on fres
 copying appears only once echo documents are in the mix (without them: 0/24 "repeat" after 1200
 steps); with them, at lr 1e-3: step 400 repeat 7/24, step 600 15/24 (last word 24/24), step 800
 22/24 (24/24). Starting the demo fine-tune (300 LoRA steps) from step 400 gave 30% reversal exact
-match, from step 600 92%; the shipped model is step 800.
+match, from step 600 92%; the shipped model is step 800 (200 LoRA steps: 0% -> 100%), and running
+this script with its defaults rebuilt it byte for byte.
 
 Outputs: ``qlora_lite/demo_model/`` (bf16 safetensors, tokenizer with a chat template,
 generation_config) and ``qlora_lite/demo_data/{train,eval}.jsonl`` (chat-format JSONL), which are
