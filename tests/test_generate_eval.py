@@ -146,3 +146,27 @@ def test_eval_reports_bad_data_with_file_and_line(tiny_llama, tmp_path):
     result = CliRunner().invoke(main, ["eval", "--model", str(tiny_llama), "--data", str(bad)])
     assert result.exit_code != 0
     assert f"{bad}:2" in result.output
+
+
+def test_chat_history_is_trimmed_oldest_first_to_fit_the_context():
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from qlora_lite.cli.generate import _fit
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    system = {"role": "system", "content": "Be brief."}
+    turns = []
+    for i in range(6):
+        turns += [{"role": "user", "content": f"Repeat the words: red cat {i}"},
+                  {"role": "assistant", "content": f"red cat {i}"}]
+    messages = [system] + turns + [{"role": "user", "content": "Repeat the words: last one"}]
+    roomy = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096))
+    assert _fit(tokenizer, messages, roomy, 16) == messages
+    tight = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=80))
+    kept = _fit(tokenizer, messages, tight, 16)
+    assert kept[0] == system and kept[-1] == messages[-1] and len(kept) < len(messages)
+    assert kept[1:] == messages[len(messages) - len(kept) + 1:]  # a suffix: the newest turns survive
+    prompt = tokenizer.apply_chat_template(kept, tokenize=False, add_generation_prompt=True)
+    assert len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + 16 <= 80
