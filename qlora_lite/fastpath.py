@@ -171,9 +171,19 @@ def chunked_causal_lm_loss(
     return total / (targets != ignore_index).sum().clamp(min=1)
 
 
+def _is_fsdp_root(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def supports_chunked_loss(model: nn.Module) -> bool:
     """Whether the model's logits are a plain ``hidden @ lm_head^T`` (no bias, scale or soft-capping)."""
-    config = model.config
+    config = getattr(model, "config", None)  # None for wrappers such as DDP: their forward must run
+    if config is None or _is_fsdp_root(model):  # FSDP unshards the root's weights in its own forward
+        return False
     head = model.get_output_embeddings()
     return (config.model_type in SUPPORTED_LOSS_MODELS and isinstance(head, nn.Linear)
             and head.bias is None and not getattr(config, "final_logit_softcapping", None)
