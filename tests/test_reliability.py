@@ -159,9 +159,14 @@ def test_kill_inside_checkpoint_write_then_resume_matches_and_merges_without_pic
     _assert_same_run(output, reference)
     assert [p.name for p in list_checkpoints(output)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
 
-    export = pytest.importorskip("qlora_lite.export")
-    report = export.merge_adapter(model, output, tmp_path / "merged", progress=False)
-    assert (tmp_path / "merged" / "config.json").exists() and report is not None
+    # ... and the merge and the GGUF export of that run, still with unpickling refused.
+    from qlora_lite.export import merge_adapter
+    from qlora_lite.gguf_export import export_gguf
+
+    report = merge_adapter(model, output, tmp_path / "merged", progress=False)
+    assert (tmp_path / "merged" / "config.json").exists() and report.max_abs_logit_diff <= report.tolerance
+    gguf_file = export_gguf(tmp_path / "merged", tmp_path / "model.gguf", progress=False)
+    assert gguf_file.stat().st_size > 0
 
 
 def test_kill_mid_rotation_keeps_newest_and_resumes(setup, tmp_path):
