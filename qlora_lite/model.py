@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -11,17 +13,24 @@ from .lora import inject_lora
 from .quant import DTYPES, load_base_model
 
 
-def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
+def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True,
+                         checkpoint_policy: str = "balanced") -> nn.Module:
     """Make a frozen (quantized) base trainable through its adapters.
 
     Non-reentrant checkpointing recomputes each decoder block in the backward pass; unlike the
     reentrant kind it needs no input that requires grad, so a frozen embedding works. The KV cache is
     useless while training and would hold memory, so it is switched off.
+
+    Args:
+        checkpoint_policy: memory (recompute whole blocks), balanced or speed (keep more outputs; see
+            ``fastpath.selective_checkpoint_context``).
     """
     model.config.use_cache = False
     # Attention and down-projection outputs are kept rather than recomputed
     # (fastpath.selective_checkpoint_context: two (B, T, H) tensors per block for ~10% of a step).
-    kwargs = {"use_reentrant": False, "context_fn": selective_checkpoint_context}
+    kwargs = {"use_reentrant": False}
+    if checkpoint_policy != "memory":
+        kwargs["context_fn"] = functools.partial(selective_checkpoint_context, checkpoint_policy)
     # transformers 5 renamed the switch; older releases only have the gradient_checkpointing_* names.
     if hasattr(model, "activation_checkpointing_enable"):
         if gradient_checkpointing:
@@ -54,6 +63,7 @@ def build_model(
     lora_dtype: str = "bf16",
     trainable: bool = True,
     gradient_checkpointing: bool = True,
+    checkpoint_policy: str = "balanced",
     seed: int | None = None,
 ) -> nn.Module:
     """Load the base, then add LoRA: loaded from ``adapter`` when given, else freshly initialised.
@@ -75,7 +85,7 @@ def build_model(
             torch.manual_seed(seed)
         inject_lora(model, target_modules, rank, alpha, dropout, rslora, DTYPES[lora_dtype])
     if trainable:
-        prepare_for_training(model, gradient_checkpointing)
+        prepare_for_training(model, gradient_checkpointing, checkpoint_policy)
     else:
         model.eval()
     return model
@@ -89,5 +99,6 @@ def build_model_from_config(config, trainable: bool = True) -> nn.Module:
         compute_dtype=m.compute_dtype, trust_remote_code=m.trust_remote_code,
         allow_bin_weights=m.allow_bin_weights, adapter=lo.adapter, target_modules=lo.target_modules,
         rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, rslora=lo.rslora, lora_dtype=lo.lora_dtype,
-        trainable=trainable, gradient_checkpointing=config.train.gradient_checkpointing, seed=config.train.seed,
+        trainable=trainable, gradient_checkpointing=config.train.gradient_checkpointing,
+        checkpoint_policy=config.train.checkpoint_policy, seed=config.train.seed,
     )

@@ -95,8 +95,10 @@ def test_chunked_loss_matches_full_logits():
     torch.testing.assert_close(total, ref.detach() * (labels[:, 1:] != -100).sum(), rtol=1e-3, atol=1e-2)
 
 
-def test_checkpointed_model_step_same_loss_and_grads(tiny_llama):
-    model = build_model(str(tiny_llama), bits=4, rank=8, dropout=0.0, seed=0, gradient_checkpointing=True)
+@pytest.mark.parametrize("policy", ["memory", "balanced", "speed"])
+def test_checkpointed_model_step_same_loss_and_grads(tiny_llama, policy):
+    model = build_model(str(tiny_llama), bits=4, rank=8, dropout=0.0, seed=0, gradient_checkpointing=True,
+                        checkpoint_policy=policy)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)

@@ -78,7 +78,8 @@ def load_ours(job: dict):
     from qlora_lite.model import build_model
 
     model = build_model(job["model"], bits=4, rank=job["rank"], alpha=2 * job["rank"], dropout=0.0,
-                        adapter=job.get("init_adapter"), gradient_checkpointing=True, seed=0)
+                        adapter=job.get("init_adapter"), gradient_checkpointing=True, seed=0,
+                        checkpoint_policy=job.get("checkpoint_policy", "balanced"))
     return model.to(DEVICE) if CUDA else model
 
 

@@ -47,6 +47,8 @@ def parse_args(argv=None):
                    help="torch threads per process (default: all cores); with 1, steps are also timed in "
                         "CPU seconds of that thread, which other jobs on shared cores barely disturb")
     p.add_argument("--no-estimate-check", action="store_true", help="skip the second model size")
+    p.add_argument("--checkpoint-policy", default="balanced", choices=("memory", "balanced", "speed"),
+                   help="what our checkpointing keeps (qlora-lite train --checkpoint-policy)")
     p.add_argument("--write", type=Path, help="also write the markdown to this file (e.g. BENCHMARKS.md)")
     return p.parse_args(argv)
 
@@ -131,7 +133,7 @@ def main(argv=None) -> dict:
     config = json.loads((model / "config.json").read_text())
     base = dict(model=str(model), seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
                 warmup=args.warmup, steps=args.steps, vocab_size=config["vocab_size"], profile=args.profile,
-                threads=args.threads)
+                threads=args.threads, checkpoint_policy=args.checkpoint_policy)
     print(f"benchmark of {model} -> {out}", flush=True)
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "model": str(model), "config": config,
                "load_avg_before": os.getloadavg(), "peak_flops": matmul_peak(args.threads)}
