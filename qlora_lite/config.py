@@ -31,7 +31,7 @@ def _opt(default: Any, help: str, choices: tuple | None = None, flag: str | None
 class ModelConfig:
     """Which base model to load and how to quantize it."""
 
-    model: str | None = _opt(None, "Base model: a local Hugging Face folder (or a hub id when online).")
+    model: str | None = _opt(None, "Base model: a local Hugging Face folder, demo (the bundled demo model), or a hub id when online.")
     bits: int = _opt(4, "Bits of the frozen base: 4 (QLoRA), 8 (LLM.int8) or 16 (plain LoRA).", (4, 8, 16))
     quant_type: str = _opt("nf4", "4-bit data type: nf4 (normal float, best for weights) or fp4.", ("nf4", "fp4"))
     double_quant: bool = _opt(True, "Quantize the 4-bit scales too (saves about 0.4 bits per weight).")

@@ -106,6 +106,8 @@ def read_config(config: dict | str | Path) -> tuple[dict, str]:
     if isinstance(config, dict):
         return config, "config"
     path = Path(config).expanduser()
+    if str(config) == "demo" and not path.exists():
+        path = Path(__file__).resolve().parent / "demo_model"
     if path.is_dir():
         path = path / "config.json"
     if not path.exists():

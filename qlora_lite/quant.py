@@ -270,8 +270,10 @@ def load_base_model(
 
 
 def resolve_model_dir(model_path: str | Path) -> Path:
-    """A local folder as given, or a hub id downloaded to the cache (needs network)."""
+    """A local folder as given, ``demo`` for the bundled demo model, or a hub id (needs network)."""
     path = Path(model_path).expanduser()
+    if str(model_path) == "demo" and not path.exists():
+        path = Path(__file__).resolve().parent / "demo_model"
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} is not a Hugging Face model folder: config.json is missing")

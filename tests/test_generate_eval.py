@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +171,13 @@ def test_chat_history_is_trimmed_oldest_first_to_fit_the_context():
     assert kept[1:] == messages[len(messages) - len(kept) + 1:]  # a suffix: the newest turns survive
     prompt = tokenizer.apply_chat_template(kept, tokenize=False, add_generation_prompt=True)
     assert len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + 16 <= 80
+
+
+def test_demo_shortcut_names_the_bundled_model_in_every_command(tmp_path):
+    """`--model demo` works for train, estimate and friends, not only generate."""
+    from qlora_lite.memory import read_config
+    from qlora_lite.quant import resolve_model_dir
+
+    bundled = Path(__file__).resolve().parents[1] / "qlora_lite" / "demo_model"
+    assert resolve_model_dir("demo") == bundled.resolve()
+    assert read_config("demo")[0]["model_type"] == "llama"
