@@ -327,13 +327,12 @@ def verify_merge(plan: MergePlan, merged_dir: Path, dtype: str, tolerance: float
     The reference is the model the adapter belongs to: for the dequantized policy the quantized base
     exactly as training loaded it, plus the adapter; for ``original`` the 16-bit base plus the adapter
     (computed in the output dtype). One model is in memory at a time: the quantized/16-bit reference,
-    then the merged model in ``dtype`` (the size of the output).
+    then the merged model in ``dtype``, streamed so that only one decoder block's weights are loaded.
     """
     import gc
 
-    from transformers import AutoModelForCausalLM
-
     from .model import build_model
+    from .stream_forward import streamed_model
 
     names = {v: k for k, v in DTYPES.items()}
     if plan.merge_base == "dequantized":
@@ -349,8 +348,9 @@ def verify_merge(plan: MergePlan, merged_dir: Path, dtype: str, tolerance: float
     del reference
     gc.collect()
     release_freed_memory()
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    got = _logits(merged.eval(), ids)
+    # Streamed block by block: the merged side peaks at one decoder block, not the whole output model.
+    with streamed_model(merged_dir, DTYPES[dtype], trust_remote_code=trust_remote_code) as merged:
+        got = _logits(merged, ids)
     del merged
     gc.collect()
     diff = (got - expected).abs().max().item()

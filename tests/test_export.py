@@ -323,3 +323,40 @@ def test_safetensors_stream_round_trip(tmp_path):
     assert written.keys() == tensors.keys() and all(torch.equal(written[k], v) for k, v in tensors.items())
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(tensors)
+
+
+@pytest.mark.parametrize("arch,shards,dtype", [("llama", 3, torch.bfloat16), ("gpt2", 1, torch.float32)])
+def test_streamed_model_gives_from_pretrained_logits_exactly(tiny_model_factory, arch, shards, dtype):
+    """verify_merge runs the merged side block by block; its logits must be from_pretrained's, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_lite.stream_forward import decoder_blocks, streamed_model
+
+    folder = tiny_model_factory(arch, shards=shards)
+    ids = probe()
+    expected = logits(AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), ids)
+    with streamed_model(folder, dtype) as model:
+        _, blocks = decoder_blocks(model)
+        assert len(blocks) == 2 and all(p.is_meta for p in blocks.parameters()), "blocks load only while they run"
+        got = logits(model, ids)
+        assert all(p.is_meta for p in blocks.parameters()), "a block's weights stayed in memory after it ran"
+        assert torch.equal(got, expected)
+        assert torch.equal(logits(model, ids), expected)  # a second pass reloads the blocks
+
+
+def test_streamed_model_names_missing_block_weights(tiny_llama, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qlora_lite.quant import ModelLoadError
+    from qlora_lite.stream_forward import streamed_model
+
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_llama, folder)
+    (file,) = folder.glob("*.safetensors")
+    state = load_file(file)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, file, metadata={"format": "pt"})
+    with streamed_model(folder, torch.bfloat16) as model, pytest.raises(ModelLoadError, match="up_proj"):
+        logits(model, probe())

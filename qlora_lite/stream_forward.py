@@ -1,0 +1,150 @@
+"""Run a model folder forward with only one decoder block's weights in memory at a time.
+
+``from_pretrained`` materialises every weight, so checking a merged 1.1B model in bf16 peaked at
+the size of the whole model. Here the skeleton is built on the meta device, the small non-block
+tensors (embeddings, final norm, head) are read up front, and each decoder block's tensors are read
+just before that block runs and dropped right after, by forward hooks on the blocks. Tensors are read
+with plain reads (``safetensors_io``), not memory maps: mapped pages stay in the process RSS.
+The logits are the same as ``from_pretrained`` gives: same weights, same dtype, same modules.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .quant import ModelLoadError, _resolve_key, weight_files
+from .safetensors_io import SafetensorsError, TensorEntry, iter_tensors, read_headers
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder layers: the model's largest ``nn.ModuleList`` (``model.layers``, ``transformer.h``).
+
+    Raises:
+        ModelLoadError: the model has no ``nn.ModuleList`` (not a stacked decoder).
+    """
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ModelLoadError(f"{type(model).__name__} has no list of decoder layers; cannot stream it block by block")
+    return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of parameter/buffer ``name`` (replacing the meta one, not copying).
+
+    The tensor takes the dtype the skeleton chose for that slot, as ``from_pretrained`` casts it
+    (files in another dtype, modules kept in fp32); a merged folder is already in that dtype.
+    """
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    current = module._parameters.get(leaf, module._buffers.get(leaf))
+    if current is not None and current.dtype != tensor.dtype:
+        tensor = tensor.to(current.dtype)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def _to_meta(block: nn.Module) -> None:
+    """Drop a block's weights: each parameter becomes a meta tensor of the same shape (no memory)."""
+    for module in block.modules():
+        for leaf, param in module._parameters.items():
+            if param is not None:
+                module._parameters[leaf] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+
+
+def _group_entries(model: nn.Module, entries: list[TensorEntry], prefix: str, count: int) -> tuple[list, list]:
+    """Split checkpoint entries into non-block ones and one list per block, with model names.
+
+    Returns:
+        ``(rest, per_block)``: lists of ``(entry, parameter name)``; keys the model lacks are skipped
+        (buffers some files carry, e.g. rotary ``inv_freq``).
+    """
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    names |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    rest, per_block = [], [[] for _ in range(count)]
+    for entry in entries:
+        name = _resolve_key(entry.name, names, model.base_model_prefix)
+        if name is None:
+            continue
+        index = name.removeprefix(f"{prefix}.").split(".", 1)[0] if name.startswith(f"{prefix}.") else ""
+        if index.isdigit():
+            per_block[int(index)].append((entry, name))
+        else:
+            rest.append((entry, name))
+    return rest, per_block
+
+
+def _load(model: nn.Module, pairs: list) -> None:
+    """Read ``(entry, name)`` pairs from disk into the model, one tensor at a time.
+
+    Raises:
+        ModelLoadError: a shard is truncated or unreadable.
+    """
+    by_entry = {id(entry): name for entry, name in pairs}
+    try:
+        for entry, tensor in iter_tensors([entry for entry, _ in pairs]):
+            _set_tensor(model, by_entry[id(entry)], tensor)
+    except (SafetensorsError, OSError) as e:
+        raise ModelLoadError(f"cannot read the model weights ({e})") from e
+
+
+@contextmanager
+def streamed_model(model_dir: str | Path, dtype: torch.dtype, trust_remote_code: bool = False):
+    """A model of ``model_dir`` in eval mode whose decoder blocks load their weights only while they run.
+
+    Use it for forward passes (no generation cache reuse across blocks is needed for one pass):
+    ``with streamed_model(folder, torch.bfloat16) as model: logits = model(input_ids=ids).logits``.
+    Peak memory is the non-block tensors plus one block (plus activations).
+
+    Raises:
+        ModelLoadError: no safetensors weights, unreadable files, or a parameter the files lack.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    # include_buffers=False: rotary and other non-persistent buffers are built normally, on the CPU.
+    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    model.eval()
+    prefix, blocks = decoder_blocks(model)
+    rest, per_block = _group_entries(model, read_headers(weight_files(model_dir)), prefix, len(blocks))
+    _load(model, rest)
+    model.tie_weights()  # a tied head is absent from the files: share the embedding read above
+    _check_loaded(model, prefix, model_dir)
+    handles = []
+    for block, pairs in zip(blocks, per_block):
+        # Default arguments bind this block's tensors; the hooks ignore the module inputs/outputs.
+        handles.append(block.register_forward_pre_hook(lambda m, _a, p=pairs: _load_block(model, m, p, model_dir)))
+        handles.append(block.register_forward_hook(lambda m, _a, _o: _to_meta(m)))
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for block in blocks:
+            _to_meta(block)
+
+
+def _load_block(model: nn.Module, block: nn.Module, pairs: list, model_dir: Path) -> None:
+    """Read one block's tensors; a parameter the files lack would otherwise fail deep in forward."""
+    _load(model, pairs)
+    missing = [n for n, p in block.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelLoadError(f"{model_dir}: the weights lack {', '.join(missing[:5])} of a decoder block; "
+                             "the folder is incomplete")
+
+
+def _check_loaded(model: nn.Module, prefix: str, model_dir: Path) -> None:
+    """Fail clearly if a non-block parameter is still on meta (the files lack it)."""
+    missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(f"{prefix}.")]
+    if missing:
+        raise ModelLoadError(f"{model_dir}: the weights lack {', '.join(missing[:5])}; the folder is incomplete")
