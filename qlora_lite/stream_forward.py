@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .quant import ModelLoadError, _resolve_key, weight_files
+from .quant import ModelLoadError, _resolve_key, release_freed_memory, weight_files
 from .safetensors_io import SafetensorsError, TensorEntry, iter_tensors, read_headers
 
 
@@ -56,6 +56,13 @@ def _to_meta(block: nn.Module) -> None:
         for leaf, param in module._parameters.items():
             if param is not None:
                 module._parameters[leaf] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+
+
+def _drop_block(block: nn.Module) -> None:
+    """Free a block that has run. glibc keeps the freed buffers in its heap (measured: RSS grew ~60 MB
+    a block on a 1.1B model, 2.0 GB in all); trimming after each block keeps RSS at one block."""
+    _to_meta(block)
+    release_freed_memory()
 
 
 def _group_entries(model: nn.Module, entries: list[TensorEntry], prefix: str, count: int) -> tuple[list, list]:
@@ -124,7 +131,7 @@ def streamed_model(model_dir: str | Path, dtype: torch.dtype, trust_remote_code:
     for block, pairs in zip(blocks, per_block):
         # Default arguments bind this block's tensors; the hooks ignore the module inputs/outputs.
         handles.append(block.register_forward_pre_hook(lambda m, _a, p=pairs: _load_block(model, m, p, model_dir)))
-        handles.append(block.register_forward_hook(lambda m, _a, _o: _to_meta(m)))
+        handles.append(block.register_forward_hook(lambda m, _a, _o: _drop_block(m)))
     try:
         yield model
     finally:
