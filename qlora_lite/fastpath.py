@@ -237,7 +237,7 @@ def selective_checkpoint_context(policy: str = "balanced"):
     keep = _attention_ops()
     matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
 
-    def policy(ctx, op, *args, **kwargs):
+    def decide(ctx, op, *args, **kwargs):  # named apart from ``policy``, which it reads
         if op in keep:
             return CheckpointPolicy.MUST_SAVE
         if op in matmuls:
@@ -247,4 +247,4 @@ def selective_checkpoint_context(policy: str = "balanced"):
                 return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
 
-    return create_selective_checkpoint_contexts(policy)
+    return create_selective_checkpoint_contexts(decide)

@@ -41,6 +41,10 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_disable()
+    # transformers also makes the embedding output require grad, which only the reentrant kind needs;
+    # with it, the first block would compute input gradients of its projections for nothing.
+    if gradient_checkpointing and hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
     model.train()
     return model
 
