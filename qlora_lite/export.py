@@ -320,35 +320,54 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
-def verify_merge(plan: MergePlan, merged_dir: Path, dtype: str, tolerance: float | None = None,
-                 trust_remote_code: bool = False) -> tuple[float, float]:
-    """Largest |logit difference| between the merged folder and base+adapter, and the tolerance.
+def _as_trained(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A base tensor as the training model held it: quantized weights through their quantization."""
+    return _roundtrip(tensor, key in plan.conv1d, plan.quant) if key in plan.quantized else tensor
 
-    The reference is the model the adapter belongs to: for the dequantized policy the quantized base
-    exactly as training loaded it, plus the adapter; for ``original`` the 16-bit base plus the adapter
-    (computed in the output dtype). One model is in memory at a time: the quantized/16-bit reference,
-    then the merged model in ``dtype``, streamed so that only one decoder block's weights are loaded.
-    """
-    import gc
 
+def _quantized_reference_logits(plan: MergePlan, trust_remote_code: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Base+adapter loaded whole, as training loads it. Only for 8-bit: LLM.int8 multiplies int8
+    activations, which no dequantized weight reproduces, so that reference cannot be streamed."""
     from .model import build_model
-    from .stream_forward import streamed_model
 
     names = {v: k for k, v in DTYPES.items()}
-    if plan.merge_base == "dequantized":
-        bits, compute = plan.quant["bits"], names[plan.quant.get("compute_dtype") or torch.bfloat16]
-    else:
-        bits, compute = 16, dtype
-    reference = build_model(str(plan.base_dir), bits=bits, quant_type=plan.quant.get("quant_type", "nf4"),
-                            double_quant=plan.quant.get("double_quant", True), compute_dtype=compute,
+    reference = build_model(str(plan.base_dir), bits=plan.quant["bits"],
+                            compute_dtype=names[plan.quant.get("compute_dtype") or torch.bfloat16],
                             adapter=str(plan.adapter_dir), trainable=False, gradient_checkpointing=False,
                             trust_remote_code=trust_remote_code)
     ids = _probe_ids(reference.get_input_embeddings().weight.shape[0])
     expected = _logits(reference, ids)
     del reference
+    return ids, expected
+
+
+def verify_merge(plan: MergePlan, merged_dir: Path, dtype: str, tolerance: float | None = None,
+                 trust_remote_code: bool = False) -> tuple[float, float]:
+    """Largest |logit difference| between the merged folder and base+adapter, and the tolerance.
+
+    The reference is the model the adapter belongs to: for the dequantized policy the base with every
+    quantized weight as training held it (quantized, then dequantized to the compute dtype, which is
+    what a 4-bit layer multiplies by), plus the adapter unmerged; for ``original`` the 16-bit base plus
+    the adapter, in the output dtype. Both sides run streamed, one decoder block's weights in memory
+    at a time, one side after the other, so the check costs about one block plus the embeddings.
+    """
+    import functools
+    import gc
+
+    from .stream_forward import streamed_model
+
+    if plan.merge_base == "dequantized" and plan.quant["bits"] == 8:
+        ids, expected = _quantized_reference_logits(plan, trust_remote_code)
+    else:
+        trained = plan.merge_base == "dequantized" and plan.quant.get("compute_dtype") is not None
+        with streamed_model(plan.base_dir, plan.quant["compute_dtype"] if trained else DTYPES[dtype],
+                            trust_remote_code=trust_remote_code, adapter_dir=plan.adapter_dir,
+                            transform=functools.partial(_as_trained, plan) if trained else None) as reference:
+            ids = _probe_ids(reference.get_input_embeddings().weight.shape[0])
+            expected = _logits(reference, ids)
+        del reference
     gc.collect()
     release_freed_memory()
-    # Streamed block by block: the merged side peaks at one decoder block, not the whole output model.
     with streamed_model(merged_dir, DTYPES[dtype], trust_remote_code=trust_remote_code) as merged:
         got = _logits(merged, ids)
     del merged

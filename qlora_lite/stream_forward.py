@@ -6,6 +6,10 @@ tensors (embeddings, final norm, head) are read up front, and each decoder block
 just before that block runs and dropped right after, by forward hooks on the blocks. Tensors are read
 with plain reads (``safetensors_io``), not memory maps: mapped pages stay in the process RSS.
 The logits are the same as ``from_pretrained`` gives: same weights, same dtype, same modules.
+
+The merge check runs both of its sides this way: the merged folder as written, and the base plus the
+adapter (LoRA layers wrapped around the streamed base layers, each base weight passed through the
+quantization training used), so neither side ever holds a whole model.
 """
 
 from __future__ import annotations
@@ -50,19 +54,31 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[leaf] = tensor
 
 
-def _to_meta(block: nn.Module) -> None:
-    """Drop a block's weights: each parameter becomes a meta tensor of the same shape (no memory)."""
-    for module in block.modules():
-        for leaf, param in module._parameters.items():
-            if param is not None:
-                module._parameters[leaf] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+def _to_meta(module: nn.Module, leaf: str) -> None:
+    """Drop one parameter's storage: it becomes a meta tensor of the same shape (no memory)."""
+    param = module._parameters[leaf]
+    module._parameters[leaf] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
 
 
-def _drop_block(block: nn.Module) -> None:
-    """Free a block that has run. glibc keeps the freed buffers in its heap (measured: RSS grew ~60 MB
-    a block on a 1.1B model, 2.0 GB in all); trimming after each block keeps RSS at one block."""
-    _to_meta(block)
+def _drop_block(model: nn.Module, pairs: list) -> None:
+    """Free the tensors a block read (its adapter, loaded up front, stays). glibc keeps the freed
+    buffers in its heap (measured: RSS grew ~60 MB a block on a 1.1B model, 2.0 GB in all); trimming
+    after each block keeps RSS at one block."""
+    for _, name in pairs:
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if leaf in module._parameters:
+            _to_meta(module, leaf)
     release_freed_memory()
+
+
+def _model_name(key: str, names: set[str], prefix: str) -> str | None:
+    """The model's name for a checkpoint key, also when a LoRA wrapper moved the layer to ``base_layer``."""
+    name = _resolve_key(key, names, prefix)
+    if name is None:
+        owner, _, leaf = key.rpartition(".")
+        name = _resolve_key(f"{owner}.base_layer.{leaf}", names, prefix) if owner else None
+    return name
 
 
 def _group_entries(model: nn.Module, entries: list[TensorEntry], prefix: str, count: int) -> tuple[list, list]:
@@ -76,7 +92,7 @@ def _group_entries(model: nn.Module, entries: list[TensorEntry], prefix: str, co
     names |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
     rest, per_block = [], [[] for _ in range(count)]
     for entry in entries:
-        name = _resolve_key(entry.name, names, model.base_model_prefix)
+        name = _model_name(entry.name, names, model.base_model_prefix)
         if name is None:
             continue
         index = name.removeprefix(f"{prefix}.").split(".", 1)[0] if name.startswith(f"{prefix}.") else ""
@@ -87,8 +103,9 @@ def _group_entries(model: nn.Module, entries: list[TensorEntry], prefix: str, co
     return rest, per_block
 
 
-def _load(model: nn.Module, pairs: list) -> None:
-    """Read ``(entry, name)`` pairs from disk into the model, one tensor at a time.
+def _load(model: nn.Module, pairs: list, transform=None) -> None:
+    """Read ``(entry, name)`` pairs from disk into the model, one tensor at a time, each passed through
+    ``transform(checkpoint_key, tensor)`` when given.
 
     Raises:
         ModelLoadError: a shard is truncated or unreadable.
@@ -96,18 +113,25 @@ def _load(model: nn.Module, pairs: list) -> None:
     by_entry = {id(entry): name for entry, name in pairs}
     try:
         for entry, tensor in iter_tensors([entry for entry, _ in pairs]):
-            _set_tensor(model, by_entry[id(entry)], tensor)
+            _set_tensor(model, by_entry[id(entry)], transform(entry.name, tensor) if transform else tensor)
     except (SafetensorsError, OSError) as e:
         raise ModelLoadError(f"cannot read the model weights ({e})") from e
 
 
 @contextmanager
-def streamed_model(model_dir: str | Path, dtype: torch.dtype, trust_remote_code: bool = False):
+def streamed_model(model_dir: str | Path, dtype: torch.dtype, trust_remote_code: bool = False, *,
+                   adapter_dir: str | Path | None = None, transform=None):
     """A model of ``model_dir`` in eval mode whose decoder blocks load their weights only while they run.
 
     Use it for forward passes (no generation cache reuse across blocks is needed for one pass):
     ``with streamed_model(folder, torch.bfloat16) as model: logits = model(input_ids=ids).logits``.
     Peak memory is the non-block tensors plus one block (plus activations).
+
+    Args:
+        adapter_dir: a LoRA adapter (PEFT layout) to wrap around the base layers, unmerged, exactly as
+            ``adapter.load_adapter`` does for training; its weights are small and read up front.
+        transform: ``transform(checkpoint_key, tensor) -> tensor`` applied to every tensor read, e.g. to
+            quantize and dequantize base weights as training held them.
 
     Raises:
         ModelLoadError: no safetensors weights, unreadable files, or a parameter the files lack.
@@ -121,29 +145,34 @@ def streamed_model(model_dir: str | Path, dtype: torch.dtype, trust_remote_code:
     with init_empty_weights(include_buffers=False), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    if adapter_dir is not None:
+        from .adapter import load_adapter
+
+        load_adapter(model, adapter_dir)
     model.eval()
     prefix, blocks = decoder_blocks(model)
     rest, per_block = _group_entries(model, read_headers(weight_files(model_dir)), prefix, len(blocks))
-    _load(model, rest)
+    _load(model, rest, transform)
     model.tie_weights()  # a tied head is absent from the files: share the embedding read above
     _check_loaded(model, prefix, model_dir)
     handles = []
     for block, pairs in zip(blocks, per_block):
         # Default arguments bind this block's tensors; the hooks ignore the module inputs/outputs.
-        handles.append(block.register_forward_pre_hook(lambda m, _a, p=pairs: _load_block(model, m, p, model_dir)))
-        handles.append(block.register_forward_hook(lambda m, _a, _o: _drop_block(m)))
+        handles.append(block.register_forward_pre_hook(
+            lambda m, _a, p=pairs: _load_block(model, m, p, model_dir, transform)))
+        handles.append(block.register_forward_hook(lambda m, _a, _o, p=pairs: _drop_block(model, p)))
     try:
         yield model
     finally:
         for handle in handles:
             handle.remove()
-        for block in blocks:
-            _to_meta(block)
+        for pairs in per_block:
+            _drop_block(model, pairs)
 
 
-def _load_block(model: nn.Module, block: nn.Module, pairs: list, model_dir: Path) -> None:
+def _load_block(model: nn.Module, block: nn.Module, pairs: list, model_dir: Path, transform=None) -> None:
     """Read one block's tensors; a parameter the files lack would otherwise fail deep in forward."""
-    _load(model, pairs)
+    _load(model, pairs, transform)
     missing = [n for n, p in block.named_parameters() if p.is_meta]
     if missing:
         raise ModelLoadError(f"{model_dir}: the weights lack {', '.join(missing[:5])} of a decoder block; "
