@@ -132,7 +132,8 @@ def reload_merged(merged_dir: Path, eval_file: Path, limit: int | None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import read_jsonl, render_example
+    from .data_formats import read_jsonl
+    from .data_tokenize import render_example
     from .generation import exact_match
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)

@@ -71,7 +71,7 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
 
     A tokenizer without a chat template gets ``data.DEFAULT_CHAT_TEMPLATE``, as in training.
     """
-    from .data import DEFAULT_CHAT_TEMPLATE
+    from .data_tokenize import DEFAULT_CHAT_TEMPLATE
 
     template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, chat_template=template)
@@ -79,7 +79,7 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
 
 def prompt_ids(tokenizer, text: str, fmt: str = "chat") -> list[int]:
     """Token ids of a prompt exactly as training tokenized it (``data.encode_prompt``; BOS rules included)."""
-    from .data import encode_prompt
+    from .data_tokenize import encode_prompt
 
     return encode_prompt(text, tokenizer, fmt)
 
@@ -196,7 +196,9 @@ def evaluate_jsonl(model: nn.Module, tokenizer, path: str | Path, *, fmt: str = 
     Raises:
         data.DataError: unreadable file or records, with FILE:LINE.
     """
-    from .data import detect_format, load_dataset, read_jsonl, render_example
+    from .data import load_dataset
+    from .data_formats import detect_format, read_jsonl
+    from .data_tokenize import render_example
     from .train import evaluate
 
     examples, _ = load_dataset(str(path), tokenizer, format=fmt, max_seq_len=max_seq_len, drop_long=False,

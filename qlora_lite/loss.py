@@ -39,7 +39,7 @@ def label_tokens(example: dict) -> int:
 def eval_sums(model: nn.Module, examples: list[dict], batch_size: int, pad_token_id: int,
               device: torch.device | str = "cpu") -> tuple[float, int]:
     """Summed eval loss and token count over ``examples`` (model put in eval mode, then restored)."""
-    from .data import collate
+    from .data_packing import collate
 
     # Similar lengths batched together waste less compute on padding (the result does not depend on it).
     examples = sorted(examples, key=lambda e: len(e["input_ids"]))

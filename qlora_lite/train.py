@@ -109,7 +109,8 @@ def load_training_data(config: Config, tokenizer) -> tuple[list[dict], list[dict
     Raises:
         data.DataError: unreadable or unusable data, with FILE:LINE.
     """
-    from .data import load_dataset, pack_examples, split_eval
+    from .data import load_dataset, split_eval
+    from .data_packing import pack_examples
 
     d = config.data
     kwargs = dict(format=d.format, max_seq_len=d.max_seq_len, drop_long=d.drop_long,
@@ -322,7 +323,7 @@ class _Loop:
         # process of a multi-process one, repeats exactly the masks of the uninterrupted run.
         torch.manual_seed((self.t.seed * 1_000_003 + self.step) * 1024 + rank)
         loss_sum = torch.zeros((), device=acc.device)
-        from .data import collate
+        from .data_packing import collate
 
         for k, chunk in enumerate(window):
             batch = collate([examples[i] for i in chunk[rank::procs]], self.pad_token_id)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qlora_lite import data
+from qlora_lite import data, data_formats, data_packing, data_tokenize
 from qlora_lite.data import DataError
 from qlora_lite.quant import load_tokenizer
 
@@ -54,37 +54,37 @@ def learned_runs(tokenizer, example):
 
 @pytest.mark.parametrize("record", [ALPACA, {"instruction": "add two numbers", "output": "2 plus 3 equals 5"}])
 def test_alpaca_learns_only_response_and_eos(tokenizer, record):
-    example = data.tokenize_example(record, tokenizer, "alpaca")
-    prompt, response = data.render_example(record, tokenizer, "alpaca")
+    example = data_tokenize.tokenize_example(record, tokenizer, "alpaca")
+    prompt, response = data_tokenize.render_example(record, tokenizer, "alpaca")
     assert prompt.endswith("### Response:\n") and ("### Input:\n2 and 3" in prompt) == ("input" in record)
     assert learned_runs(tokenizer, example) == [response + "</s>"]
-    prompt_ids = data.encode_prompt(prompt, tokenizer, "alpaca")
+    prompt_ids = data_tokenize.encode_prompt(prompt, tokenizer, "alpaca")
     assert example["input_ids"][:len(prompt_ids)] == prompt_ids
     assert set(example["labels"][:len(prompt_ids)]) == {-100}
     assert tokenizer.decode(example["input_ids"]) == prompt + response + "</s>"
 
 
 def test_chat_learns_every_assistant_turn_with_its_end_of_turn(tokenizer):
-    example = data.tokenize_example(CHAT, tokenizer, "chat")
+    example = data_tokenize.tokenize_example(CHAT, tokenizer, "chat")
     assert learned_runs(tokenizer, example) == ["I am fine, thank you.</s>", "5</s>"]
-    prompt, response = data.render_example(CHAT, tokenizer, "chat")
+    prompt, response = data_tokenize.render_example(CHAT, tokenizer, "chat")
     assert prompt.endswith("add 2 plus 3<|assistant|>\n") and "I am fine, thank you.</s>" in prompt
     assert response == "5"
-    prompt_ids = data.encode_prompt(prompt, tokenizer, "chat")
+    prompt_ids = data_tokenize.encode_prompt(prompt, tokenizer, "chat")
     assert example["input_ids"][:len(prompt_ids)] == prompt_ids
     assert example["input_ids"][-1] == tokenizer.eos_token_id  # the template's EOS is not doubled
     alone = {"messages": [{"role": "assistant", "content": "hello"}]}  # no prompt at all: the header is not learned
-    assert learned_runs(tokenizer, data.tokenize_example(alone, tokenizer, "chat")) == ["hello</s>"]
-    assert data.render_example(alone, tokenizer, "chat") == ("<|assistant|>\n", "hello")
+    assert learned_runs(tokenizer, data_tokenize.tokenize_example(alone, tokenizer, "chat")) == ["hello</s>"]
+    assert data_tokenize.render_example(alone, tokenizer, "chat") == ("<|assistant|>\n", "hello")
 
 
 def test_text_learns_everything_and_train_on_inputs_learns_prompt(tokenizer):
-    example = data.tokenize_example({"text": "The quick brown fox"}, tokenizer, "text")
+    example = data_tokenize.tokenize_example({"text": "The quick brown fox"}, tokenizer, "text")
     assert learned_runs(tokenizer, example) == ["The quick brown fox</s>"]
     for fmt, record in (("alpaca", ALPACA), ("chat", CHAT)):
-        full = data.tokenize_example(record, tokenizer, fmt, train_on_inputs=True)
+        full = data_tokenize.tokenize_example(record, tokenizer, fmt, train_on_inputs=True)
         assert full["labels"] == full["input_ids"]
-        assert full["input_ids"] == data.tokenize_example(record, tokenizer, fmt)["input_ids"]
+        assert full["input_ids"] == data_tokenize.tokenize_example(record, tokenizer, fmt)["input_ids"]
 
 
 def sentencepiece_style_tokenizer():
@@ -114,11 +114,11 @@ def test_prompt_tokens_stay_exact_when_bpe_would_merge_across_the_boundary(token
     chat = {"messages": [{"role": "user", "content": "2 and 3"}, {"role": "assistant", "content": "5"}]}
     cases = [("chat", chat)] + ([("alpaca", {"instruction": "add", "output": "5 plus 3"})] if kind != "byte-level" else [])
     for fmt, record in cases:
-        prompt, response = data.render_example(record, tokenizer, fmt)
-        prompt_ids = data.encode_prompt(prompt, tokenizer, fmt)
+        prompt, response = data_tokenize.render_example(record, tokenizer, fmt)
+        prompt_ids = data_tokenize.encode_prompt(prompt, tokenizer, fmt)
         whole = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
         assert whole[:len(prompt_ids)] != prompt_ids  # the merge really happens
-        example = data.tokenize_example(record, tokenizer, fmt)
+        example = data_tokenize.tokenize_example(record, tokenizer, fmt)
         assert example["input_ids"][:len(prompt_ids)] == prompt_ids
         assert learned_runs(tokenizer, example) == [response + "</s>"]
         assert tokenizer.decode(example["input_ids"]) == prompt + response + "</s>"
@@ -132,17 +132,17 @@ def test_template_that_rewrites_earlier_turns_learns_the_last_turn(tokenizer):
         "{% endif %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
     with pytest.warns(UserWarning, match="renders earlier turns differently"):
-        example = data.tokenize_example(CHAT, tokenizer, "chat")
+        example = data_tokenize.tokenize_example(CHAT, tokenizer, "chat")
     assert learned_runs(tokenizer, example) == ["<think></think>5</s>"]
     with pytest.raises(DataError, match="missing field 'output'"):
-        data.render_example({"instruction": "a"}, tokenizer, "alpaca")
+        data_tokenize.render_example({"instruction": "a"}, tokenizer, "alpaca")
 
 
 def test_default_chat_template_when_tokenizer_has_none(tokenizer):
     tokenizer.chat_template = None
-    example = data.tokenize_example(CHAT, tokenizer, "chat")
+    example = data_tokenize.tokenize_example(CHAT, tokenizer, "chat")
     assert learned_runs(tokenizer, example) == ["I am fine, thank you.</s>", "5</s>"]
-    prompt, _ = data.render_example(CHAT, tokenizer, "chat")
+    prompt, _ = data_tokenize.render_example(CHAT, tokenizer, "chat")
     assert prompt.startswith("<|im_start|>system\nbe nice</s>") and prompt.endswith("<|im_start|>assistant\n")
 
 
@@ -151,17 +151,17 @@ def test_bos_added_once(tokenizer):
 
     tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     assert tokenizer("a")["input_ids"][0] == 1  # this tokenizer now adds BOS by itself
-    alpaca = data.tokenize_example(ALPACA, tokenizer, "alpaca")
+    alpaca = data_tokenize.tokenize_example(ALPACA, tokenizer, "alpaca")
     assert alpaca["input_ids"][0] == 1 and alpaca["input_ids"].count(1) == 1
     tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
-    chat = data.tokenize_example(CHAT, tokenizer, "chat")
+    chat = data_tokenize.tokenize_example(CHAT, tokenizer, "chat")
     assert chat["input_ids"][0] == 1 and chat["input_ids"].count(1) == 1
 
 
 def test_eos_stays_labelled_when_pad_is_eos(pad_eos_tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [ALPACA, {"instruction": "hello", "output": "I am fine, thank you."}])
     examples, _ = data.load_dataset(path, pad_eos_tokenizer)
-    batch = data.collate(examples, pad_eos_tokenizer.pad_token_id)
+    batch = data_packing.collate(examples, pad_eos_tokenizer.pad_token_id)
     eos = pad_eos_tokenizer.eos_token_id
     lengths = [len(e["input_ids"]) for e in examples]
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, max(lengths))
@@ -175,8 +175,8 @@ def test_truncate_or_drop_long_examples(tokenizer, tmp_path):
     long_output = "the quick brown fox jumps over the lazy dog " * 4
     rows = [ALPACA, {**ALPACA, "output": long_output}, {**ALPACA, "instruction": "x " * 80}, {**ALPACA, "output": " "}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    short = len(data.tokenize_example(ALPACA, tokenizer, "alpaca")["input_ids"])
-    full_long = data.tokenize_example(rows[1], tokenizer, "alpaca")
+    short = len(data_tokenize.tokenize_example(ALPACA, tokenizer, "alpaca")["input_ids"])
+    full_long = data_tokenize.tokenize_example(rows[1], tokenizer, "alpaca")
     max_len = short + 5  # the long response gets cut; the long prompt leaves no response at all
     examples, stats = data.load_dataset(path, tokenizer, max_seq_len=max_len)
     assert (stats.total, stats.kept, stats.truncated, stats.dropped_too_long, stats.empty) == (4, 2, 1, 1, 1)
@@ -185,7 +185,7 @@ def test_truncate_or_drop_long_examples(tokenizer, tmp_path):
     assert stats.summary() == "kept 2 of 4 (alpaca): 1 truncated, 1 dropped (too long), 1 empty"
     examples, stats = data.load_dataset(path, tokenizer, max_seq_len=max_len, drop_long=True)
     assert (stats.kept, stats.truncated, stats.dropped_too_long) == (1, 0, 2)
-    assert examples[0]["input_ids"] == data.tokenize_example(ALPACA, tokenizer, "alpaca")["input_ids"]
+    assert examples[0]["input_ids"] == data_tokenize.tokenize_example(ALPACA, tokenizer, "alpaca")["input_ids"]
 
 
 BAD_ROWS = [ALPACA] * 4 + [b'{"instruction": "a", "output": }', ALPACA, {"instruction": "a"}, ALPACA,
@@ -202,7 +202,7 @@ def test_bad_lines_are_all_reported_with_file_and_line(tokenizer, tmp_path):
     assert lines[3].startswith(f"{path}:9: invalid UTF-8")
     assert len(lines) == 4 and "--skip-bad-lines" in lines[0]
     with pytest.raises(DataError, match=":9: invalid UTF-8"):
-        data.read_jsonl(path)
+        data_formats.read_jsonl(path)
 
 
 def test_skip_bad_lines_loads_the_rest_and_reports(tokenizer, tmp_path):
@@ -218,7 +218,7 @@ def test_windows_line_endings_bom_and_blank_lines_are_fine(tokenizer, tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(ALPACA).encode() + b"\r\n\r\n" + json.dumps(ALPACA).encode() + b"\r\n")
     examples, stats = data.load_dataset(path, tokenizer)
     assert (stats.total, stats.kept, stats.format) == (2, 2, "alpaca")
-    assert examples[0] == data.tokenize_example(ALPACA, tokenizer, "alpaca")
+    assert examples[0] == data_tokenize.tokenize_example(ALPACA, tokenizer, "alpaca")
 
 
 def test_empty_and_all_too_long_raise_with_counts(tokenizer, tmp_path):
@@ -238,13 +238,13 @@ def test_empty_and_all_too_long_raise_with_counts(tokenizer, tmp_path):
 
 
 def test_format_detection_and_clear_errors(tokenizer, tmp_path):
-    assert data.detect_format([(1, ALPACA), (2, {"instruction": "a"}), (3, {"text": "b"})], "f") == "alpaca"
-    assert data.detect_format([CHAT], "f") == "chat"
+    assert data_formats.detect_format([(1, ALPACA), (2, {"instruction": "a"}), (3, {"text": "b"})], "f") == "alpaca"
+    assert data_formats.detect_format([CHAT], "f") == "chat"
     with pytest.raises(DataError, match="cannot detect the data format.*'prompt'"):
-        data.detect_format([(1, {"prompt": "a", "completion": "b"})], "f.jsonl")
-    assert data.validate_record({"messages": [{"role": "user", "content": 3}]}, "chat") == \
+        data_formats.detect_format([(1, {"prompt": "a", "completion": "b"})], "f.jsonl")
+    assert data_formats.validate_record({"messages": [{"role": "user", "content": 3}]}, "chat") == \
         "messages[0].content must be a string, got a number"
-    assert "last message must be from the assistant" in data.validate_record(
+    assert "last message must be from the assistant" in data_formats.validate_record(
         {"messages": [{"role": "user", "content": "hi"}]}, "chat")
     path = write_jsonl(tmp_path / "chat.jsonl", [CHAT])
     with pytest.raises(DataError, match=f"{path}:1: missing field 'instruction'"):
@@ -267,7 +267,7 @@ def test_split_eval_is_deterministic_and_disjoint():
 def test_packing_restarts_positions_and_masks_boundaries():
     examples = [{"input_ids": list(range(100 * k, 100 * k + n)), "labels": list(range(100 * k, 100 * k + n))}
                 for k, n in enumerate([5, 3, 7, 2, 6, 4])]
-    packs = data.pack_examples(examples, max_seq_len=10)
+    packs = data_packing.pack_examples(examples, max_seq_len=10)
     assert len(packs) == 3 and all(len(p["input_ids"]) <= 10 for p in packs)
     seen = []
     for pack in packs:
@@ -278,10 +278,10 @@ def test_packing_restarts_positions_and_masks_boundaries():
             assert pack["labels"][a] == -100 and pack["labels"][a + 1:b] == pack["input_ids"][a + 1:b]
             seen.append(pack["input_ids"][a:b])
     assert sorted(seen) == sorted(e["input_ids"] for e in examples)
-    batch = data.collate(packs, pad_token_id=0)
+    batch = data_packing.collate(packs, pad_token_id=0)
     assert "attention_mask" not in batch and batch["position_ids"].shape == batch["input_ids"].shape
     with pytest.raises(ValueError, match="more than max_seq_len"):
-        data.pack_examples(examples, max_seq_len=6)
+        data_packing.pack_examples(examples, max_seq_len=6)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -293,9 +293,9 @@ def test_packed_batch_gives_same_logits_as_separate_examples(tiny_llama, pad_eos
         paths.append(write_jsonl(tmp_path / f"{i}.jsonl", [row]))
     examples = [data.load_dataset(p, pad_eos_tokenizer)[0][0] for p in paths]
     longest = max(len(e["input_ids"]) for e in examples)
-    packs = data.pack_examples(examples, max_seq_len=longest + 40)
+    packs = data_packing.pack_examples(examples, max_seq_len=longest + 40)
     assert len(packs) < len(examples)  # several examples really share a sequence
-    batch = data.collate(packs, pad_eos_tokenizer.pad_token_id)
+    batch = data_packing.collate(packs, pad_eos_tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation=attn)
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits

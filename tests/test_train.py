@@ -118,7 +118,8 @@ def test_4bit_adapter_gives_peft_on_transformers_bnb_the_same_logits(tiny_llama,
 def test_packed_batch_loss_equals_the_examples_one_by_one(tiny_llama, tmp_path, one_thread):
     # Packing must not let attention cross examples: the loss of a pack is the sum of its parts.
     # (Attending across them changes the sum by ~1e-5 relative on this model, hence fp32.)
-    from qlora_lite.data import collate, load_dataset, pack_examples
+    from qlora_lite.data import load_dataset
+    from qlora_lite.data_packing import collate, pack_examples
     from qlora_lite.model import build_model
     from qlora_lite.quant import load_tokenizer
 
