@@ -2,8 +2,8 @@
 
 A checkpoint is ``OUTPUT/checkpoint-{step}/`` holding the adapter (PEFT layout), the optimizer state
 (``optimizer.safetensors`` + ``optimizer.json``), ``scheduler.json``, the RNG states (``rng.safetensors``
-+ ``rng.json``) and ``trainer_state.json``. It is written into ``checkpoint-{step}.tmp``, every file
-and the folder are fsynced, the folder is renamed, and only then the ``COMPLETE`` marker (a manifest
++ ``rng.json``), ``trainer_state.json`` and, in fp16 runs, the loss scale (``scaler.json``). It is
+written into ``checkpoint-{step}.tmp``, every file and the folder are fsynced, the folder is renamed, and only then the ``COMPLETE`` marker (a manifest
 of file sizes) is written. A folder without the marker is never used, so a kill at any moment leaves
 either the previous checkpoints or a complete new one. Rotation deletes old checkpoints marker-first.
 
@@ -178,9 +178,13 @@ def restore_rng_state(state: dict) -> None:
         np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def _checkpoint_files(model: nn.Module, optimizer, scheduler, trainer_state: dict) -> dict[str, bytes]:
+def _checkpoint_files(model: nn.Module, optimizer, scheduler, trainer_state: dict, scaler=None) -> dict[str, bytes]:
     """Serialise everything except the adapter into ``{file name: bytes}`` (done before touching disk)."""
+    from .scaler_state import SCALER_JSON, scaler_json_bytes
+
     files: dict[str, bytes] = {}
+    if (scaler_bytes := scaler_json_bytes(scaler)) is not None:  # fp16 runs: the loss scale goes on from here
+        files[SCALER_JSON] = scaler_bytes
     if optimizer is not None:
         tensors: dict[str, torch.Tensor] = {}
         try:
@@ -266,7 +270,7 @@ def _write_folder(tmp: Path, model: nn.Module, files: dict[str, bytes], where: l
 
 
 def save_checkpoint(output_dir, step: int, model: nn.Module, optimizer, scheduler, trainer_state: dict,
-                    total_limit: int = 0) -> Path:
+                    total_limit: int = 0, scaler=None) -> Path:
     """Write ``output_dir/checkpoint-{step}/`` atomically, then rotate old checkpoints.
 
     Args:
@@ -275,6 +279,7 @@ def save_checkpoint(output_dir, step: int, model: nn.Module, optimizer, schedule
         optimizer, scheduler: torch or bitsandbytes optimizer and an LR scheduler (either may be None).
         trainer_state: JSON-able dict (step, epoch, position, fingerprint, loss history, ...).
         total_limit: keep only the newest N complete checkpoints (0 keeps all); the newest is never removed.
+        scaler: the fp16 gradient scaler (``accelerator.scaler``) or None; saved as ``scaler.json``.
 
     Returns:
         The checkpoint folder.
@@ -287,7 +292,7 @@ def save_checkpoint(output_dir, step: int, model: nn.Module, optimizer, schedule
     output_dir = Path(output_dir)
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f"checkpoint-{step}.tmp"
     _check_finite(model, step)
-    files = _checkpoint_files(model, optimizer, scheduler, trainer_state)
+    files = _checkpoint_files(model, optimizer, scheduler, trainer_state, scaler)
     where = [tmp]  # the path being written, for the error message
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -474,9 +479,23 @@ def read_trainer_state(path) -> dict:
     return _read_json(Path(path) / TRAINER_STATE)
 
 
-def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None) -> dict:
-    """Restore LoRA weights (in place, so optimizer references stay valid), optimizer, scheduler and
-    RNG states from a checkpoint folder.
+def _load_scaler(path: Path, scaler) -> None:
+    """Restore the fp16 loss scale; a checkpoint written before it was saved only warns."""
+    from .scaler_state import ScalerStateError, load_scaler
+
+    try:
+        restored = load_scaler(path, scaler)
+    except ScalerStateError as e:
+        raise CheckpointError(str(e)) from None
+    if not restored:
+        warnings.warn(f"{path} holds no fp16 loss scale (written by an older qlora-lite or a run without fp16); "
+                      f"the scale restarts at {scaler.get_scale():g}, so the first resumed steps may be skipped "
+                      "while it backs off", stacklevel=3)
+
+
+def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, scaler=None) -> dict:
+    """Restore LoRA weights (in place, so optimizer references stay valid), optimizer, scheduler,
+    gradient scaler (``scaler``, fp16 runs) and RNG states from a checkpoint folder.
 
     Returns:
         The saved trainer_state dict.
@@ -505,6 +524,8 @@ def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None) -> d
         saved = _read_json(path / SCHEDULER_JSON)
         current = scheduler.state_dict()  # supplies entries that were not serialisable (LambdaLR functions)
         scheduler.load_state_dict({**current, **_decode(saved["state"], {})})
+    if scaler is not None:
+        _load_scaler(path, scaler)
     rng = _read_json(path / RNG_JSON)
     tensors = _load_tensors(path / RNG_TENSORS)
     restore_rng_state({"torch": tensors["torch"], "python": rng.get("python"), "numpy": rng.get("numpy"),

@@ -247,7 +247,8 @@ class _Loop:
         # The schedule always spans the planned total, so a resumed run gets the same learning rates.
         self.scheduler = build_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, self.total_steps)
         if resume_from is not None:
-            state = load_checkpoint(resume_from, model, optimizer, self.scheduler)
+            # fp16: the loss scale continues too, or the resumed run would skip steps while it backs off again.
+            state = load_checkpoint(resume_from, model, optimizer, self.scheduler, self.acc.scaler)
             self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["batches_consumed"]
             if "fingerprint" in state:  # micro-batches of another size when the process layout changed
                 from .distributed import rescale_position
@@ -402,7 +403,8 @@ class _Loop:
         if self.acc.is_main_process:
             optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate's wrapper
             self.last_checkpoint = save_checkpoint(self.output_dir, self.step, self.acc.unwrap_model(self.model),
-                                                   optimizer, self.scheduler, state, self.t.save_total_limit)
+                                                   optimizer, self.scheduler, state, self.t.save_total_limit,
+                                                   scaler=self.acc.scaler)
         self.acc.wait_for_everyone()
 
     def _finish(self, stopped: bool) -> TrainResult:
