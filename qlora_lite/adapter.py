@@ -178,11 +178,16 @@ def check_compatible(record: dict | None, model: nn.Module, adapter_dir: str | P
         )
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> list[str]:
+def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False,
+                 dtype: torch.dtype | None = None) -> list[str]:
     """Wrap the layers named in the adapter with LoRALinear and load its weights, in place.
 
     Rank comes from each tensor's shape (so PEFT's ``rank_pattern`` is honoured), alpha from
     ``alpha_pattern`` or ``lora_alpha``.
+
+    Args:
+        dtype: dtype of the loaded A and B; None keeps the file's (exact values: PEFT saves fp32 by
+            default). Training passes its LoRA dtype, so an fp32 adapter trains like a fresh bf16 one.
 
     Returns:
         The names of the wrapped layers.
@@ -191,7 +196,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     check_compatible(record, model, adapter_dir)
     known = dict(model.named_modules())
     alpha_pattern = config.get("alpha_pattern") or {}
-    dtype = next(iter(modules.values()))["lora_A"].dtype
+    new_dtype = dtype or next(iter(modules.values()))["lora_A"].dtype
     for name, parts in modules.items():
         base = known.get(name)
         if base is None:
@@ -200,10 +205,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
         alpha = next((a for pattern, a in alpha_pattern.items() if name == pattern or name.endswith("." + pattern)),
                      config.get("lora_alpha", rank))
         layer = base if isinstance(base, LoRALinear) else LoRALinear(
-            base, rank, alpha, config.get("lora_dropout", 0.0), config.get("use_rslora", False), dtype)
+            base, rank, alpha, config.get("lora_dropout", 0.0), config.get("use_rslora", False), new_dtype)
         if (layer.lora_A.weight.shape, layer.lora_B.weight.shape) != (parts["lora_A"].shape, parts["lora_B"].shape):
             raise AdapterError(f"{adapter_dir}: shapes of {name} do not fit the base layer "
                                f"({tuple(parts['lora_B'].shape)} x {tuple(parts['lora_A'].shape)})")
+        if dtype is not None:  # a layer wrapped before keeps its dtype unless one is asked for
+            layer.lora_A.to(dtype)
+            layer.lora_B.to(dtype)
         with torch.no_grad():
             layer.lora_A.weight.copy_(parts["lora_A"])
             layer.lora_B.weight.copy_(parts["lora_B"])

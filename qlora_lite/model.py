@@ -77,13 +77,18 @@ def build_model(
             whole model is frozen and in eval mode.
         seed: seeds the LoRA initialisation so a run is reproducible.
     """
+        lora_dtype: dtype of A and B when training, also for a loaded ``adapter`` (PEFT saves fp32 by
+            default; in bf16 it trains on the fused 4-bit path like a fresh adapter). For inference a
+            loaded adapter keeps the file's dtype, so eval/generate/merge see its exact values.
     model = load_base_model(
         model_path, bits=bits, quant_type=quant_type, double_quant=double_quant,
         compute_dtype=DTYPES[compute_dtype], trust_remote_code=trust_remote_code,
         allow_bin_weights=allow_bin_weights,
     )
     if adapter:
-        load_adapter(model, adapter, trainable=trainable)
+        # Training casts A and B to lora_dtype (the fused 4-bit path needs them in the compute dtype);
+        # inference keeps the file's values exactly.
+        load_adapter(model, adapter, trainable=trainable, dtype=DTYPES[lora_dtype] if trainable else None)
     elif trainable:
         if seed is not None:
             torch.manual_seed(seed)
