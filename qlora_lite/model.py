@@ -75,11 +75,11 @@ def build_model(
     Args:
         trainable: prepare for training (LoRA trainable, checkpointing, train mode); otherwise the
             whole model is frozen and in eval mode.
-        seed: seeds the LoRA initialisation so a run is reproducible.
-    """
         lora_dtype: dtype of A and B when training, also for a loaded ``adapter`` (PEFT saves fp32 by
             default; in bf16 it trains on the fused 4-bit path like a fresh adapter). For inference a
             loaded adapter keeps the file's dtype, so eval/generate/merge see its exact values.
+        seed: seeds the LoRA initialisation so a run is reproducible.
+    """
     model = load_base_model(
         model_path, bits=bits, quant_type=quant_type, double_quant=double_quant,
         compute_dtype=DTYPES[compute_dtype], trust_remote_code=trust_remote_code,
