@@ -68,6 +68,20 @@ def _step(model, optimizer, scheduler, ids):
     return loss.item()
 
 
+def _fixed_gradient_steps(model):
+    """The trainable parameters and ``step(optimizer)``, which applies the same random gradients every
+    call: optimizer steps that depend only on the optimizer's state, not on a forward pass."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [torch.randn_like(p) for p in params]
+
+    def step(optimizer):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+
+    return params, step
+
+
 def _lora_weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
@@ -121,14 +135,7 @@ def test_bnb_optimizer_state_round_trip(tmp_path, tiny_llama, cls):
     """Paged/8-bit states (uint8 state1/state2, qmap, absmax, int step) survive safetensors + JSON."""
     torch.manual_seed(0)
     model = _model(tiny_llama)
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = [torch.randn_like(p) for p in params]
-
-    def step(opt):
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        opt.step()
-
+    params, step = _fixed_gradient_steps(model)
     opt = cls(params, lr=1e-3, min_8bit_size=1)
     step(opt)
     path = save_checkpoint(tmp_path, 1, model, opt, None, {"step": 1})
@@ -392,14 +399,7 @@ def test_paged_state_loads_into_plain_twin_but_not_other_optimizer(tmp_path, tin
     """A checkpoint from a GPU run (paged optimizer) resumes on a CPU (plain twin); AdamW state does not
     silently load into an 8-bit optimizer."""
     model = _model(tiny_llama)
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = [torch.randn_like(p) for p in params]
-
-    def step(opt):
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        opt.step()
-
+    params, step = _fixed_gradient_steps(model)
     paged = bnb.optim.PagedAdamW8bit(params, lr=1e-3, min_8bit_size=1)
     step(paged)
     path = save_checkpoint(tmp_path, 1, model, paged, None, {"step": 1, "fingerprint": {"seed": 5}})
