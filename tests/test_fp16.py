@@ -127,9 +127,10 @@ def _fp16_config(model, data, output, **overrides):
 
 def test_fp16_compute_trains_a_4bit_model_on_the_cpu(tiny_llama, tmp_path, one_thread):
     data = write_chat_jsonl(tmp_path / "train.jsonl", n=16)
-    result = train(_fp16_config(tiny_llama, data, tmp_path / "out", max_steps=3, save_steps=0))
+    result = train(_fp16_config(tiny_llama, data, tmp_path / "out", max_steps=3, save_steps=0, eval_fraction=0.25))
     losses = [r["loss"] for r in read_metrics(result.metrics_path)]
     assert result.steps == 3 and len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert torch.isfinite(torch.tensor(result.eval_metrics["eval_loss"]))
     assert json.loads((result.adapter_dir / "qlora_lite.json").read_text())["compute_dtype"] == "float16"
     weights = load_file(result.adapter_dir / "adapter_model.safetensors")
     assert any(w.abs().max() > 0 for k, w in weights.items() if "lora_B" in k)  # it trained
