@@ -185,23 +185,32 @@ def export_gguf(
     quant_type: str | None = None,
     double_quant: bool | None = None,
     progress: bool = True,
+    echo=None,
 ) -> Path:
     """Write ``output_file`` (GGUF) from a Hugging Face model folder, merging ``adapter_dir`` if given.
+
+    The file is written under a temporary name beside ``output_file``, read back and checked
+    (``gguf_check.verify_gguf``: tensors, their bytes, metadata) and only then renamed into place,
+    so ``output_file`` is never half written and an existing file there survives a failed export.
+    The merge with ``adapter_dir`` is not compared with base+adapter here (``merge_adapter`` does that).
 
     Args:
         out_type: f16, bf16 or q8_0 for the 2-D weights (norms and biases stay F32).
         modelfile: also write an Ollama ``Modelfile`` beside the GGUF file.
         merge_base, bits, quant_type, double_quant: as for ``export.merge_adapter``.
+        echo: called with the one-line summary of the read-back check (e.g. ``click.echo``).
 
     Returns:
         The GGUF path.
 
     Raises:
         GGUFExportError: unsupported architecture, tokenizer or tensor; bad output type.
+        gguf_check.GGUFVerifyError: the file read back differs from what was written; it is kept
+            as ``<output_file>.failed`` and the message lists each difference.
     """
-    from .gguf_vocab import add_tokenizer, write_modelfile
+    from .gguf_check import GGUFVerifyError, format_problems, verify_gguf
+    from .gguf_vocab import write_modelfile
 
-    gguf = _gguf()
     if out_type not in OUT_TYPES:
         raise GGUFExportError(f"--type must be one of {', '.join(OUT_TYPES)}, got {out_type!r}")
     model_dir = resolve_model_dir(model_dir)
@@ -211,7 +220,6 @@ def export_gguf(
         raise GGUFExportError(f"{model_dir}: model type {model_type!r} cannot be exported to GGUF yet; supported: "
                               f"{', '.join(sorted(SUPPORTED))} (for others use llama.cpp's convert_hf_to_gguf.py "
                               "on the merged folder from `qlora-lite merge`)")
-    arch = SUPPORTED[model_type]
     plan = plan_merge(model_dir, adapter_dir, merge_base=merge_base, bits=bits, quant_type=quant_type,
                       double_quant=double_quant)
     for note in plan.notes:
@@ -220,31 +228,65 @@ def export_gguf(
     output = Path(output_file)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.partial")
-    layout = _layout(plan, arch, out_type)
-    writer = gguf.GGUFWriter(tmp, arch)
     try:
-        _add_hparams(writer, config, arch, out_type, model_dir.name)
-        add_tokenizer(writer, tok_dir, config["vocab_size"])
-        rope_factors = llama3_rope_factors(config) if arch == "llama" else None
-        if rope_factors is not None:
-            _add_tensor_info(writer, "rope_freqs.weight", "f32", tuple(rope_factors.shape))
-        for _, name, kind, shape in layout:
+        expected = _write(tmp, plan, config, SUPPORTED[model_type], out_type, tok_dir, progress)
+        summary = verify_gguf(tmp, expected)
+    except GGUFVerifyError as e:
+        failed = output.with_name(output.name + ".failed")
+        os.replace(tmp, failed)
+        kept = "was left as it was" if output.exists() else "was not created"
+        raise GGUFVerifyError(f"{output}: the written GGUF file failed its read-back check:"
+                              f"{format_problems(e.problems)}\nIt was kept as {failed} for inspection; {output} "
+                              f"{kept}. Unless a line above says what to change in the model, the cause is a disk "
+                              "problem (full, failing) or a bug in the export: please report these lines.",
+                              e.problems) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, output)
+    log.info("%s: %s", output, summary)
+    if echo is not None:
+        echo(summary)
+    if modelfile:
+        write_modelfile(output, tok_dir)
+    return output
+
+
+def _write(path: Path, plan: MergePlan, config: dict, arch: str, out_type: str, tok_dir: Path, progress: bool):
+    """Write the GGUF file ``path`` (header, metadata, streamed tensors) and fsync it.
+
+    Returns:
+        ``gguf_check.ExpectedGGUF``: the planned tensors, the metadata handed to the writer and the
+        CRC-32 of every tensor's bytes, for the read-back check.
+    """
+    from .gguf_check import ExpectedGGUF
+    from .gguf_vocab import add_tokenizer
+
+    layout = _layout(plan, arch, out_type)
+    rope_factors = llama3_rope_factors(config) if arch == "llama" else None
+    planned = [("rope_freqs.weight", "f32", tuple(rope_factors.shape))] if rope_factors is not None else []
+    planned += [(name, kind, shape) for _, name, kind, shape in layout]
+    expected = ExpectedGGUF(arch, {name: (kind, shape) for name, kind, shape in planned})
+    writer = _gguf().GGUFWriter(path, arch)
+    try:
+        _add_hparams(writer, config, arch, out_type, plan.base_dir.name)
+        expected.specials = add_tokenizer(writer, tok_dir, config["vocab_size"])
+        for name, kind, shape in planned:
             _add_tensor_info(writer, name, kind, shape)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        expected.metadata = dict(writer.kv_data[0])
         if rope_factors is not None:
-            writer.write_tensor_data(rope_factors.numpy())
-        kinds = {key: kind for key, _, kind, _ in layout}
+            writer.write_tensor_data(expected.record("rope_freqs.weight", rope_factors.numpy()))
+        names = {key: (name, kind) for key, name, kind, _ in layout}
         for key, tensor in iter_merged_tensors(plan, progress):
-            if key in kinds:
-                writer.write_tensor_data(_convert(_maybe_permute(key, tensor, arch, config), kinds[key]))
+            if key in names:
+                name, kind = names[key]
+                writer.write_tensor_data(expected.record(name, _convert(_maybe_permute(key, tensor, arch, config),
+                                                                        kind)))
+    finally:
         writer.close()
-        os.replace(tmp, output)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    if modelfile:
-        write_modelfile(output, tok_dir)
-    return output
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # the check must read what is on disk, and the rename must not outrun the data
+    return expected

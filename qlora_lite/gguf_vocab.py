@@ -78,8 +78,11 @@ def _vocab(tokenizer: dict, vocab_size: int, spm: bool):
     return tokens, types, scores
 
 
-def add_tokenizer(writer, tok_dir: Path, vocab_size: int) -> None:
+def add_tokenizer(writer, tok_dir: Path, vocab_size: int) -> dict[str, int]:
     """Add the tokenizer of ``tok_dir`` (tokenizer.json) to a GGUFWriter.
+
+    Returns:
+        Special token kind ("bos", "eos", "pad", ...) -> id, as written.
 
     Raises:
         GGUFExportError: no tokenizer.json, or a tokenizer model other than BPE.
@@ -110,6 +113,7 @@ def add_tokenizer(writer, tok_dir: Path, vocab_size: int) -> None:
         from .data import DEFAULT_CHAT_TEMPLATE
 
         writer.add_chat_template(DEFAULT_CHAT_TEMPLATE)
+    return dict(special.special_token_ids)
 
 
 def _render(template: str, messages: list[dict], generation: bool, specials: dict) -> str:

@@ -271,3 +271,97 @@ def test_ollama_template_with_and_without_system(bos):
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
         assert render_go(system) == _render(template, messages, False, specials)
+
+
+def _corrupt(path, how):
+    """Damage a written GGUF file the way a failing disk or a writer bug would."""
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    data = bytearray(path.read_bytes())
+    if how == "flip":  # one byte in the middle of a weight matrix
+        t = tensors["blk.1.ffn_down.weight"]
+        data[t.data_offset + t.n_bytes // 2] ^= 0x40
+    elif how == "swap":  # a tensor's bytes written into another tensor's slot (same size)
+        src, dst = tensors["blk.0.attn_q.weight"], tensors["blk.0.attn_output.weight"]
+        data[dst.data_offset:dst.data_offset + dst.n_bytes] = data[src.data_offset:src.data_offset + src.n_bytes]
+    elif how == "truncate":
+        del data[len(data) // 2:]
+    elif how == "drop_key":  # the key's name damaged: the file parses but llama.block_count is gone
+        at = data.index(b"llama.block_count")
+        data[at:at + 17] = b"llama.block_coun_"
+    elif how == "eos_id":
+        field = gguf.GGUFReader(path).fields["tokenizer.ggml.eos_token_id"]
+        at = field.offset + 8 + len(field.name) + 4  # key length, key, value type, then the uint32 value
+        data[at:at + 4] = (9999).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+FOUND = {
+    "flip": "tensor blk.1.ffn_down.weight: data CRC-32",
+    "swap": "tensor blk.0.attn_output.weight: data CRC-32",
+    "truncate": "cannot be read back as GGUF",
+    "drop_key": "metadata llama.block_count: missing",
+    "eos_id": "metadata tokenizer.ggml.eos_token_id: 9999, expected 2",
+}
+
+
+@pytest.mark.parametrize("out_type", ["f16", "bf16", "q8_0"])
+def test_export_reports_what_it_verified(merged, tmp_path, out_type):
+    import gguf
+
+    _, _, merged_dir = merged("llama")
+    lines = []
+    path = export_gguf(merged_dir, tmp_path / "m.gguf", out_type=out_type, progress=False, echo=lines.append)
+    reader = gguf.GGUFReader(path)
+    assert lines == [f"verified: {len(reader.tensors)} tensors (types, shapes, CRC-32 of the data), "
+                     f"{len(reader.fields) - 3} metadata keys, tokenizer 320 tokens"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary or .failed file left
+
+
+@pytest.mark.parametrize("how", list(FOUND))
+def test_damaged_file_is_caught_and_kept_aside(merged, tmp_path, monkeypatch, how):
+    """The check runs on the temporary file; a damaged one never replaces the file already at the target."""
+    from qlora_lite import gguf_check
+
+    real = gguf_check.verify_gguf
+
+    def damage_then_verify(path, expected):
+        _corrupt(path, how)
+        return real(path, expected)
+
+    monkeypatch.setattr(gguf_check, "verify_gguf", damage_then_verify)
+    _, _, merged_dir = merged("llama")
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"the previous export")
+    with pytest.raises(gguf_check.GGUFVerifyError, match="failed its read-back check") as error:
+        export_gguf(merged_dir, target, out_type="q8_0" if how == "flip" else "f16", progress=False)
+    assert FOUND[how] in str(error.value) and "kept as" in str(error.value)
+    assert target.read_bytes() == b"the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.gguf.failed"]
+
+
+def test_key_llama_cpp_needs_is_required_even_if_never_written(merged, tmp_path, monkeypatch):
+    import gguf
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_block_count", lambda self, n: None)
+    _, _, merged_dir = merged("llama")
+    result = CliRunner().invoke(main, ["export-gguf", "--model", str(merged_dir), "--output",
+                                       str(tmp_path / "m.gguf"), "--quiet"])
+    assert result.exit_code == 1
+    assert "metadata llama.block_count: missing; llama.cpp needs it" in result.output
+    assert not (tmp_path / "m.gguf").exists() and (tmp_path / "m.gguf.failed").exists()
+
+
+def test_tokenizer_larger_than_embedding_is_refused(tokenizer_dir, tmp_path):
+    """llama.cpp rejects a file whose token list is longer than token_embd.weight: say so at export time."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_lite.gguf_check import GGUFVerifyError
+
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                  num_attention_heads=2, vocab_size=300, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path / "m")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "m")
+    with pytest.raises(GGUFVerifyError, match="token_embd.weight: 300 rows but the tokenizer has 320 tokens"):
+        export_gguf(tmp_path / "m", tmp_path / "m.gguf", progress=False)
