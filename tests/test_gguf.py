@@ -155,6 +155,7 @@ def test_cli_export_gguf_with_adapter(merged, tmp_path):
                                        str(tmp_path / "out" / "m.gguf"), "--type", "bf16", "--modelfile", "--quiet"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "m.gguf").stat().st_size > 0 and (tmp_path / "out" / "Modelfile").exists()
+    assert "verified: 21 tensors" in result.output and "tokenizer 320 tokens" in result.output
 
 
 def test_sentencepiece_style_tokenizer_metadata(tmp_path):

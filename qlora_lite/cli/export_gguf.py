@@ -11,7 +11,8 @@ import click
 @click.option("--model", "model", required=True,
               help="Model folder: a merged folder from `qlora-lite merge`, or the base when --adapter is given.")
 @click.option("--adapter", "adapter", default=None,
-              help="Adapter to merge on the way (streamed tensor by tensor, no temporary model folder).")
+              help="Adapter to merge on the way (streamed, no temporary folder). This merge is NOT checked against "
+                   "base+adapter; for a checked merge run `qlora-lite merge` and export its folder instead.")
 @click.option("--output", "output", required=True, help="GGUF file to write, e.g. model.gguf.")
 @click.option("--type", "out_type", type=click.Choice(["f16", "bf16", "q8_0"]), default="f16", show_default=True,
               help="Storage of the weight matrices (norms and biases stay F32).")
@@ -26,8 +27,16 @@ def command(model, adapter, output, out_type, modelfile, merge_base, bits, quiet
 
     Tensors are streamed one at a time, so memory stays near one tensor even for large models.
     q8_0 quantizes the weight matrices to 8 bits in blocks of 32 (as llama.cpp's Q8_0).
-    With --adapter the merge (the same code as `qlora-lite merge`) is not checked against
-    base+adapter here; for a checked merge run `qlora-lite merge` first and export its folder.
+
+    The file is written under a temporary name, read back (memory-mapped) and checked: every
+    tensor's name, type, shape and bytes (CRC-32), every metadata key, and the keys llama.cpp
+    needs. Only then is it renamed to --output; a file that fails is kept as OUTPUT.failed and
+    an existing --output is left as it was.
+
+    With --adapter the merge (the same code as `qlora-lite merge`) is NOT compared with
+    base+adapter: the read-back check proves the file holds what was merged, not that the merge
+    is right. For a verified path: `qlora-lite merge` (checks the merge), then export-gguf on the
+    merged folder.
     """
     from ..adapter import AdapterError
     from ..export import MergeError
@@ -38,9 +47,12 @@ def command(model, adapter, output, out_type, modelfile, merge_base, bits, quiet
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         path = export_gguf(model, output, adapter_dir=adapter, out_type=out_type, modelfile=modelfile,
-                           merge_base=merge_base, bits=int(bits) if bits else None, progress=not quiet)
+                           merge_base=merge_base, bits=int(bits) if bits else None, progress=not quiet,
+                           echo=click.echo)
     except (GGUFExportError, MergeError, AdapterError, ModelLoadError, SafetensorsError) as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # e.g. no space left on device; the partial file has been removed
+        raise click.ClickException(f"writing {output} failed: {e}") from None
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {out_type})")
     if modelfile:
         click.echo(f"wrote {path.with_name('Modelfile')} (run: ollama create NAME -f {path.with_name('Modelfile')})")
