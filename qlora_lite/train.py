@@ -77,7 +77,7 @@ def plan_steps(micro_batches_per_epoch: int, grad_accum: int, max_steps: int, ep
 
 def run_fingerprint(config: Config, num_processes: int, **extra) -> dict:
     """What a resumed run is checked against (``checkpoint.check_resume_compatible``): settings and data hash."""
-    from .checkpoint import file_sha256, make_fingerprint
+    from .checkpoint_resume import file_sha256, make_fingerprint
 
     return make_fingerprint(config.to_dict(), file_sha256(config.data.data), num_processes=num_processes, **extra)
 
@@ -144,7 +144,8 @@ def train(config: Config) -> TrainResult:
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    from .checkpoint import check_resume_compatible, guard_output_dir, latest_checkpoint, read_trainer_state
+    from .checkpoint import latest_checkpoint, read_trainer_state
+    from .checkpoint_resume import check_resume_compatible, guard_output_dir
     from .quant import load_tokenizer, resolve_model_dir
 
     config.validate(required=("model.model", "data.data", "train.output"))

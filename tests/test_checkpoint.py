@@ -21,17 +21,14 @@ from qlora_lite import adapter as adapter_module
 from qlora_lite.checkpoint import (
     COMPLETE_MARKER,
     CheckpointError,
-    capture_rng_state,
-    check_resume_compatible,
-    guard_output_dir,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    make_fingerprint,
     read_trainer_state,
-    restore_rng_state,
     save_checkpoint,
 )
+from qlora_lite.checkpoint_resume import check_resume_compatible, guard_output_dir, make_fingerprint
+from qlora_lite.checkpoint_state import capture_rng_state, restore_rng_state
 from qlora_lite.lora import lora_layers
 from qlora_lite.model import build_model
 

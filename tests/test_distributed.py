@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from tiny_models import write_chat_jsonl
 
-from qlora_lite.checkpoint import CheckpointError, check_resume_compatible
+from qlora_lite.checkpoint import CheckpointError
+from qlora_lite.checkpoint_resume import check_resume_compatible
 from qlora_lite.cli.train import command as train_command
 from qlora_lite.config import load_config
 from qlora_lite.distributed import (
