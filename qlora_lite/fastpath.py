@@ -214,9 +214,12 @@ def causal_lm_loss(model: nn.Module, input_ids, labels, attention_mask=None, chu
 
 
 def _attention_ops() -> set:
+    from . import cpu_attention  # noqa: F401  (registers torch.ops.qlora_lite.causal_attention)
+
     names = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
-    return {getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)}
+    ops = {getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)}
+    return ops | {torch.ops.qlora_lite.causal_attention.default}
 
 
 def selective_checkpoint_context(policy: str = "balanced"):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .adapter import load_adapter
+from .cpu_attention import use_cpu_attention
 from .fastpath import selective_checkpoint_context
 from .lora import inject_lora
 from .quant import DTYPES, load_base_model
@@ -26,6 +27,7 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True,
             ``fastpath.selective_checkpoint_context``).
     """
     model.config.use_cache = False
+    use_cpu_attention(model)  # CPU + SDPA only: blocked bf16 matmuls, ~1.6x faster than the fused kernel there
     # Attention and down-projection outputs are kept rather than recomputed
     # (fastpath.selective_checkpoint_context: two (B, T, H) tensors per block for ~10% of a step).
     kwargs = {"use_reentrant": False}
