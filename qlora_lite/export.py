@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .adapter import AdapterError, check_compatible, read_adapter, write_json_atomic
+from .fastpath import dequantize_4bit_bf16
 from .lora import lora_scaling, merge_weight
 from .quant import (
     DTYPES,
@@ -202,12 +203,16 @@ def plan_merge(
                      conv1d, merge_base, quant, Path(adapter_dir) if adapter_dir else None, notes)
 
 
-def _roundtrip(weight: torch.Tensor, conv1d: bool, quant: dict) -> torch.Tensor:
-    """dequantize(quantize(W)) in fp32, exactly as ``quant.load_base_model`` quantizes it for training."""
+def _roundtrip(weight: torch.Tensor, conv1d: bool, quant: dict, as_computed: bool = False) -> torch.Tensor:
+    """dequantize(quantize(W)), exactly as ``quant.load_base_model`` quantizes it for training.
+
+    Returns fp32, or with ``as_computed`` (4-bit only) the compute-dtype weight a 4-bit layer
+    multiplies by, without an fp32 copy (the merge check's reference side).
+    """
     layer = quantize_linear(weight.t() if conv1d else weight, None, bits=quant["bits"],
                             quant_type=quant["quant_type"], double_quant=quant["double_quant"],
                             compute_dtype=quant["compute_dtype"])
-    deq = dequantize_weight(layer)  # (out, in)
+    deq = dequantize_4bit_bf16(layer.weight) if as_computed else dequantize_weight(layer)  # (out, in)
     # Params4bit and its layer reference each other: unless the cycle is cut, every quantized copy
     # lives until the next automatic gc (a full gc.collect() costs ~1 s here), and the heap fragments.
     if hasattr(layer.weight, "module"):
@@ -321,8 +326,8 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _as_trained(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tensor:
-    """A base tensor as the training model held it: quantized weights through their quantization."""
-    return _roundtrip(tensor, key in plan.conv1d, plan.quant) if key in plan.quantized else tensor
+    """A base tensor as the 4-bit training model multiplied by it: quantized, dequantized to the compute dtype."""
+    return _roundtrip(tensor, key in plan.conv1d, plan.quant, as_computed=True) if key in plan.quantized else tensor
 
 
 def _quantized_reference_logits(plan: MergePlan, trust_remote_code: bool) -> tuple[torch.Tensor, torch.Tensor]:
