@@ -353,29 +353,27 @@ def verify_merge(plan: MergePlan, merged_dir: Path, dtype: str, tolerance: float
     The reference is the model the adapter belongs to: for the dequantized policy the base with every
     quantized weight as training held it (quantized, then dequantized to the compute dtype, which is
     what a 4-bit layer multiplies by), plus the adapter unmerged; for ``original`` the 16-bit base plus
-    the adapter, in the output dtype. Both sides run streamed, one decoder block's weights in memory
-    at a time, one side after the other, so the check costs about one block plus the embeddings.
+    the adapter, in the output dtype. Both sides run streamed (``stream_forward.streamed_logits``), one
+    side after the other, each holding one decoder block's weights at a time and the embedding matrix
+    and head only before and after the blocks, so the check costs about one block.
     """
     import functools
     import gc
 
-    from .stream_forward import streamed_model
+    from .stream_forward import streamed_logits
 
-    if plan.merge_base == "dequantized" and plan.quant["bits"] == 8:
+    vocab = plan.config.get("vocab_size") or plan.config.get("text_config", {}).get("vocab_size")
+    ids = _probe_ids(int(vocab)) if vocab else None
+    if (plan.merge_base == "dequantized" and plan.quant["bits"] == 8) or ids is None:
         ids, expected = _quantized_reference_logits(plan, trust_remote_code)
     else:
         trained = plan.merge_base == "dequantized" and plan.quant.get("compute_dtype") is not None
-        with streamed_model(plan.base_dir, plan.quant["compute_dtype"] if trained else DTYPES[dtype],
-                            trust_remote_code=trust_remote_code, adapter_dir=plan.adapter_dir,
-                            transform=functools.partial(_as_trained, plan) if trained else None) as reference:
-            ids = _probe_ids(reference.get_input_embeddings().weight.shape[0])
-            expected = _logits(reference, ids)
-        del reference
+        expected = streamed_logits(plan.base_dir, plan.quant["compute_dtype"] if trained else DTYPES[dtype], ids,
+                                   trust_remote_code=trust_remote_code, adapter_dir=plan.adapter_dir,
+                                   transform=functools.partial(_as_trained, plan) if trained else None)
     gc.collect()
     release_freed_memory()
-    with streamed_model(merged_dir, DTYPES[dtype], trust_remote_code=trust_remote_code) as merged:
-        got = _logits(merged, ids)
-    del merged
+    got = streamed_logits(merged_dir, DTYPES[dtype], ids, trust_remote_code=trust_remote_code)
     gc.collect()
     diff = (got - expected).abs().max().item()
     if tolerance is None:

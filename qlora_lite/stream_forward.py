@@ -120,7 +120,7 @@ def _load(model: nn.Module, pairs: list, transform=None) -> None:
 
 @contextmanager
 def streamed_model(model_dir: str | Path, dtype: torch.dtype, trust_remote_code: bool = False, *,
-                   adapter_dir: str | Path | None = None, transform=None):
+                   adapter_dir: str | Path | None = None, transform=None, defer_ends: bool = False):
     """A model of ``model_dir`` in eval mode whose decoder blocks load their weights only while they run.
 
     Use it for forward passes (no generation cache reuse across blocks is needed for one pass):
@@ -132,6 +132,9 @@ def streamed_model(model_dir: str | Path, dtype: torch.dtype, trust_remote_code:
             ``adapter.load_adapter`` does for training; its weights are small and read up front.
         transform: ``transform(checkpoint_key, tensor) -> tensor`` applied to every tensor read, e.g. to
             quantize and dequantize base weights as training held them.
+        defer_ends: leave a plain, untied embedding matrix and output head unread (on meta); their
+            checkpoint entries are in ``model.qlora_deferred`` (``{"embed": .., "head": ..}``) for
+            ``streamed_logits``, which reads them only when it needs them.
 
     Raises:
         ModelLoadError: no safetensors weights, unreadable files, or a parameter the files lack.
@@ -152,9 +155,15 @@ def streamed_model(model_dir: str | Path, dtype: torch.dtype, trust_remote_code:
     model.eval()
     prefix, blocks = decoder_blocks(model)
     rest, per_block = _group_entries(model, read_headers(weight_files(model_dir)), prefix, len(blocks))
-    _load(model, rest, transform)
+    ends = _plain_ends(model) if defer_ends else {}
+    deferred = {role: pair for pair in rest for role, name in ends.items() if pair[1] == name}
+    _load(model, [pair for pair in rest if pair[1] not in ends.values()], transform)
     model.tie_weights()  # a tied head is absent from the files: share the embedding read above
-    _check_loaded(model, prefix, model_dir)
+    _check_loaded(model, prefix, model_dir, skip=set(ends.values()))
+    model.qlora_deferred = deferred if len(deferred) == 2 else {}
+    if ends and not model.qlora_deferred:
+        _load(model, list(deferred.values()), transform)  # one of the two is not in the files
+        _check_loaded(model, prefix, model_dir)
     handles = []
     for block, pairs in zip(blocks, per_block):
         # Default arguments bind this block's tensors; the hooks ignore the module inputs/outputs.
@@ -179,8 +188,52 @@ def _load_block(model: nn.Module, block: nn.Module, pairs: list, model_dir: Path
                              "the folder is incomplete")
 
 
-def _check_loaded(model: nn.Module, prefix: str, model_dir: Path) -> None:
+def _check_loaded(model: nn.Module, prefix: str, model_dir: Path, skip: set[str] = frozenset()) -> None:
     """Fail clearly if a non-block parameter is still on meta (the files lack it)."""
-    missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(f"{prefix}.")]
+    missing = [n for n, p in model.named_parameters()
+               if p.is_meta and not n.startswith(f"{prefix}.") and n not in skip]
     if missing:
         raise ModelLoadError(f"{model_dir}: the weights lack {', '.join(missing[:5])}; the folder is incomplete")
+
+
+def _plain_ends(model: nn.Module) -> dict[str, str]:
+    """Parameter names of the embedding matrix and output head when both are plain and untied (the
+    logits are then ``embedding rows -> decoder -> hidden @ head^T``), else ``{}``."""
+    from .fastpath import supports_chunked_loss
+
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and (head.weight is embed.weight or getattr(model.config, "tie_word_embeddings", False))
+    if type(embed) is not nn.Embedding or not supports_chunked_loss(model) or tied:
+        return {}
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    return {"embed": names[id(embed.weight)], "head": names[id(head.weight)]}
+
+
+def _read_one(model: nn.Module, pair, transform) -> torch.Tensor:
+    """One deferred tensor, read now, in the dtype of its slot in the model."""
+    entry, name = pair
+    owner, _, leaf = name.rpartition(".")
+    (_, tensor), = iter_tensors([entry])
+    tensor = transform(entry.name, tensor) if transform else tensor
+    return tensor.to(getattr(model.get_submodule(owner), leaf).dtype)
+
+
+def streamed_logits(model_dir: str | Path, dtype: torch.dtype, input_ids: torch.Tensor, *,
+                    trust_remote_code: bool = False, adapter_dir: str | Path | None = None,
+                    transform=None) -> torch.Tensor:
+    """fp32 logits (B, T, V) of ``input_ids`` (B, T), equal to ``from_pretrained(...)(input_ids).logits``.
+
+    One decoder block is in memory at a time (``streamed_model``); a plain untied embedding matrix is
+    read only for the rows of ``input_ids`` and dropped before the blocks run, and the output head is
+    read after the last block, so neither is held alongside a block (0.26 GB at 1.1B).
+    """
+    with streamed_model(model_dir, dtype, trust_remote_code, adapter_dir=adapter_dir, transform=transform,
+                        defer_ends=True) as model, torch.no_grad():
+        deferred = model.qlora_deferred
+        if not deferred:
+            return model(input_ids=input_ids).logits.float()
+        embeds = nn.functional.embedding(input_ids, _read_one(model, deferred["embed"], transform))
+        release_freed_memory()
+        hidden = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        head = _read_one(model, deferred["head"], transform)
+        return nn.functional.linear(hidden, head).float()

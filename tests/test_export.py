@@ -330,7 +330,7 @@ def test_streamed_model_gives_from_pretrained_logits_exactly(tiny_model_factory,
     """verify_merge runs the merged side block by block; its logits must be from_pretrained's, bit for bit."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_lite.stream_forward import decoder_blocks, streamed_model
+    from qlora_lite.stream_forward import decoder_blocks, streamed_logits, streamed_model
 
     folder = tiny_model_factory(arch, shards=shards)
     ids = probe()
@@ -342,6 +342,8 @@ def test_streamed_model_gives_from_pretrained_logits_exactly(tiny_model_factory,
         assert all(p.is_meta for p in blocks.parameters()), "a block's weights stayed in memory after it ran"
         assert torch.equal(got, expected)
         assert torch.equal(logits(model, ids), expected)  # a second pass reloads the blocks
+    # The merge check's form: llama's untied embedding and head are read only before/after the blocks.
+    assert torch.equal(streamed_logits(folder, dtype, ids), expected)
 
 
 def test_streamed_model_names_missing_block_weights(tiny_llama, tmp_path):
@@ -369,7 +371,7 @@ def test_streamed_reference_is_the_trained_model_bit_for_bit(tiny_model_factory,
     import functools
 
     from qlora_lite.export import _as_trained, plan_merge
-    from qlora_lite.stream_forward import streamed_model
+    from qlora_lite.stream_forward import streamed_logits, streamed_model
 
     base = tiny_model_factory(arch, shards=2)
     adapter = make_adapter(base, tmp_path / "adapter")
@@ -380,3 +382,5 @@ def test_streamed_reference_is_the_trained_model_bit_for_bit(tiny_model_factory,
                         transform=functools.partial(_as_trained, plan)) as reference:
         assert torch.equal(logits(reference, ids), expected)
         assert torch.equal(logits(reference, ids), expected), "the adapter must survive a block being dropped"
+    assert torch.equal(streamed_logits(base, plan.quant["compute_dtype"], ids, adapter_dir=adapter,
+                                       transform=functools.partial(_as_trained, plan)), expected)
