@@ -172,6 +172,15 @@ def lora_targets(shape: ModelShape, target_modules: str | list[str]) -> list[tup
     return chosen
 
 
+# Values of width 1 kept per token and block by each checkpoint policy: the block input; balanced
+# adds the attention and down-projection outputs; speed every projection output.
+KEPT_PER_BLOCK = {
+    "memory": lambda shape: shape.hidden,
+    "balanced": lambda shape: 3 * shape.hidden,
+    "speed": lambda shape: 2 * shape.hidden + sum(o for _, _, o in shape.linears),
+}
+
+
 def estimate_memory(
     config: dict | str | Path,
     *,
@@ -181,6 +190,7 @@ def estimate_memory(
     rank: int = 16,
     target_modules: str | list[str] = "all-linear",
     gradient_checkpointing: bool = True,
+    checkpoint_policy: str = "balanced",
     optimizer: str = "paged_adamw_8bit",
     num_processes: int = 1,
     fsdp: bool = False,
@@ -195,6 +205,9 @@ def estimate_memory(
         bits: 4, 8 or 16 for the frozen linear layers.
         seq_len, batch_size: tokens per micro-batch are ``batch_size * seq_len``.
         rank, target_modules: the LoRA adapters.
+        checkpoint_policy: what checkpointing keeps per block (``fastpath.selective_checkpoint_context``):
+            memory (the block input), balanced (+ attention and down-projection outputs) or speed
+            (+ every projection output).
         optimizer: one of OPTIMIZER_BYTES.
         num_processes, fsdp: with FSDP the frozen weights are sharded over the processes (one block
             is gathered at a time); adapters and optimizer states stay whole on every process
@@ -215,6 +228,8 @@ def estimate_memory(
         raise EstimateError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZER_BYTES)}")
     if device not in RUNTIME_BYTES:
         raise EstimateError(f"device must be cpu or cuda, got {device!r}")
+    if checkpoint_policy not in KEPT_PER_BLOCK:
+        raise EstimateError(f"checkpoint_policy must be one of {', '.join(KEPT_PER_BLOCK)}, got {checkpoint_policy!r}")
     shape = model_shape(raw, where)
     tokens = batch_size * seq_len
     const_per_param = (DQ_CONST_BYTES if double_quant else NO_DQ_CONST_BYTES) if bits == 4 else 0.0
@@ -230,7 +245,8 @@ def estimate_memory(
     shard = num_processes if fsdp and num_processes > 1 else 1
     block_bytes = (weights - 2 * shape.embedding_params + constants) / shape.layers
     weights, constants = weights / shard, constants / shard  # LoRA and its optimizer state are replicated
-    activations = _activation_bytes(shape, targets, tokens, rank, bits, gradient_checkpointing)
+    activations = _activation_bytes(shape, targets, tokens, rank, bits,
+                                    checkpoint_policy if gradient_checkpointing else None)
     if shard > 1:
         activations += 2 * block_bytes  # the gathered block and the next one being prefetched
     if num_processes > 1 and not fsdp:
@@ -240,13 +256,15 @@ def estimate_memory(
                  "activations": activations, "logits": logits, "runtime": RUNTIME_BYTES[device]}
     settings = dict(bits=bits, seq_len=seq_len, batch_size=batch_size, rank=rank,
                     target_modules=target_modules, gradient_checkpointing=gradient_checkpointing,
-                    optimizer=optimizer, num_processes=num_processes, fsdp=fsdp,
+                    checkpoint_policy=checkpoint_policy, optimizer=optimizer, num_processes=num_processes, fsdp=fsdp,
                     double_quant=double_quant, loss_chunk=loss_chunk, device=device)
     return MemoryEstimate({k: int(v) for k, v in breakdown.items()}, settings, lora_params, shape.params)
 
 
-def _activation_bytes(shape: ModelShape, targets, tokens: int, rank: int, bits: int, checkpointing: bool) -> float:
+def _activation_bytes(shape: ModelShape, targets, tokens: int, rank: int, bits: int, policy: str | None) -> float:
     """Saved block inputs plus working sets (bf16), plus one dequantized weight during a matmul.
+
+    ``policy`` is the checkpoint policy (``KEPT_PER_BLOCK``), None without checkpointing.
 
     A block's working set: norms, q/k/v/o and attention outputs (~12 values of width H per token),
     the MLP's gate, up, activation and product (4 of width I), and each adapter's rank-r input.
@@ -258,10 +276,10 @@ def _activation_bytes(shape: ModelShape, targets, tokens: int, rank: int, bits: 
     block = tokens * (2 * (12 * h + 4 * inter) + lora_per_token)
     largest = max(i * o for _, i, o in shape.linears)
     dequant = 2 * largest if bits in (4, 8) else 0
-    if checkpointing:
-        # per block: its bf16 input, attention output and down-projection output (kept, not recomputed)
+    if policy is not None:
         kept = 2 * sum(i * o for _, i, o in shape.linears) if bits == 4 else 0
-        return 6 * shape.layers * tokens * h + block + max(dequant, kept)
+        saved = 2 * shape.layers * tokens * KEPT_PER_BLOCK[policy](shape)  # bf16 values kept per token
+        return saved + block + max(dequant, kept)
     return shape.layers * block + dequant
 
 
@@ -274,8 +292,8 @@ def _logit_bytes(vocab: int, tokens: int, loss_chunk: int | None) -> float:
 def suggest_settings(config: dict | str | Path, budget: int, **settings) -> tuple[dict, MemoryEstimate] | None:
     """The smallest set of changes to ``settings`` that brings the estimate within ``budget``.
 
-    Levers are tried in order of what they cost the user: checkpointing, an 8-bit optimizer, a
-    chunked loss, 4-bit base, smaller micro-batch, shorter sequences, lower rank.
+    Levers are tried in order of what they cost the user: checkpointing, a checkpoint policy that keeps
+    less, an 8-bit optimizer, a chunked loss, 4-bit base, smaller micro-batch, shorter sequences, lower rank.
 
     Returns:
         ``(changes, estimate)`` where changes maps setting -> new value (empty when it already
@@ -284,7 +302,8 @@ def suggest_settings(config: dict | str | Path, budget: int, **settings) -> tupl
     current = dict(settings)
     estimate = estimate_memory(config, **current)
     changes: dict = {}
-    levers = [("gradient_checkpointing", [True]), ("optimizer", ["paged_adamw_8bit"]), ("loss_chunk", [1024]),
+    levers = [("gradient_checkpointing", [True]), ("checkpoint_policy", ["balanced", "memory"]),
+              ("optimizer", ["paged_adamw_8bit"]), ("loss_chunk", [1024]),
               ("bits", [4]), ("batch_size", _halvings(current.get("batch_size", 1), 1)),
               ("seq_len", _halvings(current.get("seq_len", 512), 128)), ("rank", _halvings(current.get("rank", 16), 4))]
     for name, values in levers:

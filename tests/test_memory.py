@@ -104,3 +104,20 @@ def test_cli_json_and_budget(llama_7b_dir):
     assert "Does NOT fit" in result.output and "--bits 4" in result.output
     result = runner.invoke(main, ["estimate", "--model", str(llama_7b_dir / "missing")])
     assert result.exit_code != 0 and "does not exist" in result.output
+
+
+def test_checkpoint_policy_adds_what_it_keeps():
+    """speed keeps every projection output per block, balanced the attention and down outputs, memory
+    only the block input: 2 bytes per value, per token, per block; and a tight budget suggests
+    keeping less before anything that changes training."""
+    tokens, layers, hidden = 2 * 512, 32, 4096
+    act = {p: estimate_memory(LLAMA_7B, seq_len=512, batch_size=2, checkpoint_policy=p).breakdown["activations"]
+           for p in ("memory", "balanced", "speed")}
+    assert act["balanced"] - act["memory"] == 2 * layers * tokens * 2 * hidden
+    projections = 5 * 4096 + 2 * 11008  # q, k, v, o, down outputs (no GQA here), gate, up
+    assert act["speed"] - act["memory"] == 2 * layers * tokens * (hidden + projections)
+    speed = estimate_memory(LLAMA_7B, seq_len=512, batch_size=2, checkpoint_policy="speed")
+    changes, fitted = suggest_settings(LLAMA_7B, speed.total - 1, seq_len=512, batch_size=2, checkpoint_policy="speed")
+    assert changes == {"checkpoint_policy": "balanced"} and fitted.total < speed.total
+    with pytest.raises(EstimateError, match="checkpoint_policy"):
+        estimate_memory(LLAMA_7B, checkpoint_policy="fast")

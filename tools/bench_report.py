@@ -52,7 +52,8 @@ def train_numbers(run: dict, base: dict, config: dict, peak_flops: float) -> dic
 
 def estimate_check(config: dict, measured: int, base: dict) -> dict:
     est = estimate_memory(config, bits=4, seq_len=base["seq_len"], batch_size=base["batch_size"], rank=base["rank"],
-                          optimizer="paged_adamw_8bit", loss_chunk=LOSS_CHUNK)
+                          optimizer="paged_adamw_8bit", loss_chunk=LOSS_CHUNK,
+                          checkpoint_policy=base.get("checkpoint_policy", "balanced"))
     return {"params": est.base_params, "estimate": est.total, "measured": measured,
             "error": est.total / measured - 1, "breakdown": est.breakdown}
 

@@ -15,7 +15,8 @@ from .options import config_options
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="A training YAML file whose settings are used (flags override it).")
 @click.option("--seq-len", "seq_len", type=int, default=None, help="Tokens per sequence  [default: --max-seq-len, 512]")
-@config_options("bits", "batch_size", "rank", "target_modules", "gradient_checkpointing", "optimizer", "num_processes")
+@config_options("bits", "batch_size", "rank", "target_modules", "gradient_checkpointing", "checkpoint_policy",
+                "optimizer", "num_processes")
 @click.option("--fsdp", is_flag=True, help="Shard the frozen weights over --num-processes (FSDP); adapters stay whole.")
 @click.option("--loss-chunk", type=int, default=None, help="Tokens per chunk of a chunked loss (default: full logits).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
@@ -35,7 +36,8 @@ def command(model, config_file, seq_len, fsdp, loss_chunk, device, budget, as_js
         settings = dict(
             bits=cfg.model.bits, seq_len=seq_len or cfg.data.max_seq_len, batch_size=cfg.train.batch_size,
             rank=cfg.lora.rank, target_modules=cfg.lora.target_modules,
-            gradient_checkpointing=cfg.train.gradient_checkpointing, optimizer=cfg.train.optimizer,
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
+            checkpoint_policy=cfg.train.checkpoint_policy, optimizer=cfg.train.optimizer,
             num_processes=cfg.train.num_processes, fsdp=fsdp, double_quant=cfg.model.double_quant,
             loss_chunk=loss_chunk, device=device,
         )
