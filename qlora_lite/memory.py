@@ -342,3 +342,48 @@ def parse_size(text: str) -> int:
     if unit not in units or value < 0:
         raise EstimateError(f"{text!r} is not a memory size; write e.g. 8GiB, 6GB or 512MiB")
     return int(value * units[unit])
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes a training run can still take: free CUDA memory, or the OS's MemAvailable on Linux.
+
+    Returns None where it cannot be read (e.g. macOS has no /proc/meminfo).
+    """
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def choose_checkpoint_policy(config: dict | str | Path, available: int | None, *, share: float | None = None,
+                             **settings) -> tuple[str, MemoryEstimate | None]:
+    """What ``checkpoint_policy: auto`` runs: the fastest policy whose estimated peak takes at most
+    ``share`` of the ``available`` bytes (speed, then balanced, else memory).
+
+    ``share`` defaults to half of free RAM (the estimate is within ~15%, and the user's other programs
+    need memory too; every process of a multi-process CPU run draws from it) and to 85% of free GPU
+    memory, which nothing else uses.
+
+    Args:
+        settings: ``estimate_memory`` keyword arguments (bits, seq_len, batch_size, ...).
+
+    Returns:
+        ``(policy, estimate of that policy)``; balanced and no estimate when ``available`` is None.
+    """
+    if available is None:
+        return "balanced", None
+    on_cpu = settings.get("device", "cpu") == "cpu"
+    share = share if share is not None else (0.5 if on_cpu else 0.85)
+    processes = settings.get("num_processes", 1) if on_cpu else 1
+    for policy in ("speed", "balanced"):
+        estimate = estimate_memory(config, **{**settings, "checkpoint_policy": policy})
+        if estimate.total * processes <= share * available:
+            return policy, estimate
+    return "memory", estimate_memory(config, **{**settings, "checkpoint_policy": "memory"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 from torch import nn
@@ -12,6 +13,9 @@ from .cpu_attention import use_cpu_attention
 from .fastpath import selective_checkpoint_context
 from .lora import inject_lora
 from .quant import DTYPES, load_base_model
+
+log = logging.getLogger(__name__)
+LOSS_CHUNK = 1024  # tokens per chunk of the training loss (fastpath.causal_lm_loss default)
 
 
 def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True,
@@ -27,6 +31,7 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True,
             ``fastpath.selective_checkpoint_context``).
     """
     model.config.use_cache = False
+    model.qlora_checkpoint_policy = checkpoint_policy if gradient_checkpointing else None
     use_cpu_attention(model)  # CPU + SDPA only: blocked bf16 matmuls, ~1.6x faster than the fused kernel there
     # Attention and down-projection outputs are kept rather than recomputed
     # (fastpath.selective_checkpoint_context: two (B, T, H) tensors per block for ~10% of a step).
@@ -102,6 +107,31 @@ def build_model(
     return model
 
 
+def checkpoint_policy_for(config) -> str:
+    """``config.train.checkpoint_policy``, with ``auto`` decided from the memory estimate of this run
+    and the memory free now (``memory.choose_checkpoint_policy``)."""
+    t = config.train
+    if t.checkpoint_policy != "auto":
+        return t.checkpoint_policy
+    from .memory import EstimateError, available_memory, choose_checkpoint_policy
+    from .quant import resolve_model_dir
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = dict(bits=config.model.bits, seq_len=config.data.max_seq_len, batch_size=t.batch_size,
+                    rank=config.lora.rank, target_modules=config.lora.target_modules, optimizer=t.optimizer,
+                    num_processes=t.num_processes, fsdp=t.fsdp, double_quant=config.model.double_quant,
+                    loss_chunk=LOSS_CHUNK, device=device)
+    try:
+        policy, estimate = choose_checkpoint_policy(resolve_model_dir(config.model.model), available_memory(device),
+                                                    **settings)
+    except EstimateError as e:  # a config the estimator cannot read: the safe middle
+        log.info("checkpoint policy auto -> balanced (no estimate: %s)", e)
+        return "balanced"
+    if estimate is not None:
+        log.info("checkpoint policy auto -> %s (estimated peak %.2f GiB)", policy, estimate.total / 1024**3)
+    return policy
+
+
 def build_model_from_config(config, trainable: bool = True) -> nn.Module:
     """``build_model`` with the values of a ``config.Config`` (only entry points read config objects)."""
     m, lo = config.model, config.lora
@@ -111,5 +141,5 @@ def build_model_from_config(config, trainable: bool = True) -> nn.Module:
         allow_bin_weights=m.allow_bin_weights, adapter=lo.adapter, target_modules=lo.target_modules,
         rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, rslora=lo.rslora, lora_dtype=lo.lora_dtype,
         trainable=trainable, gradient_checkpointing=config.train.gradient_checkpointing,
-        checkpoint_policy=config.train.checkpoint_policy, seed=config.train.seed,
+        checkpoint_policy=checkpoint_policy_for(config) if trainable else "balanced", seed=config.train.seed,
     )

@@ -151,3 +151,18 @@ def test_checkpoint_policies_trade_recompute_as_documented(tiny_llama):
                             gradient_checkpointing=policy is not None, checkpoint_policy=policy or "balanced")
         counts[policy] = _wide_matmuls_in_one_step(model, ids)
     assert counts["memory"] > counts["balanced"] > counts["speed"] == counts[None]
+
+
+def test_auto_policy_is_decided_from_free_memory(tiny_llama, monkeypatch):
+    """The default ``auto`` trains with speed when memory is plentiful and falls back to recomputing
+    everything when it is not."""
+    from qlora_lite import memory
+    from qlora_lite.config import load_config
+    from qlora_lite.model import build_model_from_config
+
+    config = load_config(None, {"model": str(tiny_llama)})
+    assert config.train.checkpoint_policy == "auto"
+    monkeypatch.setattr(memory, "available_memory", lambda device: 64 * 2**30)
+    assert build_model_from_config(config).qlora_checkpoint_policy == "speed"
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1)
+    assert build_model_from_config(config).qlora_checkpoint_policy == "memory"

@@ -103,7 +103,8 @@ def render_markdown(results: dict, s: dict, command: str) -> str:
     ref, ours = s["reference"], s["ours"]
     lines = [f"Model: `{results['model']}` ({s['matmul_params'] / 1e9:.2f}B matmul parameters), "
              f"batch {results['args']['batch_size']} x {results['args']['seq_len']} tokens, LoRA r={results['args']['rank']} "
-             "all-linear, NF4 + double quantization, gradient checkpointing, paged AdamW 8-bit.",
+             "all-linear, NF4 + double quantization, gradient checkpointing (qlora-lite policy "
+             f"`{results['args'].get('checkpoint_policy', 'balanced')}`), paged AdamW 8-bit.",
              f"Machine: {platform.processor() or platform.machine()}, {_cores()} cores; measured bf16 matmul peak "
              f"{s['peak_flops'] / 1e12:.2f} TFLOP/s (fp32 {results['peak_flops']['float32'] / 1e12:.2f}) with "
              f"{_threads(results)} thread(s); "

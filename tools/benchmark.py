@@ -47,8 +47,9 @@ def parse_args(argv=None):
                    help="torch threads per process (default: all cores); with 1, steps are also timed in "
                         "CPU seconds of that thread, which other jobs on shared cores barely disturb")
     p.add_argument("--no-estimate-check", action="store_true", help="skip the second model size")
-    p.add_argument("--checkpoint-policy", default="balanced", choices=("memory", "balanced", "speed"),
-                   help="what our checkpointing keeps (qlora-lite train --checkpoint-policy)")
+    p.add_argument("--checkpoint-policy", default="auto", choices=("auto", "memory", "balanced", "speed"),
+                   help="what our checkpointing keeps (qlora-lite train --checkpoint-policy; auto decides as "
+                        "training does, from the estimate and the free memory)")
     p.add_argument("--write", type=Path, help="also write the markdown to this file (e.g. BENCHMARKS.md)")
     return p.parse_args(argv)
 
@@ -131,6 +132,13 @@ def main(argv=None) -> dict:
     out = args.out or ROOT / "bench-out" / f"results-{model.name}"
     out.mkdir(parents=True, exist_ok=True)
     config = json.loads((model / "config.json").read_text())
+    if args.checkpoint_policy == "auto":
+        from qlora_lite.memory import available_memory, choose_checkpoint_policy
+
+        args.checkpoint_policy = choose_checkpoint_policy(
+            config, available_memory("cpu"), bits=4, seq_len=args.seq_len, batch_size=args.batch_size,
+            rank=args.rank, loss_chunk=1024)[0]
+        print(f"checkpoint policy auto -> {args.checkpoint_policy}", flush=True)
     base = dict(model=str(model), seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
                 warmup=args.warmup, steps=args.steps, vocab_size=config["vocab_size"], profile=args.profile,
                 threads=args.threads, checkpoint_policy=args.checkpoint_policy)

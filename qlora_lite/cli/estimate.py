@@ -29,7 +29,14 @@ def command(model, config_file, seq_len, fsdp, loss_chunk, device, budget, as_js
     Nothing but config.json is read, so this answers in a second for any model size.
     """
     from ..config import ConfigError, load_config
-    from ..memory import EstimateError, estimate_memory, parse_size, suggest_settings
+    from ..memory import (
+        EstimateError,
+        available_memory,
+        choose_checkpoint_policy,
+        estimate_memory,
+        parse_size,
+        suggest_settings,
+    )
 
     try:
         cfg = load_config(config_file, flags).validate()
@@ -41,8 +48,12 @@ def command(model, config_file, seq_len, fsdp, loss_chunk, device, budget, as_js
             num_processes=cfg.train.num_processes, fsdp=fsdp, double_quant=cfg.model.double_quant,
             loss_chunk=loss_chunk, device=device,
         )
-        estimate = estimate_memory(model, **settings)
         limit = parse_size(budget) if budget else None
+        if settings["checkpoint_policy"] == "auto":  # the fastest that fits the budget, else as training decides
+            others = {k: v for k, v in settings.items() if k != "checkpoint_policy"}
+            settings["checkpoint_policy"] = choose_checkpoint_policy(
+                model, limit or available_memory(device), share=1.0 if limit else None, **others)[0]
+        estimate = estimate_memory(model, **settings)
         suggestion = suggest_settings(model, limit, **settings) if limit is not None else None
     except (ConfigError, EstimateError) as e:
         raise click.ClickException(str(e)) from None
@@ -65,7 +76,7 @@ def _report(model, estimate, limit, suggestion) -> str:
     lines = [f"Peak memory estimate for {model}",
              f"  {estimate.base_params / 1e9:.2f}B parameters, {s['bits']}-bit base, LoRA r={s['rank']} "
              f"({estimate.lora_params / 1e6:.1f}M trainable), {s['batch_size']}x{s['seq_len']} tokens, "
-             f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['optimizer']}",
+             f"checkpointing {s['checkpoint_policy'] if s['gradient_checkpointing'] else 'off'}, {s['optimizer']}",
              estimate.table()]
     if limit is None:
         return "\n".join(lines)
