@@ -4,8 +4,8 @@ The base is read tensor by tensor with plain file reads (no memory map, so pages
 pile up in the process), each tensor is merged in fp32 with ``lora.merge_weight`` and written
 straight into its output shard, whose header was planned from the input headers alone. Peak memory
 is therefore a few tensors, not a shard and never the model. The result is written to a hidden
-temporary folder, loaded once and compared with base+adapter on a probe input, and only then renamed
-into place; a merge that deviates is left beside the output as ``<output>.failed``.
+temporary folder, compared with base+adapter on a probe input (``merge_check``), and only then
+renamed into place; a merge that deviates is left beside the output as ``<output>.failed``.
 """
 
 from __future__ import annotations
@@ -46,12 +46,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msg
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-# Largest acceptable |logit difference| relative to max |reference logit|, per output dtype. The
-# reference itself runs in bf16 and bf16 keeps 8 mantissa bits, so rounding noise grows with depth:
-# on tiny models correct merges deviate by about 1e-2 relative, but on the 22-layer 1.1B benchmark
-# model a correct merge deviated by 3.1% (0.133 at max |logit| 4.28), which a 3% bound refused.
-# Corrupted weights (a layer scaled by 3) deviate by far more than 6%.
-TOLERANCE = {"bf16": 6e-2, "fp16": 6e-2, "fp32": 6e-2}
 
 
 class MergeError(RuntimeError):
@@ -315,72 +309,6 @@ def _write_merged(plan: MergePlan, folder: Path, dtype: str, max_bytes: int, pro
     return write_sharded(folder, plan_shards(specs, max_bytes), stream)
 
 
-def _probe_ids(vocab_size: int, length: int = 32) -> torch.Tensor:
-    """A fixed pseudo-random token sequence, (1, length): exercises every layer, needs no tokenizer."""
-    return torch.randint(0, vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
-
-
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float()
-
-
-def _as_trained(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tensor:
-    """A base tensor as the 4-bit training model multiplied by it: quantized, dequantized to the compute dtype."""
-    return _roundtrip(tensor, key in plan.conv1d, plan.quant, as_computed=True) if key in plan.quantized else tensor
-
-
-def _quantized_reference_logits(plan: MergePlan, trust_remote_code: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Base+adapter loaded whole, as training loads it. Only for 8-bit: LLM.int8 multiplies int8
-    activations, which no dequantized weight reproduces, so that reference cannot be streamed."""
-    from .model import build_model
-
-    names = {v: k for k, v in DTYPES.items()}
-    reference = build_model(str(plan.base_dir), bits=plan.quant["bits"],
-                            compute_dtype=names[plan.quant.get("compute_dtype") or torch.bfloat16],
-                            adapter=str(plan.adapter_dir), trainable=False, gradient_checkpointing=False,
-                            trust_remote_code=trust_remote_code)
-    ids = _probe_ids(reference.get_input_embeddings().weight.shape[0])
-    expected = _logits(reference, ids)
-    del reference
-    return ids, expected
-
-
-def verify_merge(plan: MergePlan, merged_dir: Path, dtype: str, tolerance: float | None = None,
-                 trust_remote_code: bool = False) -> tuple[float, float]:
-    """Largest |logit difference| between the merged folder and base+adapter, and the tolerance.
-
-    The reference is the model the adapter belongs to: for the dequantized policy the base with every
-    quantized weight as training held it (quantized, then dequantized to the compute dtype, which is
-    what a 4-bit layer multiplies by), plus the adapter unmerged; for ``original`` the 16-bit base plus
-    the adapter, in the output dtype. Both sides run streamed (``stream_forward.streamed_logits``), one
-    side after the other, each holding one decoder block's weights at a time and the embedding matrix
-    and head only before and after the blocks, so the check costs about one block.
-    """
-    import functools
-    import gc
-
-    from .stream_forward import streamed_logits
-
-    vocab = plan.config.get("vocab_size") or plan.config.get("text_config", {}).get("vocab_size")
-    ids = _probe_ids(int(vocab)) if vocab else None
-    if (plan.merge_base == "dequantized" and plan.quant["bits"] == 8) or ids is None:
-        ids, expected = _quantized_reference_logits(plan, trust_remote_code)
-    else:
-        trained = plan.merge_base == "dequantized" and plan.quant.get("compute_dtype") is not None
-        expected = streamed_logits(plan.base_dir, plan.quant["compute_dtype"] if trained else DTYPES[dtype], ids,
-                                   trust_remote_code=trust_remote_code, adapter_dir=plan.adapter_dir,
-                                   transform=functools.partial(_as_trained, plan) if trained else None)
-    gc.collect()
-    release_freed_memory()
-    got = streamed_logits(merged_dir, DTYPES[dtype], ids, trust_remote_code=trust_remote_code)
-    gc.collect()
-    diff = (got - expected).abs().max().item()
-    if tolerance is None:
-        tolerance = TOLERANCE[dtype] * max(1e-3, expected.abs().max().item())
-    return (diff if diff == diff else float("inf")), tolerance  # NaN counts as failure
-
-
 def _mark_failed(tmp: Path, output: Path, message: str) -> Path:
     """Keep a failed merge for inspection, clearly named, never at the output path."""
     failed = output.with_name(f"{output.name}.failed")
@@ -448,6 +376,8 @@ def merge_adapter(
         _copy_metadata(plan, tmp, dtype)
         diff = tol = None
         if verify:
+            from .merge_check import verify_merge
+
             diff, tol = verify_merge(plan, tmp, dtype, tolerance, trust_remote_code)
             if not diff <= tol:
                 message = (f"merge verification FAILED: the merged model's logits deviate from base+adapter by "
@@ -469,4 +399,4 @@ def merge_adapter(
 
 
 __all__ = ["MergeError", "MergeReport", "MergeVerificationError", "merge_adapter", "plan_merge",
-           "iter_merged_tensors", "merged_tensor", "verify_merge", "parse_size", "AdapterError", "ModelLoadError"]
+           "iter_merged_tensors", "merged_tensor", "parse_size", "AdapterError", "ModelLoadError"]

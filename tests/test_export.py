@@ -370,7 +370,8 @@ def test_streamed_reference_is_the_trained_model_bit_for_bit(tiny_model_factory,
     quantization, adapter wrapped unmerged) computes exactly what the 4-bit training model computes."""
     import functools
 
-    from qlora_lite.export import _as_trained, plan_merge
+    from qlora_lite.export import plan_merge
+    from qlora_lite.merge_check import as_trained
     from qlora_lite.stream_forward import streamed_logits, streamed_model
 
     base = tiny_model_factory(arch, shards=2)
@@ -379,8 +380,8 @@ def test_streamed_reference_is_the_trained_model_bit_for_bit(tiny_model_factory,
     ids = probe()
     expected = logits(build_model(str(base), bits=4, adapter=str(adapter), trainable=False), ids)
     with streamed_model(base, plan.quant["compute_dtype"], adapter_dir=adapter,
-                        transform=functools.partial(_as_trained, plan)) as reference:
+                        transform=functools.partial(as_trained, plan)) as reference:
         assert torch.equal(logits(reference, ids), expected)
         assert torch.equal(logits(reference, ids), expected), "the adapter must survive a block being dropped"
     assert torch.equal(streamed_logits(base, plan.quant["compute_dtype"], ids, adapter_dir=adapter,
-                                       transform=functools.partial(_as_trained, plan)), expected)
+                                       transform=functools.partial(as_trained, plan)), expected)
