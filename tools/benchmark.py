@@ -79,21 +79,30 @@ def run_job(job: dict, out: Path, name: str, timeout: int = 3600) -> dict:
 
 def matmul_peak(threads: int = 0, seconds: float = 3.0) -> dict:
     """The machine's bf16 (and fp32) matmul peak in FLOP/s: best of repeated 2048x2048x5632 products
-    (timed in CPU seconds of the thread when ``threads`` is 1)."""
+    on the device the benchmark trains on (timed in CPU seconds of the thread when ``threads`` is 1;
+    on CUDA, 8 products between synchronisations)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    clock = time.thread_time if threads == 1 else time.perf_counter
+    cuda = torch.cuda.is_available()
+    clock = time.thread_time if threads == 1 and not cuda else time.perf_counter
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    repeat = 8 if cuda else 1
     best = {}
     for dtype in (torch.bfloat16, torch.float32):
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 5632, dtype=dtype)
+        device = "cuda" if cuda else "cpu"
+        a, b = (torch.randn(2048, 2048, dtype=dtype, device=device),
+                torch.randn(2048, 5632, dtype=dtype, device=device))
         a @ b
+        sync()
         rates, deadline = [], time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             t = clock()
-            a @ b
-            rates.append(2 * 2048 * 2048 * 5632 / max(clock() - t, 1e-9))
+            for _ in range(repeat):
+                a @ b
+            sync()
+            rates.append(repeat * 2 * 2048 * 2048 * 5632 / max(clock() - t, 1e-9))
         best[str(dtype).removeprefix("torch.")] = max(rates)
     return best
 
@@ -133,11 +142,14 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     config = json.loads((model / "config.json").read_text())
     if args.checkpoint_policy == "auto":
+        import torch
+
         from qlora_lite.memory import available_memory, choose_checkpoint_policy
 
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         args.checkpoint_policy = choose_checkpoint_policy(
-            config, available_memory("cpu"), bits=4, seq_len=args.seq_len, batch_size=args.batch_size,
-            rank=args.rank, loss_chunk=1024)[0]
+            config, available_memory(device), bits=4, seq_len=args.seq_len, batch_size=args.batch_size,
+            rank=args.rank, loss_chunk=1024, device=device)[0]
         print(f"checkpoint policy auto -> {args.checkpoint_policy}", flush=True)
     base = dict(model=str(model), seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
                 warmup=args.warmup, steps=args.steps, vocab_size=config["vocab_size"], profile=args.profile,
