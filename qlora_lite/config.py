@@ -97,7 +97,7 @@ class TrainConfig:
         "What checkpointing keeps instead of recomputing: memory (nothing), balanced (attention and "
         "down-projection outputs), speed (every projection output: no big matmul is recomputed; +0.36 GB "
         "at 1.1B x 512 tokens); auto picks the fastest whose estimated peak (qlora-lite estimate) takes at "
-        "most half the free RAM (85% of the free GPU memory).",
+        "most half the free RAM (75% of the free GPU memory).",
         ("auto", "memory", "balanced", "speed"),
     )
     save_steps: int = _opt(0, "Write a resumable checkpoint every N steps (0: only at the end).")

@@ -368,8 +368,9 @@ def choose_checkpoint_policy(config: dict | str | Path, available: int | None, *
     ``share`` of the ``available`` bytes (speed, then balanced, else memory).
 
     ``share`` defaults to half of free RAM (the estimate is within ~15%, and the user's other programs
-    need memory too; every process of a multi-process CPU run draws from it) and to 85% of free GPU
-    memory, which nothing else uses.
+    need memory too; every process of a multi-process CPU run draws from it) and to 75% of free GPU
+    memory, which nothing else uses but whose allocator fragments (the estimate is checked on the CPU
+    only so far).
 
     Args:
         settings: ``estimate_memory`` keyword arguments (bits, seq_len, batch_size, ...).
@@ -380,7 +381,7 @@ def choose_checkpoint_policy(config: dict | str | Path, available: int | None, *
     if available is None:
         return "balanced", None
     on_cpu = settings.get("device", "cpu") == "cpu"
-    share = share if share is not None else (0.5 if on_cpu else 0.85)
+    share = share if share is not None else (0.5 if on_cpu else 0.75)
     processes = settings.get("num_processes", 1) if on_cpu else 1
     for policy in ("speed", "balanced"):
         estimate = estimate_memory(config, **{**settings, "checkpoint_policy": policy})
