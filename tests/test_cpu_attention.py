@@ -107,3 +107,27 @@ def test_other_cases_fall_back_to_sdpa(tiny_llama):
     assert not cpu_attention._applies(module, q.float(), k.float(), None, 0.0, {})
     assert not cpu_attention._applies(module, q, k, None, 0.1, {})  # attention dropout
     assert not cpu_attention._applies(module, q, k, None, 0.0, {"sliding_window": 4})
+
+
+def test_packed_examples_do_not_see_each_other(tiny_llama):
+    """Packed rows (restarting position_ids, no attention mask: transformers builds the block mask)
+    give each example the logits it gets alone."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_lite.cpu_attention import use_cpu_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
+    assert use_cpu_attention(model)
+    g = torch.Generator().manual_seed(0)
+    examples = [torch.randint(3, 300, (n,), generator=g) for n in (150, 90, 60)]  # spans the 128-query blocks
+    ids = torch.cat(examples).unsqueeze(0)
+    positions = torch.cat([torch.arange(len(e)) for e in examples]).unsqueeze(0)
+    with _CountCalls() as calls, torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0].float()
+        start = 0
+        for example in examples:
+            alone = model(input_ids=example.unsqueeze(0), use_cache=False).logits[0].float()
+            got = packed[start:start + len(example)]
+            assert (got - alone).abs().max() <= 0.02 * alone.abs().max()
+            start += len(example)
+    assert calls.count == 2 * 4  # 2 layers x (the packed row and 3 examples): none fell back to SDPA
