@@ -13,9 +13,9 @@ softmax is fp32, probabilities are multiplied in bf16.
 
 The kernel is a ``torch.library`` custom op, so selective checkpointing can keep its output like the
 fused kernel's (``fastpath.selective_checkpoint_context``). It is used only where it applies: CPU,
-bf16, causal self-attention over the whole sequence (no KV cache), no dropout, no soft-capping or
-sliding window, and either no mask or a boolean one (padding, packed examples); anything else goes
-to transformers' SDPA path unchanged.
+bf16, causal self-attention over the whole sequence (no KV cache), no dropout, no soft-capping, no
+sliding window narrower than the sequence, and no mask or a boolean one (padding, packed examples);
+anything else goes to transformers' SDPA path unchanged.
 """
 
 from __future__ import annotations
@@ -127,7 +127,10 @@ def _applies(module, query, key, attention_mask, dropout, kwargs) -> bool:
         return False  # a KV cache (generation) or one token: SDPA's single-row kernels are right there
     if dropout or not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
         return False
-    if any(kwargs.get(k) is not None for k in ("softcap", "sliding_window", "s_aux", "position_bias")):
+    if any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "position_bias")):
+        return False
+    window = kwargs.get("sliding_window")
+    if window is not None and window < query.shape[2]:  # a window wider than the sequence changes nothing
         return False
     if kwargs.get("output_attentions"):
         return False

@@ -107,6 +107,7 @@ def test_other_cases_fall_back_to_sdpa(tiny_llama):
     assert not cpu_attention._applies(module, q.float(), k.float(), None, 0.0, {})
     assert not cpu_attention._applies(module, q, k, None, 0.1, {})  # attention dropout
     assert not cpu_attention._applies(module, q, k, None, 0.0, {"sliding_window": 4})
+    assert cpu_attention._applies(module, q, k, None, 0.0, {"sliding_window": 4096})  # Mistral at 8 tokens
 
 
 def test_packed_examples_do_not_see_each_other(tiny_llama):
