@@ -18,10 +18,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .memory import CHUNKED_LOSS_MODELS as SUPPORTED_LOSS_MODELS
+from .memory import loss_chunk_for
+
 # Switch for comparisons (tests, profiling): False sends every LoRA layer through the plain path.
 ENABLED = True
-
-SUPPORTED_LOSS_MODELS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "mixtral"}
 
 
 def _in_checkpoint() -> bool:
@@ -146,7 +147,7 @@ def chunked_causal_lm_loss(
     hidden_states: torch.Tensor,
     lm_head_weight: torch.Tensor,
     labels: torch.Tensor,
-    chunk: int = 1024,
+    chunk: int | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
 ) -> torch.Tensor:
@@ -158,13 +159,15 @@ def chunked_causal_lm_loss(
         lm_head_weight: (V, H) output head (frozen; it gets no gradient).
         labels: (B, T) token ids; position t is predicted from hidden state t-1 (shifted here);
             ``ignore_index`` marks tokens outside the loss.
-        chunk: tokens per chunk; peak extra memory is about 10 * chunk * V bytes.
+        chunk: tokens per chunk (default ``memory.loss_chunk_for(V)``); peak extra memory is about
+            10 * chunk * V bytes.
 
     Returns:
         A scalar fp32 loss: the mean over the tokens that count (0 when none count), or their sum.
     """
     hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])
     targets = labels[:, 1:].reshape(-1).to(hidden.device)
+    chunk = chunk or loss_chunk_for(lm_head_weight.shape[0])
     total = _ChunkedCrossEntropy.apply(hidden, lm_head_weight.detach(), targets, chunk, ignore_index)
     if reduction == "sum":
         return total
@@ -190,7 +193,7 @@ def supports_chunked_loss(model: nn.Module) -> bool:
             and getattr(config, "logit_scale", None) in (None, 1, 1.0))
 
 
-def causal_lm_loss(model: nn.Module, input_ids, labels, attention_mask=None, chunk: int = 1024,
+def causal_lm_loss(model: nn.Module, input_ids, labels, attention_mask=None, chunk: int | None = None,
                    reduction: str = "mean", **inputs) -> torch.Tensor:
     """The training loss of a causal LM; chunked (no full logits) when the architecture allows it.
 

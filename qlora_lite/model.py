@@ -15,7 +15,6 @@ from .lora import inject_lora
 from .quant import DTYPES, load_base_model
 
 log = logging.getLogger(__name__)
-LOSS_CHUNK = 1024  # tokens per chunk of the training loss (fastpath.causal_lm_loss default)
 
 
 def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True,
@@ -120,7 +119,7 @@ def checkpoint_policy_for(config) -> str:
     settings = dict(bits=config.model.bits, seq_len=config.data.max_seq_len, batch_size=t.batch_size,
                     rank=config.lora.rank, target_modules=config.lora.target_modules, optimizer=t.optimizer,
                     num_processes=t.num_processes, fsdp=t.fsdp, double_quant=config.model.double_quant,
-                    loss_chunk=LOSS_CHUNK, device=device)
+                    device=device)
     try:
         policy, estimate = choose_checkpoint_policy(resolve_model_dir(config.model.model), available_memory(device),
                                                     **settings)

@@ -136,3 +136,14 @@ def test_auto_checkpoint_policy_is_the_fastest_that_fits():
     per_process = estimate_memory(LLAMA_7B, checkpoint_policy="speed", num_processes=2).total
     assert choose_checkpoint_policy(LLAMA_7B, 4 * per_process, num_processes=2)[0] == "speed"
     assert choose_checkpoint_policy(LLAMA_7B, 4 * per_process - 1, num_processes=2)[0] == "balanced"
+
+
+def test_loss_chunk_follows_the_vocabulary():
+    """Training computes the loss in chunks of about 8M logits; the estimate counts what it holds."""
+    from qlora_lite.memory import loss_chunk_for
+
+    assert [loss_chunk_for(v) for v in (320, 32000, 50257, 128256, 151936)] == [1024, 256, 128, 64, 64]
+    assert estimate_memory(LLAMA_7B, seq_len=2048).breakdown["logits"] == 10 * 256 * 32000
+    assert estimate_memory(LLAMA_7B, seq_len=2048, loss_chunk=None).breakdown["logits"] == 10 * 2048 * 32000
+    capped = {**LLAMA_7B, "model_type": "gemma2", "final_logit_softcapping": 30.0}  # no chunked loss there
+    assert estimate_memory(capped, seq_len=2048).breakdown["logits"] == 10 * 2048 * 32000

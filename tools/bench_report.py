@@ -8,7 +8,6 @@ import statistics
 from qlora_lite.memory import estimate_memory, lora_targets, model_shape
 
 GB = 1e9
-LOSS_CHUNK = 1024  # what qlora_lite.fastpath.causal_lm_loss uses by default
 
 # Targets on the CPU, as ratios to the reference measured in the same run (see BENCHMARKS.md).
 TARGETS = {"train_peak": 0.5, "floor": 1.3, "tokens_per_s": 1.5, "mfu": 0.5, "load_peak": 0.5, "merge_peak": 0.35,
@@ -52,7 +51,7 @@ def train_numbers(run: dict, base: dict, config: dict, peak_flops: float) -> dic
 
 def estimate_check(config: dict, measured: int, base: dict) -> dict:
     est = estimate_memory(config, bits=4, seq_len=base["seq_len"], batch_size=base["batch_size"], rank=base["rank"],
-                          optimizer="paged_adamw_8bit", loss_chunk=LOSS_CHUNK,
+                          optimizer="paged_adamw_8bit",
                           checkpoint_policy=base.get("checkpoint_policy", "balanced"))
     return {"params": est.base_params, "estimate": est.total, "measured": measured,
             "error": est.total / measured - 1, "breakdown": est.breakdown}

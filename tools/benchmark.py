@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         args.checkpoint_policy = choose_checkpoint_policy(
             config, available_memory(device), bits=4, seq_len=args.seq_len, batch_size=args.batch_size,
-            rank=args.rank, loss_chunk=1024, device=device)[0]
+            rank=args.rank, device=device)[0]
         print(f"checkpoint policy auto -> {args.checkpoint_policy}", flush=True)
     base = dict(model=str(model), seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
                 warmup=args.warmup, steps=args.steps, vocab_size=config["vocab_size"], profile=args.profile,

@@ -43,19 +43,19 @@ COMMON = dict(bits=4, quant_type="nf4", double_quant=True, dropout=0.05, target_
 
 # name -> (title, hub id, estimate quoted in the header, settings beyond COMMON)
 EXAMPLES = {
-    "llama-3.2-1b-8gb": ("Llama 3.2 1B Instruct on an 8 GB GPU", "meta-llama/Llama-3.2-1B-Instruct", "6.7 GiB",
+    "llama-3.2-1b-8gb": ("Llama 3.2 1B Instruct on an 8 GB GPU", "meta-llama/Llama-3.2-1B-Instruct", "2.4 GiB",
                          dict(max_seq_len=2048, batch_size=2, grad_accum=8, rank=16, alpha=32.0)),
-    "qwen2.5-0.5b-8gb": ("Qwen2.5 0.5B Instruct on an 8 GB GPU", "Qwen/Qwen2.5-0.5B-Instruct", "6.8 GiB",
+    "qwen2.5-0.5b-8gb": ("Qwen2.5 0.5B Instruct on an 8 GB GPU", "Qwen/Qwen2.5-0.5B-Instruct", "1.4 GiB",
                          dict(max_seq_len=2048, batch_size=2, grad_accum=8, rank=32, alpha=64.0)),
-    "mistral-7b-8gb": ("Mistral 7B Instruct v0.3 on an 8 GB GPU", "mistralai/Mistral-7B-Instruct-v0.3", "5.0 GiB",
+    "mistral-7b-8gb": ("Mistral 7B Instruct v0.3 on an 8 GB GPU", "mistralai/Mistral-7B-Instruct-v0.3", "5.6 GiB",
                        dict(max_seq_len=1024, batch_size=1, grad_accum=16, rank=16, alpha=32.0)),
-    "qwen2.5-7b-16gb": ("Qwen2.5 7B Instruct on a 16 GB GPU", "Qwen/Qwen2.5-7B-Instruct", "9.3 GiB",
+    "qwen2.5-7b-16gb": ("Qwen2.5 7B Instruct on a 16 GB GPU", "Qwen/Qwen2.5-7B-Instruct", "7.6 GiB",
                         dict(max_seq_len=2048, batch_size=1, grad_accum=16, rank=16, alpha=32.0, lr=1e-4)),
-    "mistral-7b-16gb": ("Mistral 7B Instruct v0.3 on a 16 GB GPU", "mistralai/Mistral-7B-Instruct-v0.3", "10.6 GiB",
+    "mistral-7b-16gb": ("Mistral 7B Instruct v0.3 on a 16 GB GPU", "mistralai/Mistral-7B-Instruct-v0.3", "12.5 GiB",
                         dict(max_seq_len=2048, batch_size=4, grad_accum=4, rank=32, alpha=64.0, lr=1e-4)),
-    "qwen2.5-7b-24gb": ("Qwen2.5 7B Instruct on a 24 GB GPU", "Qwen/Qwen2.5-7B-Instruct", "17.0 GiB",
+    "qwen2.5-7b-24gb": ("Qwen2.5 7B Instruct on a 24 GB GPU", "Qwen/Qwen2.5-7B-Instruct", "11.0 GiB",
                         dict(max_seq_len=2048, batch_size=3, grad_accum=5, rank=32, alpha=64.0, lr=1e-4)),
-    "mistral-7b-24gb": ("Mistral 7B Instruct v0.3 on a 24 GB GPU", "mistralai/Mistral-7B-Instruct-v0.3", "14.1 GiB",
+    "mistral-7b-24gb": ("Mistral 7B Instruct v0.3 on a 24 GB GPU", "mistralai/Mistral-7B-Instruct-v0.3", "16.8 GiB",
                         dict(max_seq_len=4096, batch_size=3, grad_accum=5, rank=64, alpha=128.0, lr=1e-4)),
 }
 

@@ -18,7 +18,9 @@ from .options import config_options
 @config_options("bits", "batch_size", "rank", "target_modules", "gradient_checkpointing", "checkpoint_policy",
                 "optimizer", "num_processes")
 @click.option("--fsdp", is_flag=True, help="Shard the frozen weights over --num-processes (FSDP); adapters stay whole.")
-@click.option("--loss-chunk", type=int, default=None, help="Tokens per chunk of a chunked loss (default: full logits).")
+@click.option("--loss-chunk", type=int, default=None,
+              help="Tokens per chunk of the loss, 0 for full logits  [default: what training uses: chunks of "
+                   "about 8M logits where the architecture allows it]")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where it runs: CPU peak is process RSS, CUDA peak is the allocator's.")
 @click.option("--budget", default=None, help="Memory available, e.g. 8GiB or 6GB; says whether it fits and what would.")
@@ -46,7 +48,7 @@ def command(model, config_file, seq_len, fsdp, loss_chunk, device, budget, as_js
             gradient_checkpointing=cfg.train.gradient_checkpointing,
             checkpoint_policy=cfg.train.checkpoint_policy, optimizer=cfg.train.optimizer,
             num_processes=cfg.train.num_processes, fsdp=fsdp, double_quant=cfg.model.double_quant,
-            loss_chunk=loss_chunk, device=device,
+            loss_chunk="auto" if loss_chunk is None else (loss_chunk or None), device=device,
         )
         limit = parse_size(budget) if budget else None
         if settings["checkpoint_policy"] == "auto":  # the fastest that fits the budget, else as training decides
