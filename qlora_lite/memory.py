@@ -12,6 +12,9 @@ The model is described by its shapes; each part of the peak is counted in bytes:
 - ``logits``: the output head's logits and the loss over them (fp32), or one chunk when the loss is
   computed chunk by chunk.
 - ``runtime``: what the process holds before any model (torch, libraries, allocator).
+- ``heap``: on the CPU, freed buffers glibc keeps for reuse (dequantized weights, matmul outputs):
+  measured as about three blocks of bf16 weights (0.26 GB at 1.1B). Returning every large buffer to
+  the OS (``MALLOC_MMAP_THRESHOLD_=1048576``) removed it but made steps 1.9x slower (page faults).
 
 The constants were checked against measured peaks (tools/benchmark.py compares the two).
 """
@@ -37,6 +40,10 @@ OPTIMIZER_BYTES = {"paged_adamw_8bit": 2.0, "adamw_8bit": 2.0, "paged_adamw_32bi
 # of RSS, and the first training step pages in another ~0.12 GB (autograd and oneDNN kernels, thread
 # stacks), measured by tools/benchmark.py. CUDA: the allocator's peak excludes the context.
 RUNTIME_BYTES = {"cpu": int(0.56e9), "cuda": int(0.05e9)}
+# Freed-but-kept glibc heap during CPU training, in blocks of bf16 linear weights. Measured on the 1.1B
+# benchmark model: peaks 1.91-2.11 GB (balanced) and 1.91 GB (memory) against 1.66-1.76 GB without it;
+# the 0.12B model is small enough that it hardly shows.
+HEAP_BLOCKS = 3
 
 
 class EstimateError(ValueError):
@@ -272,8 +279,9 @@ def estimate_memory(
         chunked = shape.model_type in CHUNKED_LOSS_MODELS and not raw.get("final_logit_softcapping")
         loss_chunk = loss_chunk_for(shape.vocab) if chunked else None
     logits = _logit_bytes(shape.vocab, tokens, loss_chunk)
+    heap = HEAP_BLOCKS * 2 * sum(i * o for _, i, o in shape.linears) if device == "cpu" else 0
     breakdown = {"weights": weights, "quant_constants": constants, "lora": lora, "optimizer": optim,
-                 "activations": activations, "logits": logits, "runtime": RUNTIME_BYTES[device]}
+                 "activations": activations, "logits": logits, "runtime": RUNTIME_BYTES[device], "heap": heap}
     settings = dict(bits=bits, seq_len=seq_len, batch_size=batch_size, rank=rank,
                     target_modules=target_modules, gradient_checkpointing=gradient_checkpointing,
                     checkpoint_policy=checkpoint_policy, optimizer=optimizer, num_processes=num_processes, fsdp=fsdp,

@@ -23,7 +23,8 @@ def llama_7b_dir(tmp_path):
 
 def test_breakdown_sums_to_total():
     est = estimate_memory(LLAMA_7B)
-    assert set(est.breakdown) == {"weights", "quant_constants", "lora", "optimizer", "activations", "logits", "runtime"}
+    assert set(est.breakdown) == {"weights", "quant_constants", "lora", "optimizer", "activations", "logits", "runtime",
+                                  "heap"}
     assert sum(est.breakdown.values()) == est.total
     assert all(v >= 0 for v in est.breakdown.values())
 
@@ -94,7 +95,7 @@ def test_budget_suggestion_fits_and_gives_up_when_impossible():
 
 def test_cli_json_and_budget(llama_7b_dir):
     runner = CliRunner()
-    result = runner.invoke(main, ["estimate", "--model", str(llama_7b_dir), "--budget", "6GiB", "--json"])
+    result = runner.invoke(main, ["estimate", "--model", str(llama_7b_dir), "--budget", "8GiB", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["fits"] is True and data["total"] == sum(data["breakdown"].values())
