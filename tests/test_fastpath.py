@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import ProjectionMatmuls
 
 from qlora_lite import fastpath
 from qlora_lite.fastpath import causal_lm_loss, chunked_causal_lm_loss
@@ -121,25 +122,6 @@ def test_checkpointed_model_step_same_loss_and_grads(tiny_llama, policy):
         torch.testing.assert_close(g_fast[name], g_slow[name], rtol=5e-2, atol=5e-3, msg=name)
 
 
-def _wide_matmuls_in_one_step(model, ids) -> int:
-    """How many projection-sized matmuls (weight at least 64 x 64) one training step runs."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
-
-    class Count(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in matmuls and min(args[-1].shape) >= 64:
-                Count.calls += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        causal_lm_loss(model, ids, ids, chunk=16).backward()
-    return Count.calls
-
-
 def test_checkpoint_policies_trade_recompute_as_documented(tiny_llama):
     """memory recomputes every projection, balanced keeps some outputs, speed keeps them all: its step
     runs exactly the matmuls of a step without checkpointing (a policy that silently fell back to
@@ -149,7 +131,9 @@ def test_checkpoint_policies_trade_recompute_as_documented(tiny_llama):
     for policy in ("memory", "balanced", "speed", None):
         model = build_model(str(tiny_llama), bits=4, rank=8, dropout=0.0, seed=0,
                             gradient_checkpointing=policy is not None, checkpoint_policy=policy or "balanced")
-        counts[policy] = _wide_matmuls_in_one_step(model, ids)
+        with ProjectionMatmuls() as matmuls:
+            causal_lm_loss(model, ids, ids, chunk=16).backward()
+        counts[policy] = matmuls.count
     assert counts["memory"] > counts["balanced"] > counts["speed"] == counts[None]
 
 

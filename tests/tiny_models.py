@@ -25,6 +25,31 @@ CORPUS = [
 ] * 20
 
 
+class ProjectionMatmuls:
+    """Counts the projection-sized matmuls (weight at least 64 x 64, so not the thin LoRA ones) run
+    inside ``with`` -- how the checkpoint policies are told apart by the work they do."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter, matmuls = self, {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+        self.count = 0
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.count += func in matmuls and min(args[-1].shape) >= 64
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
 def train_tiny_tokenizer(folder: Path, vocab_size: int = 320, pad_token: bool = False) -> Path:
     """Train a byte-level BPE on CORPUS and save it as a transformers tokenizer folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

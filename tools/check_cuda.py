@@ -94,24 +94,14 @@ def check_fused(path, device, ids) -> list[tuple[str, bool, str]]:
 
 
 def check_policies(path, device, ids) -> list[tuple[str, bool, str]]:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
-
-    class Count(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in matmuls and min(args[-1].shape) >= 64:
-                Count.calls += 1
-            return func(*args, **(kwargs or {}))
+    from tiny_models import ProjectionMatmuls
 
     results = {}
     for policy in ("memory", "balanced", "speed", None):
         model = _model(path, device, policy=policy or "balanced", checkpointing=policy is not None)
-        Count.calls = 0
-        with Count():
-            results[policy] = (_step(model, ids, device, fused=True), Count.calls)
+        with ProjectionMatmuls() as matmuls:
+            step = _step(model, ids, device, fused=True)
+        results[policy] = (step, matmuls.count)
     (_, base), _ = results[None]
     err = max(_close(results[p][0][1], base, 0.05) for p in ("memory", "balanced", "speed"))
     counts = {p: results[p][1] for p in results}
