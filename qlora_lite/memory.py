@@ -372,6 +372,17 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
+def estimate_settings(config, device: str) -> dict:
+    """The ``estimate_memory`` keyword arguments of the run a ``config.Config`` describes (training and
+    ``qlora-lite estimate`` read a config the same way)."""
+    t = config.train
+    return dict(bits=config.model.bits, seq_len=config.data.max_seq_len, batch_size=t.batch_size,
+                rank=config.lora.rank, target_modules=config.lora.target_modules,
+                gradient_checkpointing=t.gradient_checkpointing, checkpoint_policy=t.checkpoint_policy,
+                optimizer=t.optimizer, num_processes=t.num_processes, fsdp=t.fsdp,
+                double_quant=config.model.double_quant, device=device)
+
+
 def available_memory(device: str) -> int | None:
     """Bytes a training run can still take: free CUDA memory, or the OS's MemAvailable on Linux.
 

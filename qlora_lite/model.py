@@ -109,17 +109,14 @@ def build_model(
 def checkpoint_policy_for(config) -> str:
     """``config.train.checkpoint_policy``, with ``auto`` decided from the memory estimate of this run
     and the memory free now (``memory.choose_checkpoint_policy``)."""
-    t = config.train
-    if t.checkpoint_policy != "auto":
-        return t.checkpoint_policy
-    from .memory import EstimateError, available_memory, choose_checkpoint_policy
+    if config.train.checkpoint_policy != "auto":
+        return config.train.checkpoint_policy
+    from .memory import EstimateError, available_memory, choose_checkpoint_policy, estimate_settings
     from .quant import resolve_model_dir
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    settings = dict(bits=config.model.bits, seq_len=config.data.max_seq_len, batch_size=t.batch_size,
-                    rank=config.lora.rank, target_modules=config.lora.target_modules, optimizer=t.optimizer,
-                    num_processes=t.num_processes, fsdp=t.fsdp, double_quant=config.model.double_quant,
-                    device=device)
+    settings = estimate_settings(config, device)
+    del settings["checkpoint_policy"]
     try:
         policy, estimate = choose_checkpoint_policy(resolve_model_dir(config.model.model), available_memory(device),
                                                     **settings)

@@ -36,20 +36,15 @@ def command(model, config_file, seq_len, fsdp, loss_chunk, device, budget, as_js
         available_memory,
         choose_checkpoint_policy,
         estimate_memory,
+        estimate_settings,
         parse_size,
         suggest_settings,
     )
 
     try:
         cfg = load_config(config_file, flags).validate()
-        settings = dict(
-            bits=cfg.model.bits, seq_len=seq_len or cfg.data.max_seq_len, batch_size=cfg.train.batch_size,
-            rank=cfg.lora.rank, target_modules=cfg.lora.target_modules,
-            gradient_checkpointing=cfg.train.gradient_checkpointing,
-            checkpoint_policy=cfg.train.checkpoint_policy, optimizer=cfg.train.optimizer,
-            num_processes=cfg.train.num_processes, fsdp=fsdp, double_quant=cfg.model.double_quant,
-            loss_chunk="auto" if loss_chunk is None else (loss_chunk or None), device=device,
-        )
+        settings = {**estimate_settings(cfg, device), "seq_len": seq_len or cfg.data.max_seq_len, "fsdp": fsdp,
+                    "loss_chunk": "auto" if loss_chunk is None else (loss_chunk or None)}
         limit = parse_size(budget) if budget else None
         if settings["checkpoint_policy"] == "auto":  # the fastest that fits the budget, else as training decides
             others = {k: v for k, v in settings.items() if k != "checkpoint_policy"}
