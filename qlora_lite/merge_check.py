@@ -77,7 +77,7 @@ def verify_merge(plan: MergePlan, merged_dir: Path, dtype: str, tolerance: float
     if (plan.merge_base == "dequantized" and plan.quant["bits"] == 8) or ids is None:
         ids, expected = _quantized_reference_logits(plan, trust_remote_code)
     else:
-        trained = plan.merge_base == "dequantized" and plan.quant.get("compute_dtype") is not None
+        trained = plan.merge_base == "dequantized"  # its plan always records the compute dtype
         expected = streamed_logits(plan.base_dir, plan.quant["compute_dtype"] if trained else DTYPES[dtype], ids,
                                    trust_remote_code=trust_remote_code, adapter_dir=plan.adapter_dir,
                                    transform=functools.partial(as_trained, plan) if trained else None)
