@@ -8,12 +8,12 @@ by their query heads without being copied (grouped-query attention as one matmul
 The backward recomputes one block of probabilities at a time, as flash attention does, so no (T, T)
 matrix is ever kept.
 
-Numerics match transformers' ``eager`` attention: scores are rounded to the bf16 of the matmul, the
-softmax is fp32, probabilities are multiplied in bf16.
+Numerics match transformers' ``eager`` attention: scores are rounded to the dtype of the matmul (bf16
+or fp32), the softmax is fp32, probabilities are multiplied in the input dtype.
 
 The kernel is a ``torch.library`` custom op, so selective checkpointing can keep its output like the
 fused kernel's (``fastpath.selective_checkpoint_context``). It is used only where it applies: CPU,
-bf16, causal self-attention over the whole sequence (no KV cache), no dropout, no soft-capping, no
+bf16 or fp32, causal self-attention over the whole sequence (no KV cache), no dropout, no soft-capping, no
 sliding window narrower than the sequence, and no mask or a boolean one (padding, packed examples);
 anything else goes to transformers' SDPA path unchanged.
 """
@@ -27,6 +27,9 @@ NAME = "qlora_lite_cpu"  # the attention implementation name registered with tra
 # of one 1.1B layer (32 heads, GQA 8) took 28 ms with 32 queries, 35 ms with 64 and 48 ms with 128 at
 # 512 tokens, and 376/427/538 ms at 2048 tokens (16: 403 ms); torch's fused kernel: 80 and 601 ms.
 BLOCK = 32
+# bf16 on CPUs with bf16 kernels, fp32 on the others (precision.choose_compute_dtype); fp16 has no fast
+# CPU matmul on either class, so it stays with SDPA.
+FAST_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def _causal_blocks(length: int):
@@ -124,7 +127,7 @@ causal_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _applies(module, query, key, attention_mask, dropout, kwargs) -> bool:
-    if query.device.type != "cpu" or query.dtype != torch.bfloat16 or key.dtype != query.dtype:
+    if query.device.type != "cpu" or query.dtype not in FAST_DTYPES or key.dtype != query.dtype:
         return False
     if query.shape[2] != key.shape[2] or query.shape[2] < 2 or query.shape[1] % key.shape[1]:
         return False  # a KV cache (generation) or one token: SDPA's single-row kernels are right there

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .adapter import AdapterError, check_compatible, read_adapter, write_json_atomic
-from .fastpath import dequantize_4bit_bf16
+from .fastpath import dequantize_4bit_computed
 from .lora import lora_scaling, merge_weight
 from .quant import (
     DTYPES,
@@ -206,7 +206,7 @@ def _roundtrip(weight: torch.Tensor, conv1d: bool, quant: dict, as_computed: boo
     layer = quantize_linear(weight.t() if conv1d else weight, None, bits=quant["bits"],
                             quant_type=quant["quant_type"], double_quant=quant["double_quant"],
                             compute_dtype=quant["compute_dtype"])
-    deq = dequantize_4bit_bf16(layer.weight) if as_computed else dequantize_weight(layer)  # (out, in)
+    deq = dequantize_4bit_computed(layer.weight) if as_computed else dequantize_weight(layer)  # (out, in)
     # Params4bit and its layer reference each other: unless the cycle is cut, every quantized copy
     # lives until the next automatic gc (a full gc.collect() costs ~1 s here), and the heap fragments.
     if hasattr(layer.weight, "module"):

@@ -4,11 +4,11 @@ Why: profiled on a 2-core bf16 CPU, a QLoRA step through bitsandbytes + separate
 a fifth of its time on copies and dtype casts, and the loss materialised fp32 logits for the whole
 sequence (4*T*V bytes, more than the activations of all checkpointed blocks together).
 
-- ``Lora4bitLinear`` dequantizes the NF4/FP4 weight to bf16 once per call, does one bf16 matmul for
-  the base and two thin ones for the adapter, and stores no weight for backward: the backward
+- ``Lora4bitLinear`` dequantizes the NF4/FP4 weight to the compute dtype (bf16, or fp32 on CPUs
+  without bf16 kernels) once per call, does one matmul for the base and two thin ones for the adapter, and stores no weight for backward: the backward
   dequantizes again, except in a checkpointed block: there the weight dequantized by the recompute
   is kept until its backward a moment later (one dequantization per layer and step saved, for one
-  block's worth of bf16 weights).
+  block's worth of dequantized weights).
 - ``chunked_causal_lm_loss`` computes the cross-entropy chunk by chunk and its input gradient in the
   same pass, so only one chunk of fp32 logits ever exists.
 """
@@ -39,8 +39,9 @@ def _in_checkpoint() -> bool:
     return name.startswith(("_checkpoint_hook", "_recomputation_hook"))
 
 
-def dequantize_4bit_bf16(weight) -> torch.Tensor:
-    """A ``bnb.nn.Params4bit`` as a (out, in) tensor in its compute dtype (bf16 normally)."""
+def dequantize_4bit_computed(weight) -> torch.Tensor:
+    """A ``bnb.nn.Params4bit`` as a (out, in) tensor in its compute dtype (bf16 or fp32: straight from
+    the 4-bit codes, no intermediate copy)."""
     import bitsandbytes.functional as F
 
     return F.dequantize_4bit(weight.data, weight.quant_state)
@@ -57,7 +58,7 @@ class Lora4bitLinear(torch.autograd.Function):
     def forward(ctx, x, lora_x, lora_A, lora_B, base, scaling):
         shared = lora_x is None  # no dropout: the adapter sees x itself
         weight, bias = base.weight, base.bias  # passed as the module: Params4bit must not be unwrapped
-        w = dequantize_4bit_bf16(weight)
+        w = dequantize_4bit_computed(weight)
         y = nn.functional.linear(x, w, bias)
         xa = (x if shared else lora_x) @ lora_A.t()  # (N, r)
         y = torch.addmm(y, xa, lora_B.t(), alpha=scaling)  # not in place: checkpointing may cache y
@@ -72,7 +73,7 @@ class Lora4bitLinear(torch.autograd.Function):
         gb = grad_y @ lora_B  # (N, r)
         grad_x = grad_lora_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            w = dequantize_4bit_bf16(ctx.weight) if w is None else w
+            w = dequantize_4bit_computed(ctx.weight) if w is None else w
             grad_x = grad_y @ w  # (N, in)
             if ctx.shared:
                 grad_x.addmm_(gb, lora_A, alpha=s)

@@ -13,10 +13,10 @@ from qlora_lite.fastpath import causal_lm_loss
 from qlora_lite.model import build_model
 
 
-def _qkv(batch=2, q_heads=8, kv_heads=2, length=300, dim=16, seed=0):
-    """Random bf16 q, k, v; length not a multiple of the block, so the last block is partial."""
+def _qkv(batch=2, q_heads=8, kv_heads=2, length=300, dim=16, seed=0, dtype=torch.bfloat16):
+    """Random q, k, v; length not a multiple of the block, so the last block is partial."""
     g = torch.Generator().manual_seed(seed)
-    make = lambda heads: torch.randn(batch, heads, length, dim, generator=g).bfloat16().requires_grad_()  # noqa: E731
+    make = lambda heads: torch.randn(batch, heads, length, dim, generator=g).to(dtype).requires_grad_()  # noqa: E731
     return make(q_heads), make(kv_heads), make(kv_heads)
 
 
@@ -28,9 +28,11 @@ def _grads(fn, q, k, v, grad_out):
     return [out.float(), q.grad.float(), k.grad.float(), v.grad.float()]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("masked", [False, True])
-def test_matches_fp32_attention_forward_and_backward(masked):
-    q, k, v = _qkv()
+def test_matches_fp32_attention_forward_and_backward(masked, dtype):
+    """In bf16 (CPUs with bf16 kernels) and fp32 (the others) alike."""
+    q, k, v = _qkv(dtype=dtype)
     b, _, t, d = q.shape
     mask = None
     if masked:  # packed examples (block-diagonal causal), and left padding: query rows that see nothing
@@ -53,7 +55,8 @@ def test_matches_fp32_attention_forward_and_backward(masked):
     for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
         assert torch.isfinite(a).all(), name
         scale = e.abs().max()
-        assert (a - e).abs().max() <= 0.02 * scale, f"{name}: {(a - e).abs().max():.4f} vs max {scale:.3f}"
+        bound = 0.02 if dtype == torch.bfloat16 else 1e-5
+        assert (a - e).abs().max() <= bound * scale, f"{name}: {(a - e).abs().max():.4f} vs max {scale:.3f}"
     if masked:
         assert got[0][1, :, :7].abs().max() == 0, "a query that sees no key must give zeros, not NaN"
 
@@ -98,13 +101,15 @@ def test_training_model_uses_it_and_gets_sdpa_gradients(tiny_llama):
 
 
 def test_other_cases_fall_back_to_sdpa(tiny_llama):
-    """Generation with a KV cache and fp32 models take transformers' SDPA path unchanged."""
+    """Generation with a KV cache and fp16 models take transformers' SDPA path unchanged; bf16 and fp32
+    (the compute dtypes CPUs run fast) take the blocked kernel."""
     model = build_model(str(tiny_llama), bits=4, rank=8, seed=0)
     q, k, v = _qkv(batch=1, length=8)
     module = model.model.layers[0].self_attn
     assert cpu_attention._applies(module, q, k, None, 0.0, {})
     assert not cpu_attention._applies(module, q[:, :, -1:], k, None, 0.0, {})  # one new token over a cache
-    assert not cpu_attention._applies(module, q.float(), k.float(), None, 0.0, {})
+    assert cpu_attention._applies(module, q.float(), k.float(), None, 0.0, {})
+    assert not cpu_attention._applies(module, q.half(), k.half(), None, 0.0, {})
     assert not cpu_attention._applies(module, q, k, None, 0.1, {})  # attention dropout
     assert not cpu_attention._applies(module, q, k, None, 0.0, {"sliding_window": 4})
     assert cpu_attention._applies(module, q, k, None, 0.0, {"sliding_window": 4096})  # Mistral at 8 tokens

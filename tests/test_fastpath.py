@@ -10,14 +10,14 @@ from qlora_lite import fastpath
 from qlora_lite.fastpath import causal_lm_loss, chunked_causal_lm_loss
 from qlora_lite.lora import LoRALinear
 from qlora_lite.model import build_model
-from qlora_lite.quant import dequantize_weight, quantize_linear
+from qlora_lite.quant import DTYPES, dequantize_weight, quantize_linear
 
 
-def _layer(dropout=0.0, bias=False):
+def _layer(dropout=0.0, bias=False, dtype=torch.bfloat16):
     torch.manual_seed(0)
     weight = torch.randn(96, 64) * 0.1
-    base = quantize_linear(weight, torch.randn(96) if bias else None, bits=4)
-    layer = LoRALinear(base, rank=8, alpha=16, dropout=dropout).train()
+    base = quantize_linear(weight, torch.randn(96) if bias else None, bits=4, compute_dtype=dtype)
+    layer = LoRALinear(base, rank=8, alpha=16, dropout=dropout, lora_dtype=dtype).train()
     torch.nn.init.normal_(layer.lora_B.weight, std=0.1)  # non-zero B so the adapter path counts
     return layer
 
@@ -50,22 +50,29 @@ def _fp32_reference(layer, x, seed=1):
     return y.detach(), [x.grad, a.grad, b.grad]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("dropout,bias", [(0.0, False), (0.0, True), (0.3, False)])
-def test_fused_4bit_lora_matches_plain_path(dropout, bias):
-    layer = _layer(dropout, bias)
-    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+def test_fused_4bit_lora_matches_plain_path(dropout, bias, dtype):
+    """bf16 (CPUs with bf16 kernels, GPUs) and fp32 (CPUs without): the 4-bit weight is dequantized
+    straight to the compute dtype and the fused layer gives the plain layer's output and gradients."""
+    layer = _layer(dropout, bias, dtype)
+    x = torch.randn(2, 5, 64, dtype=dtype)
     assert fastpath.fast_lora_applies(layer, x)
     y_fast, g_fast = _run(layer, x, True)
     y_slow, g_slow = _run(layer, x, False)
     y_ref, g_ref = _fp32_reference(layer, x)
-    assert y_fast.shape == (2, 5, 96) and y_fast.dtype == torch.bfloat16
-    torch.testing.assert_close(y_fast.float(), y_slow.float(), rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(y_fast.float(), y_ref, rtol=2e-2, atol=2e-2)
+    assert y_fast.shape == (2, 5, 96) and y_fast.dtype == dtype
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(y_fast.float(), y_slow.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(y_fast.float(), y_ref, rtol=tol, atol=tol)
     for fast, slow, ref in zip(g_fast, g_slow, g_ref):
-        assert fast.dtype == slow.dtype == torch.bfloat16
-        # both round to bf16 along the way; the fused one must be as close to fp32 as the plain one
+        assert fast.dtype == slow.dtype == dtype
+        # bf16: both round along the way; the fused one must be as close to fp32 as the plain one
         err_fast, err_slow = (fast.float() - ref).abs().max(), (slow.float() - ref).abs().max()
-        assert err_fast <= 1e-2 * ref.abs().max() and err_fast <= 1.5 * err_slow + 1e-3
+        if dtype == torch.bfloat16:
+            assert err_fast <= 1e-2 * ref.abs().max() and err_fast <= 1.5 * err_slow + 1e-3
+        else:
+            assert err_fast <= 1e-5 * ref.abs().max() and err_slow <= 1e-5 * ref.abs().max()
 
 
 def test_fast_path_only_in_training():
@@ -77,10 +84,11 @@ def test_fast_path_only_in_training():
     assert not fastpath.fast_lora_applies(layer.train(), x.float())
 
 
-def test_chunked_loss_matches_full_logits():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_chunked_loss_matches_full_logits(dtype):
     torch.manual_seed(0)
-    hidden = torch.randn(2, 9, 32, dtype=torch.bfloat16, requires_grad=True)
-    head = torch.randn(50, 32, dtype=torch.bfloat16)
+    hidden = torch.randn(2, 9, 32, dtype=dtype, requires_grad=True)
+    head = torch.randn(50, 32, dtype=dtype)
     labels = torch.randint(0, 50, (2, 9))
     labels[0, :4] = -100
     loss = chunked_causal_lm_loss(hidden, head, labels, chunk=5)
@@ -91,15 +99,19 @@ def test_chunked_loss_matches_full_logits():
     ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1))
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(grad_chunked.float(), hidden.grad.float(), rtol=2e-2, atol=1e-3)
+    grad_tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(grad_chunked.float(), hidden.grad.float(), rtol=grad_tol, atol=grad_tol)
     total = chunked_causal_lm_loss(hidden.detach(), head, labels, chunk=3, reduction="sum")
     torch.testing.assert_close(total, ref.detach() * (labels[:, 1:] != -100).sum(), rtol=1e-3, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("policy", ["memory", "balanced", "speed"])
-def test_checkpointed_model_step_same_loss_and_grads(tiny_llama, policy):
+def test_checkpointed_model_step_same_loss_and_grads(tiny_llama, policy, dtype):
+    """Every policy, in both CPU compute dtypes: the fast path (fused 4-bit LoRA, blocked attention,
+    chunked loss) gives the plain transformers path's loss and LoRA gradients."""
     model = build_model(str(tiny_llama), bits=4, rank=8, dropout=0.0, seed=0, gradient_checkpointing=True,
-                        checkpoint_policy=policy)
+                        checkpoint_policy=policy, compute_dtype=dtype)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -117,9 +129,11 @@ def test_checkpointed_model_step_same_loss_and_grads(tiny_llama, policy):
         results.append((loss.item(), grads))
     (loss_fast, g_fast), (loss_slow, g_slow) = results
     assert g_fast.keys() == g_slow.keys() and len(g_fast) == 2 * 7 * 2
-    assert abs(loss_fast - loss_slow) < 1e-2
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {DTYPES[dtype]}
+    loss_tol, rtol, atol = (1e-2, 5e-2, 5e-3) if dtype == "bf16" else (1e-5, 1e-4, 1e-6)
+    assert abs(loss_fast - loss_slow) < loss_tol
     for name in g_fast:
-        torch.testing.assert_close(g_fast[name], g_slow[name], rtol=5e-2, atol=5e-3, msg=name)
+        torch.testing.assert_close(g_fast[name], g_slow[name], rtol=rtol, atol=atol, msg=name)
 
 
 def test_checkpoint_policies_trade_recompute_as_documented(tiny_llama):
