@@ -35,7 +35,12 @@ class ModelConfig:
     bits: int = _opt(4, "Bits of the frozen base: 4 (QLoRA), 8 (LLM.int8) or 16 (plain LoRA).", (4, 8, 16))
     quant_type: str = _opt("nf4", "4-bit data type: nf4 (normal float, best for weights) or fp4.", ("nf4", "fp4"))
     double_quant: bool = _opt(True, "Quantize the 4-bit scales too (saves about 0.4 bits per weight).")
-    compute_dtype: str = _opt("bf16", "Dtype of activations and of unquantized layers.", ("bf16", "fp16", "fp32"))
+    compute_dtype: str = _opt(
+        "auto",
+        "Dtype of the matmuls, activations and unquantized layers. auto: what this device runs fast (bf16 on "
+        "GPUs with bf16, else fp16; on the CPU bf16 only with AVX512-BF16 or AMX, else fp32), said in the log.",
+        ("auto", "bf16", "fp16", "fp32"),
+    )
     trust_remote_code: bool = _opt(False, "Run Python code shipped inside the model folder. Only for folders you trust.")
     allow_bin_weights: bool = _opt(
         False, "Accept a model folder with only pickle-based .bin weights (loaded with weights_only=True)."
@@ -53,7 +58,10 @@ class LoraConfig:
         "all-linear", "Layers to adapt: comma-separated module-name suffixes (q_proj,v_proj) or all-linear."
     )
     rslora: bool = _opt(False, "Rank-stabilized scaling alpha/sqrt(r) instead of alpha/r.")
-    lora_dtype: str = _opt("bf16", "Dtype of the adapter weights A and B.", ("bf16", "fp16", "fp32"))
+    lora_dtype: str = _opt(
+        "auto", "Dtype of the adapter weights A and B while training; auto: the compute dtype (fp32 under fp16).",
+        ("auto", "bf16", "fp16", "fp32"),
+    )
     adapter: str | None = _opt(None, "Start from an existing adapter folder (ours or PEFT's) instead of a fresh one.")
 
 

@@ -135,10 +135,13 @@ def reload_merged(merged_dir: Path, eval_file: Path, limit: int | None) -> dict:
     from .data_formats import read_jsonl
     from .data_tokenize import render_example
     from .generation import exact_match
+    from .model import resolve_compute_dtype
+    from .quant import DTYPES
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).eval()
+    dtype = DTYPES[resolve_compute_dtype("auto")]  # what this device runs fast
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).eval()
     if torch.cuda.is_available():
         model = model.to("cuda")
     records = [r for _, r in read_jsonl(eval_file)[0]][:limit]

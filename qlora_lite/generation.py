@@ -35,7 +35,7 @@ def adapter_bits(adapter_dir: str | Path | None) -> int | None:
 
 
 def load_for_inference(model_path: str, *, adapter: str | None = None, bits: int | None = None,
-                       quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "bf16",
+                       quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "auto",
                        trust_remote_code: bool = False, allow_bin_weights: bool = False):
     """Load base (+ adapter) frozen in eval mode, and its tokenizer (pad token guaranteed).
 

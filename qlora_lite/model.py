@@ -12,6 +12,7 @@ from .adapter import load_adapter
 from .cpu_attention import use_cpu_attention
 from .fastpath import selective_checkpoint_context
 from .lora import inject_lora
+from .precision import choose_compute_dtype, default_device, lora_dtype_for, slow_dtype_warning
 from .quant import DTYPES, load_base_model
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def build_model(
     bits: int = 4,
     quant_type: str = "nf4",
     double_quant: bool = True,
-    compute_dtype: str = "bf16",
+    compute_dtype: str = "auto",
     trust_remote_code: bool = False,
     allow_bin_weights: bool = False,
     adapter: str | None = None,
@@ -70,7 +71,7 @@ def build_model(
     alpha: float = 32.0,
     dropout: float = 0.0,
     rslora: bool = False,
-    lora_dtype: str = "bf16",
+    lora_dtype: str = "auto",
     trainable: bool = True,
     gradient_checkpointing: bool = True,
     checkpoint_policy: str = "balanced",
@@ -79,13 +80,16 @@ def build_model(
     """Load the base, then add LoRA: loaded from ``adapter`` when given, else freshly initialised.
 
     Args:
+        compute_dtype: bf16, fp16, fp32, or auto (what this device runs fast: ``precision``).
         trainable: prepare for training (LoRA trainable, checkpointing, train mode); otherwise the
             whole model is frozen and in eval mode.
-        lora_dtype: dtype of A and B when training, also for a loaded ``adapter`` (PEFT saves fp32 by
+        lora_dtype: dtype of A and B when training (auto: the compute dtype, fp32 under fp16), also for a loaded ``adapter`` (PEFT saves fp32 by
             default; in bf16 it trains on the fused 4-bit path like a fresh adapter). For inference a
             loaded adapter keeps the file's dtype, so eval/generate/merge see its exact values.
         seed: seeds the LoRA initialisation so a run is reproducible.
     """
+    compute_dtype = resolve_compute_dtype(compute_dtype)
+    lora_dtype = lora_dtype_for(lora_dtype, compute_dtype)
     model = load_base_model(
         model_path, bits=bits, quant_type=quant_type, double_quant=double_quant,
         compute_dtype=DTYPES[compute_dtype], trust_remote_code=trust_remote_code,
@@ -104,6 +108,18 @@ def build_model(
     else:
         model.eval()
     return model
+
+
+def resolve_compute_dtype(requested: str, device: str | None = None) -> str:
+    """``requested`` as a concrete dtype name for ``device`` (default: where this process trains),
+    logging what ``auto`` chose and why, and warning when an explicit dtype is slow there."""
+    device = device or default_device()
+    choice = choose_compute_dtype(requested, device)
+    if requested == "auto":
+        log.info("compute dtype auto -> %s: %s", choice.name, choice.reason)
+    elif warning := slow_dtype_warning(choice.name, device):
+        log.warning("--compute-dtype %s: %s", choice.name, warning)
+    return choice.name
 
 
 def checkpoint_policy_for(config) -> str:

@@ -82,6 +82,26 @@ def run_fingerprint(config: Config, num_processes: int, **extra) -> dict:
     return make_fingerprint(config.to_dict(), file_sha256(config.data.data), num_processes=num_processes, **extra)
 
 
+def resolve_precision(config: Config, saved_state: dict | None = None) -> None:
+    """Replace ``auto`` compute and LoRA dtypes in ``config`` by concrete ones (logged, and recorded in
+    config.yaml and the run fingerprint as what ran).
+
+    A resumed run keeps the dtypes it was trained in where the user left them on auto, so moving a run
+    to a machine of another CPU class resumes the same run (a warning says when that is slow here).
+    """
+    from .model import resolve_compute_dtype
+    from .precision import lora_dtype_for
+
+    m, lo = config.model, config.lora
+    saved = (saved_state or {}).get("fingerprint", {})
+    for section, name in ((m, "compute_dtype"), (lo, "lora_dtype")):
+        if getattr(section, name) == "auto" and saved.get(name) not in (None, "auto"):
+            setattr(section, name, saved[name])
+            log.info("resume: %s %s, as the run was trained", name.replace("_", " "), saved[name])
+    m.compute_dtype = resolve_compute_dtype(m.compute_dtype)
+    lo.lora_dtype = lora_dtype_for(lo.lora_dtype, m.compute_dtype)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory so far: allocated CUDA memory on a GPU, else the process's peak RSS."""
     if device.type == "cuda":
@@ -150,6 +170,10 @@ def train(config: Config) -> TrainResult:
 
     config.validate(required=("model.model", "data.data", "train.output"))
     t = config.train
+    output_dir = Path(t.output)
+    resume_from = latest_checkpoint(output_dir) if t.resume else None
+    saved_state = read_trainer_state(resume_from) if resume_from is not None else None
+    resolve_precision(config, saved_state)
     mixed = {"bf16": "bf16", "fp16": "fp16" if torch.cuda.is_available() else "no"}.get(config.model.compute_dtype, "no")
     if mixed == "fp16" and config.lora.lora_dtype != "fp32":
         # fp16 training needs a gradient scaler, and the scaler refuses 16-bit master weights.
@@ -162,7 +186,6 @@ def train(config: Config) -> TrainResult:
     accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
     if not accelerator.is_main_process:
         logging.getLogger("qlora_lite").setLevel(logging.WARNING)  # one process reports progress
-    output_dir = Path(t.output)
     model_dir = resolve_model_dir(config.model.model)
     guard_output_dir(output_dir, model_dir, t.resume)
     tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
@@ -171,7 +194,6 @@ def train(config: Config) -> TrainResult:
     # Examples per epoch: another process count may resume only if it drops no other example.
     used = sum(map(len, epoch_batches(len(train_examples), t.batch_size, t.seed, 0, accelerator.num_processes)))
     fingerprint = run_fingerprint(config, accelerator.num_processes, examples_per_epoch=used)
-    resume_from = latest_checkpoint(output_dir) if t.resume else None
     if t.resume and resume_from is None:
         log.warning("--resume: no complete checkpoint in %s; starting from step 0", output_dir)
     if accelerator.num_processes > 1:  # all processes continue from one checkpoint (machines share --output)
@@ -179,7 +201,7 @@ def train(config: Config) -> TrainResult:
 
         check_same_checkpoint(accelerator, resume_from, output_dir)
     if resume_from is not None:  # refuse an incompatible resume before the model is loaded
-        for warning in check_resume_compatible(read_trainer_state(resume_from), fingerprint):
+        for warning in check_resume_compatible(saved_state, fingerprint):
             log.warning("resume: %s", warning)
     set_seed(t.seed)
     loop = _Loop(config, accelerator, train_examples, eval_examples, tokenizer.pad_token_id, fingerprint)

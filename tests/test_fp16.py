@@ -203,7 +203,8 @@ def test_fp32_peft_adapter_trains_in_bf16_on_the_fused_path(tiny_llama, tmp_path
     saved = load_file(folder / "adapter_model.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.float32}
 
-    model = build_model(str(tiny_llama), bits=4, adapter=str(folder), trainable=True)
+    model = build_model(str(tiny_llama), bits=4, adapter=str(folder), trainable=True, compute_dtype="bf16",
+                        lora_dtype="bf16")
     layers = lora_layers(model)
     assert len(layers) == 4
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.bfloat16}
@@ -215,5 +216,5 @@ def test_fp32_peft_adapter_trains_in_bf16_on_the_fused_path(tiny_llama, tmp_path
     assert layer.training and fast_lora_applies(layer, x)
 
     # Inference keeps the file's exact fp32 values.
-    frozen = build_model(str(tiny_llama), bits=4, adapter=str(folder), trainable=False)
+    frozen = build_model(str(tiny_llama), bits=4, adapter=str(folder), trainable=False, compute_dtype="bf16")
     assert torch.equal(lora_layers(frozen)[name].lora_B.weight, saved[key])
