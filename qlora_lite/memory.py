@@ -3,17 +3,18 @@
 The model is described by its shapes; each part of the peak is counted in bytes:
 
 - ``weights``: the frozen base; quantized linear layers at 4 or 8 bits, embeddings, head and norms
-  in 16-bit (they are never quantized or upcast).
+  in the compute dtype (16-bit, or fp32 on CPUs without bf16 kernels: ``precision``).
 - ``quant_constants``: the per-block scales of the quantized layers (absmax, double-quant tables).
-- ``lora``: adapter weights (bf16) and their gradients.
+- ``lora``: adapter weights and their gradients (in the compute dtype; fp32 under fp16).
 - ``optimizer``: AdamW moments: 8 bytes per adapter parameter in fp32, about 2 in 8-bit.
-- ``activations``: with checkpointing, each block's bf16 input, attention and down-projection outputs (6*L*B*T*H bytes) plus one block's
-  working set while it is recomputed; without, every block's working set.
+- ``activations``: with checkpointing, each block's input, attention and down-projection outputs (6*L*B*T*H
+  bytes in bf16, twice that in fp32) plus one block's working set while it is recomputed; without,
+  every block's working set.
 - ``logits``: the output head's logits and the loss over them (fp32), or one chunk when the loss is
   computed chunk by chunk.
 - ``runtime``: what the process holds before any model (torch, libraries, allocator).
 - ``heap``: on the CPU, freed buffers glibc keeps for reuse (dequantized weights, matmul outputs):
-  measured as about three blocks of bf16 weights (0.26 GB at 1.1B). Returning every large buffer to
+  measured as about three blocks of dequantized weights (0.26 GB at 1.1B in bf16). Returning every large buffer to
   the OS (``MALLOC_MMAP_THRESHOLD_=1048576``) removed it but made steps 1.9x slower (page faults).
 
 The constants were checked against measured peaks (tools/benchmark.py compares the two).
@@ -24,6 +25,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .precision import estimated_compute_dtype
 
 GIB = 1024**3
 
@@ -44,6 +47,8 @@ RUNTIME_BYTES = {"cpu": int(0.56e9), "cuda": int(0.05e9)}
 # benchmark model: peaks 1.91-2.11 GB (balanced) and 1.91 GB (memory) against 1.66-1.76 GB without it;
 # the 0.12B model is small enough that it hardly shows.
 HEAP_BLOCKS = 3
+# Bytes per activation, dequantized weight and unquantized weight in each compute dtype.
+VALUE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 class EstimateError(ValueError):
@@ -220,6 +225,7 @@ def estimate_memory(
     double_quant: bool = True,
     loss_chunk: int | str | None = "auto",
     device: str = "cpu",
+    compute_dtype: str = "bf16",
 ) -> MemoryEstimate:
     """Predict the peak memory of one training process from the model's config alone.
 
@@ -238,6 +244,8 @@ def estimate_memory(
         loss_chunk: tokens per chunk of the loss; "auto" what training does (``loss_chunk_for`` the
             vocabulary where the architecture allows chunking, else full logits); None: full logits.
         device: "cpu" (process RSS) or "cuda" (``torch.cuda.max_memory_allocated``).
+        compute_dtype: bf16, fp16 or fp32 (``precision.estimated_compute_dtype`` resolves auto): the
+            size of activations, dequantized weights, unquantized layers and adapters.
 
     Returns:
         MemoryEstimate for one process.
@@ -254,59 +262,65 @@ def estimate_memory(
         raise EstimateError(f"device must be cpu or cuda, got {device!r}")
     if checkpoint_policy not in KEPT_PER_BLOCK:
         raise EstimateError(f"checkpoint_policy must be one of {', '.join(KEPT_PER_BLOCK)}, got {checkpoint_policy!r}")
+    if compute_dtype not in VALUE_BYTES:
+        raise EstimateError(f"compute_dtype must be one of {', '.join(VALUE_BYTES)}, got {compute_dtype!r}")
+    value = VALUE_BYTES[compute_dtype]
     shape = model_shape(raw, where)
     tokens = batch_size * seq_len
     const_per_param = (DQ_CONST_BYTES if double_quant else NO_DQ_CONST_BYTES) if bits == 4 else 0.0
     rows = shape.layers * sum(o for _, _, o in shape.linears)
-    weights = shape.linear_params * QUANT_BYTES[bits] + 2 * shape.embedding_params
+    weights = shape.linear_params * (value if bits == 16 else QUANT_BYTES[bits]) + value * shape.embedding_params
     constants = shape.linear_params * const_per_param + (4 * rows if bits == 8 else 0)
 
     targets = lora_targets(shape, target_modules)
     lora_params = shape.layers * sum(rank * (i + o) for _, i, o in targets)
-    lora = lora_params * (2 + 2)  # bf16 weight + bf16 gradient
+    lora_value = 4 if compute_dtype == "fp16" else value  # fp16 trains fp32 master weights (loss scaler)
+    lora = lora_params * 2 * lora_value  # weight + gradient
     optim = lora_params * OPTIMIZER_BYTES[optimizer]
 
     shard = num_processes if fsdp and num_processes > 1 else 1
-    block_bytes = (weights - 2 * shape.embedding_params + constants) / shape.layers
+    block_bytes = (weights - value * shape.embedding_params + constants) / shape.layers
     weights, constants = weights / shard, constants / shard  # LoRA and its optimizer state are replicated
     activations = _activation_bytes(shape, targets, tokens, rank, bits,
-                                    checkpoint_policy if gradient_checkpointing else None)
+                                    checkpoint_policy if gradient_checkpointing else None, value)
     if shard > 1:
         activations += 2 * block_bytes  # the gathered block and the next one being prefetched
     if num_processes > 1 and not fsdp:
-        lora += lora_params * 2  # DDP's gradient buckets hold a second copy of the gradients
+        lora += lora_params * lora_value  # DDP's gradient buckets hold a second copy of the gradients
     if loss_chunk == "auto":
         chunked = shape.model_type in CHUNKED_LOSS_MODELS and not raw.get("final_logit_softcapping")
         loss_chunk = loss_chunk_for(shape.vocab) if chunked else None
     logits = _logit_bytes(shape.vocab, tokens, loss_chunk)
-    heap = HEAP_BLOCKS * 2 * sum(i * o for _, i, o in shape.linears) if device == "cpu" else 0
+    heap = HEAP_BLOCKS * value * sum(i * o for _, i, o in shape.linears) if device == "cpu" else 0
     breakdown = {"weights": weights, "quant_constants": constants, "lora": lora, "optimizer": optim,
                  "activations": activations, "logits": logits, "runtime": RUNTIME_BYTES[device], "heap": heap}
     settings = dict(bits=bits, seq_len=seq_len, batch_size=batch_size, rank=rank,
                     target_modules=target_modules, gradient_checkpointing=gradient_checkpointing,
                     checkpoint_policy=checkpoint_policy, optimizer=optimizer, num_processes=num_processes, fsdp=fsdp,
-                    double_quant=double_quant, loss_chunk=loss_chunk, device=device)
+                    double_quant=double_quant, loss_chunk=loss_chunk, device=device, compute_dtype=compute_dtype)
     return MemoryEstimate({k: int(v) for k, v in breakdown.items()}, settings, lora_params, shape.params)
 
 
-def _activation_bytes(shape: ModelShape, targets, tokens: int, rank: int, bits: int, policy: str | None) -> float:
-    """Saved block inputs plus working sets (bf16), plus one dequantized weight during a matmul.
+def _activation_bytes(shape: ModelShape, targets, tokens: int, rank: int, bits: int, policy: str | None,
+                      value: int = 2) -> float:
+    """Saved block inputs plus working sets, plus one dequantized weight during a matmul; ``value``
+    bytes per number (2 in bf16/fp16, 4 in fp32).
 
     ``policy`` is the checkpoint policy (``KEPT_PER_BLOCK``), None without checkpointing.
 
     A block's working set: norms, q/k/v/o and attention outputs (~12 values of width H per token),
     the MLP's gate, up, activation and product (4 of width I), and each adapter's rank-r input.
-    With a 4-bit base and checkpointing, the recomputed block keeps its dequantized bf16 weights
+    With a 4-bit base and checkpointing, the recomputed block keeps its dequantized weights
     until their backward (qlora_lite.fastpath: one dequantization per layer saved).
     """
     h, inter = shape.hidden, shape.intermediate
-    lora_per_token = len(targets) * rank * 2
-    block = tokens * (2 * (12 * h + 4 * inter) + lora_per_token)
+    lora_per_token = len(targets) * rank * value
+    block = tokens * (value * (12 * h + 4 * inter) + lora_per_token)
     largest = max(i * o for _, i, o in shape.linears)
-    dequant = 2 * largest if bits in (4, 8) else 0
+    dequant = value * largest if bits in (4, 8) else 0
     if policy is not None:
-        kept = 2 * sum(i * o for _, i, o in shape.linears) if bits == 4 else 0
-        saved = 2 * shape.layers * tokens * KEPT_PER_BLOCK[policy](shape)  # bf16 values kept per token
+        kept = value * sum(i * o for _, i, o in shape.linears) if bits == 4 else 0
+        saved = value * shape.layers * tokens * KEPT_PER_BLOCK[policy](shape)  # values kept per token
         return saved + block + max(dequant, kept)
     return shape.layers * block + dequant
 
@@ -380,7 +394,8 @@ def estimate_settings(config, device: str) -> dict:
                 rank=config.lora.rank, target_modules=config.lora.target_modules,
                 gradient_checkpointing=t.gradient_checkpointing, checkpoint_policy=t.checkpoint_policy,
                 optimizer=t.optimizer, num_processes=t.num_processes, fsdp=t.fsdp,
-                double_quant=config.model.double_quant, device=device)
+                double_quant=config.model.double_quant, device=device,
+                compute_dtype=estimated_compute_dtype(config.model.compute_dtype, device))
 
 
 def available_memory(device: str) -> int | None:

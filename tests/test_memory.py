@@ -95,10 +95,16 @@ def test_budget_suggestion_fits_and_gives_up_when_impossible():
 
 def test_cli_json_and_budget(llama_7b_dir):
     runner = CliRunner()
-    result = runner.invoke(main, ["estimate", "--model", str(llama_7b_dir), "--budget", "8GiB", "--json"])
+    result = runner.invoke(main, ["estimate", "--model", str(llama_7b_dir), "--budget", "8GiB", "--json",
+                                  "--compute-dtype", "bf16"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["fits"] is True and data["total"] == sum(data["breakdown"].values())
+    # fp32 compute (auto on CPUs without bf16 kernels) doubles activations and unquantized weights
+    fp32 = runner.invoke(main, ["estimate", "--model", str(llama_7b_dir), "--json", "--compute-dtype", "fp32"])
+    parts = json.loads(fp32.output)["breakdown"]
+    assert parts["activations"] == 2 * data["breakdown"]["activations"]
+    assert parts["lora"] == 2 * data["breakdown"]["lora"] and parts["optimizer"] == data["breakdown"]["optimizer"]
     result = runner.invoke(main, ["estimate", "--model", str(llama_7b_dir / "config.json"), "--bits", "16",
                                   "--no-gradient-checkpointing", "--seq-len", "4096", "--budget", "8GiB"])
     assert result.exit_code == 0, result.output

@@ -15,8 +15,8 @@ from .options import config_options
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="A training YAML file whose settings are used (flags override it).")
 @click.option("--seq-len", "seq_len", type=int, default=None, help="Tokens per sequence  [default: --max-seq-len, 512]")
-@config_options("bits", "batch_size", "rank", "target_modules", "gradient_checkpointing", "checkpoint_policy",
-                "optimizer", "num_processes")
+@config_options("bits", "compute_dtype", "batch_size", "rank", "target_modules", "gradient_checkpointing",
+                "checkpoint_policy", "optimizer", "num_processes")
 @click.option("--fsdp", is_flag=True, help="Shard the frozen weights over --num-processes (FSDP); adapters stay whole.")
 @click.option("--loss-chunk", type=int, default=None,
               help="Tokens per chunk of the loss, 0 for full logits  [default: what training uses: chunks of "
@@ -73,7 +73,8 @@ def _report(model, estimate, limit, suggestion) -> str:
     lines = [f"Peak memory estimate for {model}",
              f"  {estimate.base_params / 1e9:.2f}B parameters, {s['bits']}-bit base, LoRA r={s['rank']} "
              f"({estimate.lora_params / 1e6:.1f}M trainable), {s['batch_size']}x{s['seq_len']} tokens, "
-             f"checkpointing {s['checkpoint_policy'] if s['gradient_checkpointing'] else 'off'}, {s['optimizer']}",
+             f"checkpointing {s['checkpoint_policy'] if s['gradient_checkpointing'] else 'off'}, {s['optimizer']}, "
+             f"{s['compute_dtype']} compute",
              estimate.table()]
     if limit is None:
         return "\n".join(lines)
