@@ -51,17 +51,19 @@ def train_numbers(run: dict, base: dict, config: dict, peak_flops: float) -> dic
 
 def estimate_check(config: dict, measured: int, base: dict) -> dict:
     est = estimate_memory(config, bits=4, seq_len=base["seq_len"], batch_size=base["batch_size"], rank=base["rank"],
-                          optimizer="paged_adamw_8bit",
-                          checkpoint_policy=base.get("checkpoint_policy", "balanced"))
+                          optimizer="paged_adamw_8bit", checkpoint_policy=base.get("checkpoint_policy", "balanced"),
+                          compute_dtype=base.get("compute_dtype", "bf16"))
     return {"params": est.base_params, "estimate": est.total, "measured": measured,
             "error": est.total / measured - 1, "breakdown": est.breakdown}
 
 
 def summarize(results: dict, base: dict) -> dict:
-    config, peak = results["config"], results["peak_flops"]["bfloat16"]
+    compute = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[results.get("compute_dtype", "bf16")]
+    config, peak = results["config"], results["peak_flops"][compute]
     ref = train_numbers(results.get("reference"), base, config, peak)
     ours = train_numbers(results.get("ours"), base, config, peak)
-    s = {"reference": ref, "ours": ours, "peak_flops": peak, "matmul_params": matmul_params(config),
+    s = {"reference": ref, "ours": ours, "peak_flops": peak, "compute_dtype": results.get("compute_dtype", "bf16"),
+         "matmul_params": matmul_params(config),
          "floor": design_floor(config, base["seq_len"], base["batch_size"], base["rank"]),
          "runtime": results.get("runtime", {}).get("runtime_peak_bytes")}
     for side in ("reference", "ours"):
@@ -104,7 +106,9 @@ def render_markdown(results: dict, s: dict, command: str) -> str:
              f"batch {results['args']['batch_size']} x {results['args']['seq_len']} tokens, LoRA r={results['args']['rank']} "
              "all-linear, NF4 + double quantization, gradient checkpointing (qlora-lite policy "
              f"`{results['args'].get('checkpoint_policy', 'balanced')}`), paged AdamW 8-bit.",
-             f"Machine: {platform.processor() or platform.machine()}, {_cores()} cores; measured bf16 matmul peak "
+             f"Machine: {platform.processor() or platform.machine()}, {_cores()} cores, {_cpu_class(results)}; "
+             f"both stacks compute in {s['compute_dtype']} ({results.get('compute_reason', 'bf16 by default')}); "
+             f"measured {s['compute_dtype']} matmul peak "
              f"{s['peak_flops'] / 1e12:.2f} TFLOP/s (fp32 {results['peak_flops']['float32'] / 1e12:.2f}) with "
              f"{_threads(results)} thread(s); "
              f"load average before/after: {_load(results['load_avg_before'])} / {_load(results['load_avg_after'])}.",
@@ -118,7 +122,7 @@ def render_markdown(results: dict, s: dict, command: str) -> str:
                       lambda x: f"{x:.1f}", TARGETS["tokens_per_s"], better="higher"))
     lines.append(_row("training tokens/s by CPU time (median step)", g(ref, "tokens_per_cpu_s"),
                       g(ours, "tokens_per_cpu_s"), lambda x: f"{x:.1f}", TARGETS["tokens_per_s"], better="higher"))
-    lines.append(_row("MFU (6N FLOPs/token / bf16 peak)", g(ref, "mfu"), g(ours, "mfu"), lambda x: f"{100 * x:.0f}%"))
+    lines.append(_row(f"MFU (6N FLOPs/token / {s['compute_dtype']} peak)", g(ref, "mfu"), g(ours, "mfu"), lambda x: f"{100 * x:.0f}%"))
     lines.append(_row("MFU by CPU time", g(ref, "cpu_mfu"), g(ours, "cpu_mfu"), lambda x: f"{100 * x:.0f}%"))
     for key, name, target in (("merge_peak_bytes", "merge peak memory", TARGETS["merge_peak"]),
                               ("merge_s", "merge time", None)):
@@ -184,6 +188,18 @@ def _estimate_lines(s) -> list[str]:
 def _threads(results) -> str:
     threads = results["args"].get("threads", "0")
     return "all" if threads in ("0", "None") else threads
+
+
+def _cpu_class(results: dict) -> str:
+    """"CPU class AVX2 (no bf16 kernels)" and the like, from what torch reported in the run."""
+    machine = results.get("machine") or {}
+    if "gpu" in machine:
+        return f"GPU {machine['gpu']}"
+    if not machine:
+        return "CPU class not recorded"
+    kinds = [name for key, name in (("amx", "AMX"), ("avx512_bf16", "AVX512-BF16")) if machine.get(key)]
+    kernels = ", ".join(kinds) if kinds else ("oneDNN bf16 emulation" if machine.get("onednn_bf16") else "no bf16 kernels")
+    return f"CPU class {machine.get('capability')} ({kernels})"
 
 
 def _cores() -> int:

@@ -61,9 +61,12 @@ def load_reference(job: dict):
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from qlora_lite.quant import DTYPES
+
+    dtype = DTYPES[job.get("compute_dtype", "bf16")]  # what this device runs fast (benchmark.py decides)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(job["model"], quantization_config=quant, dtype=torch.bfloat16,
+                               bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(job["model"], quantization_config=quant, dtype=dtype,
                                                  device_map={"": DEVICE})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     if job.get("init_adapter"):
@@ -79,7 +82,8 @@ def load_ours(job: dict):
 
     model = build_model(job["model"], bits=4, rank=job["rank"], alpha=2 * job["rank"], dropout=0.0,
                         adapter=job.get("init_adapter"), gradient_checkpointing=True, seed=0,
-                        checkpoint_policy=job.get("checkpoint_policy", "balanced"))
+                        checkpoint_policy=job.get("checkpoint_policy", "balanced"),
+                        compute_dtype=job.get("compute_dtype", "auto"))
     return model.to(DEVICE) if CUDA else model
 
 

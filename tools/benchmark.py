@@ -77,10 +77,11 @@ def run_job(job: dict, out: Path, name: str, timeout: int = 3600) -> dict:
     return json.loads(Path(job["result"]).read_text())
 
 
-def matmul_peak(threads: int = 0, seconds: float = 3.0) -> dict:
-    """The machine's bf16 (and fp32) matmul peak in FLOP/s: best of repeated 2048x2048x5632 products
-    on the device the benchmark trains on (timed in CPU seconds of the thread when ``threads`` is 1;
-    on CUDA, 8 products between synchronisations)."""
+def matmul_peak(compute_dtype: str, threads: int = 0, seconds: float = 3.0) -> dict:
+    """The machine's matmul peak in FLOP/s in fp32 and in ``compute_dtype``: best of repeated
+    2048x2048x5632 products on the device the benchmark trains on (timed in CPU seconds of the thread
+    when ``threads`` is 1; on CUDA, 8 products between synchronisations). A dtype the device has no
+    fast kernel for is not timed (one such product takes tens of seconds on an AVX2 CPU)."""
     import torch
 
     if threads:
@@ -90,7 +91,9 @@ def matmul_peak(threads: int = 0, seconds: float = 3.0) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     repeat = 8 if cuda else 1
     best = {}
-    for dtype in (torch.bfloat16, torch.float32):
+    from qlora_lite.quant import DTYPES
+
+    for dtype in {DTYPES[compute_dtype], torch.float32}:
         device = "cuda" if cuda else "cpu"
         a, b = (torch.randn(2048, 2048, dtype=dtype, device=device),
                 torch.randn(2048, 5632, dtype=dtype, device=device))
@@ -141,30 +144,36 @@ def main(argv=None) -> dict:
     out = args.out or ROOT / "bench-out" / f"results-{model.name}"
     out.mkdir(parents=True, exist_ok=True)
     config = json.loads((model / "config.json").read_text())
+    import torch
+
+    from qlora_lite.memory import available_memory, choose_checkpoint_policy
+    from qlora_lite.precision import choose_compute_dtype, cpu_features
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Both stacks run in the dtype this device is fast at: the reference at its best, not its worst.
+    compute = choose_compute_dtype("auto", device)
+    machine = cpu_features() if device == "cpu" else {"gpu": torch.cuda.get_device_name()}
+    print(f"device {device} {machine}: compute dtype {compute.name} ({compute.reason})", flush=True)
     if args.checkpoint_policy == "auto":
-        import torch
-
-        from qlora_lite.memory import available_memory, choose_checkpoint_policy
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         args.checkpoint_policy = choose_checkpoint_policy(
             config, available_memory(device), bits=4, seq_len=args.seq_len, batch_size=args.batch_size,
-            rank=args.rank, device=device)[0]
+            rank=args.rank, device=device, compute_dtype=compute.name)[0]
         print(f"checkpoint policy auto -> {args.checkpoint_policy}", flush=True)
     base = dict(model=str(model), seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
                 warmup=args.warmup, steps=args.steps, vocab_size=config["vocab_size"], profile=args.profile,
-                threads=args.threads, checkpoint_policy=args.checkpoint_policy)
+                threads=args.threads, checkpoint_policy=args.checkpoint_policy, compute_dtype=compute.name)
     print(f"benchmark of {model} -> {out}", flush=True)
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "model": str(model), "config": config,
-               "load_avg_before": os.getloadavg(), "peak_flops": matmul_peak(args.threads)}
+               "device": device, "machine": machine, "compute_dtype": compute.name, "compute_reason": compute.reason,
+               "load_avg_before": os.getloadavg(), "peak_flops": matmul_peak(compute.name, args.threads)}
     results["runtime"] = run_job({"kind": "baseline"}, out, "baseline")
     init = out / "init-adapter"
     results["reference"] = run_job({**base, "kind": "train", "side": "reference", "save_init_adapter": str(init),
                                     "save_adapter": str(out / "reference-adapter")}, out, "reference-train")
-    # peft stores the adapter in fp32; ours trains A and B in bf16 (its default --lora-dtype), so it
-    # starts from the same values rounded to bf16.
-    init16 = bf16_copy(init, out / "init-adapter-bf16")
-    results["ours"] = run_job({**base, "kind": "train", "side": "ours", "init_adapter": str(init16),
+    # peft stores the adapter in fp32; ours trains A and B in the compute dtype (--lora-dtype auto), so
+    # in bf16 it starts from the same values rounded to bf16.
+    start = bf16_copy(init, out / "init-adapter-bf16") if compute.name == "bf16" else init
+    results["ours"] = run_job({**base, "kind": "train", "side": "ours", "init_adapter": str(start),
                                "save_adapter": str(out / "ours-adapter")}, out, "ours-train")
     if not args.no_cli:
         data = out / "cli-data.jsonl"
