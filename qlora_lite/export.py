@@ -24,6 +24,7 @@ import torch
 from .adapter import AdapterError, check_compatible, read_adapter, write_json_atomic
 from .fastpath import dequantize_4bit_bf16
 from .lora import lora_scaling, merge_weight
+from .memory import EstimateError, parse_size
 from .quant import (
     DTYPES,
     ModelLoadError,
@@ -83,27 +84,6 @@ class MergePlan:
     quant: dict  # bits, quant_type, double_quant, compute_dtype (torch dtype)
     adapter_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def parse_size(size: str | int) -> int:
-    """``"2GB"`` -> 2_000_000_000 (decimal units, as transformers' ``max_shard_size``); ints pass through."""
-    if isinstance(size, int):
-        return size
-    text = str(size).strip().upper().replace(" ", "")
-    for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
-                         ("KB", 10**3), ("B", 1)):
-        if text.endswith(unit):
-            text, mult = text[: -len(unit)], factor
-            break
-    else:
-        mult = 1
-    try:
-        value = int(float(text) * mult)
-    except ValueError:
-        raise MergeError(f"cannot read the size {size!r}; write it like 2GB, 500MB or 1000000") from None
-    if value <= 0:
-        raise MergeError(f"size {size!r} must be positive")
-    return value
 
 
 def _quant_settings(record: dict | None, bits, quant_type, double_quant, notes: list[str]) -> dict:
@@ -360,7 +340,10 @@ def merge_adapter(
     start = time.time()
     if dtype not in DTYPES:
         raise MergeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    max_bytes = parse_size(max_shard_size)
+    try:
+        max_bytes = parse_size(max_shard_size)
+    except EstimateError as e:
+        raise MergeError(f"--max-shard-size: {e}") from None
     output, base_dir = Path(output_dir), resolve_model_dir(base_path)
     _check_output(output, base_dir, Path(adapter_dir), overwrite)
     plan = plan_merge(base_dir, adapter_dir, merge_base=merge_base, bits=bits, quant_type=quant_type,
