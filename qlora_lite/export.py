@@ -108,6 +108,12 @@ def _quant_settings(record: dict | None, bits, quant_type, double_quant, notes: 
     return settings
 
 
+def quant_record(quant: dict) -> dict:
+    """``MergePlan.quant`` as JSON in the typed form qlora_lite.json uses: ints, booleans, "bfloat16"."""
+    dtype = quant.get("compute_dtype")
+    return {**quant, "compute_dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
+
+
 def _meta_model(base_dir: Path, trust_remote_code: bool):
     """The model skeleton on the meta device: names, layer kinds and the output head, for free."""
     from accelerate import init_empty_weights
@@ -369,7 +375,7 @@ def merge_adapter(
                 raise MergeVerificationError(f"{message}. The merged files were left in {failed} for inspection; "
                                              f"{output} was not written.")
         record = {"base_model": str(base_path), "adapter": str(adapter_dir), "merge_base": merge_base,
-                  "dtype": dtype, "quantization": {k: str(v) for k, v in plan.quant.items()},
+                  "dtype": dtype, "quantization": quant_record(plan.quant),
                   "max_abs_logit_diff": diff, "tolerance": tol, "notes": plan.notes}
         write_json_atomic(tmp / "qlora_lite_merge.json", record)
         _place(tmp, output)
