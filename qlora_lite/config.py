@@ -8,6 +8,7 @@ drift apart. Validation collects every problem and raises once.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -196,7 +197,9 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] |
 
     Args:
         yaml_path: a YAML file with sections ``model``, ``lora``, ``data``, ``train`` (or a flat mapping
-            of field names, which is also accepted).
+            of field names, which is also accepted). A relative model, adapter, data or eval_data
+            path in it that exists beside the file is read from there (``_beside_file``); output
+            and flag values are relative to the current folder.
         overrides: ``{field_name: value}``; ``None`` values mean "not given" and are ignored.
 
     Raises:
@@ -204,7 +207,7 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] |
     """
     values: dict[str, Any] = {}
     if yaml_path is not None:
-        values = _read_yaml(Path(yaml_path))
+        values = _beside_file(_read_yaml(Path(yaml_path)), Path(yaml_path).parent)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     config = Config()
     known = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
@@ -216,6 +219,27 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] |
         f = next(f for f in dataclasses.fields(section) if f.name == name)
         setattr(section, name, _coerce(value, field_type(f), name))
     return config
+
+
+# Settings naming something that must already exist: in a YAML file a relative one is looked up
+# beside the file first, so a config works from any folder (flags stay relative to the current one).
+INPUT_PATHS = ("model", "adapter", "data", "eval_data")
+
+
+def _beside_file(values: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``values`` with each relative input path that exists under ``folder`` rewritten to it.
+
+    A value found only relative to the current folder, a hub id or ``demo`` is left as it is, so
+    configs written for the current folder (and the run's own saved config.yaml) keep working.
+    """
+    out = dict(values)
+    for name in INPUT_PATHS:
+        value = out.get(name)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            candidate = folder / value
+            if candidate.exists():
+                out[name] = os.path.normpath(candidate)
+    return out
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import torch
 from .adapter import AdapterError, check_compatible, read_adapter, write_json_atomic
 from .fastpath import dequantize_4bit_computed
 from .lora import lora_scaling, merge_weight
+from .memory import EstimateError, parse_size
 from .quant import (
     DTYPES,
     ModelLoadError,
@@ -85,27 +86,6 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
 
 
-def parse_size(size: str | int) -> int:
-    """``"2GB"`` -> 2_000_000_000 (decimal units, as transformers' ``max_shard_size``); ints pass through."""
-    if isinstance(size, int):
-        return size
-    text = str(size).strip().upper().replace(" ", "")
-    for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
-                         ("KB", 10**3), ("B", 1)):
-        if text.endswith(unit):
-            text, mult = text[: -len(unit)], factor
-            break
-    else:
-        mult = 1
-    try:
-        value = int(float(text) * mult)
-    except ValueError:
-        raise MergeError(f"cannot read the size {size!r}; write it like 2GB, 500MB or 1000000") from None
-    if value <= 0:
-        raise MergeError(f"size {size!r} must be positive")
-    return value
-
-
 def _quant_settings(record: dict | None, bits, quant_type, double_quant, notes: list[str]) -> dict:
     """Quantization the adapter was trained against: flags first, then qlora_lite.json, then defaults."""
     record = record or {}
@@ -126,6 +106,12 @@ def _quant_settings(record: dict | None, bits, quant_type, double_quant, notes: 
     dtype = record.get("compute_dtype") or "bfloat16"
     settings["compute_dtype"] = getattr(torch, str(dtype).removeprefix("torch."), torch.bfloat16)
     return settings
+
+
+def quant_record(quant: dict) -> dict:
+    """``MergePlan.quant`` as JSON in the typed form qlora_lite.json uses: ints, booleans, "bfloat16"."""
+    dtype = quant.get("compute_dtype")
+    return {**quant, "compute_dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
 
 
 def _meta_model(base_dir: Path, trust_remote_code: bool):
@@ -360,7 +346,10 @@ def merge_adapter(
     start = time.time()
     if dtype not in DTYPES:
         raise MergeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    max_bytes = parse_size(max_shard_size)
+    try:
+        max_bytes = parse_size(max_shard_size)
+    except EstimateError as e:
+        raise MergeError(f"--max-shard-size: {e}") from None
     output, base_dir = Path(output_dir), resolve_model_dir(base_path)
     _check_output(output, base_dir, Path(adapter_dir), overwrite)
     plan = plan_merge(base_dir, adapter_dir, merge_base=merge_base, bits=bits, quant_type=quant_type,
@@ -386,7 +375,7 @@ def merge_adapter(
                 raise MergeVerificationError(f"{message}. The merged files were left in {failed} for inspection; "
                                              f"{output} was not written.")
         record = {"base_model": str(base_path), "adapter": str(adapter_dir), "merge_base": merge_base,
-                  "dtype": dtype, "quantization": {k: str(v) for k, v in plan.quant.items()},
+                  "dtype": dtype, "quantization": quant_record(plan.quant),
                   "max_abs_logit_diff": diff, "tolerance": tol, "notes": plan.notes}
         write_json_atomic(tmp / "qlora_lite_merge.json", record)
         _place(tmp, output)

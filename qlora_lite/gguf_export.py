@@ -180,6 +180,7 @@ def export_gguf(
     adapter_dir: str | Path | None = None,
     out_type: str = "f16",
     modelfile: bool = False,
+    overwrite: bool = False,
     merge_base: str = "dequantized",
     bits: int | None = None,
     quant_type: str | None = None,
@@ -197,14 +198,17 @@ def export_gguf(
     Args:
         out_type: f16, bf16 or q8_0 for the 2-D weights (norms and biases stay F32).
         modelfile: also write an Ollama ``Modelfile`` beside the GGUF file.
+        overwrite: replace a ``Modelfile`` already there (otherwise refused before anything is written).
         merge_base, bits, quant_type, double_quant: as for ``export.merge_adapter``.
-        echo: called with the one-line summary of the read-back check (e.g. ``click.echo``).
+        echo: called with the one-line summary of the read-back check (e.g. ``click.echo``), then,
+            for q8_0, with a line naming the matrices kept in F16 (``q8_0_fallbacks``) if any.
 
     Returns:
         The GGUF path.
 
     Raises:
-        GGUFExportError: unsupported architecture, tokenizer or tensor; bad output type.
+        GGUFExportError: unsupported architecture, tokenizer or tensor; bad output type; a
+            Modelfile already beside the output without ``overwrite``.
         gguf_check.GGUFVerifyError: the file read back differs from what was written; it is kept
             as ``<output_file>.failed`` and the message lists each difference.
     """
@@ -213,6 +217,10 @@ def export_gguf(
 
     if out_type not in OUT_TYPES:
         raise GGUFExportError(f"--type must be one of {', '.join(OUT_TYPES)}, got {out_type!r}")
+    output = Path(output_file)
+    if modelfile and output.with_name("Modelfile").exists() and not overwrite:
+        raise GGUFExportError(f"{output.with_name('Modelfile')} already exists (an earlier export's?); pass --overwrite "
+                              "to replace it, or write the GGUF file into another folder (nothing was written)")
     model_dir = resolve_model_dir(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     model_type = config.get("model_type")
@@ -225,7 +233,6 @@ def export_gguf(
     for note in plan.notes:
         log.warning(note)
     tok_dir = Path(adapter_dir) if adapter_dir and (Path(adapter_dir) / "tokenizer.json").exists() else model_dir
-    output = Path(output_file)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.partial")
     try:
@@ -245,11 +252,29 @@ def export_gguf(
         raise
     os.replace(tmp, output)
     log.info("%s: %s", output, summary)
+    fallbacks = q8_0_fallbacks(expected.tensors) if out_type == "q8_0" else ""
     if echo is not None:
         echo(summary)
+        if fallbacks:
+            echo(fallbacks)
     if modelfile:
         write_modelfile(output, tok_dir)
     return output
+
+
+def q8_0_fallbacks(tensors: dict[str, tuple[str, tuple[int, ...]]], shown: int = 5) -> str:
+    """A line naming the matrices a q8_0 export kept in F16, or "" when every one is Q8_0.
+
+    Args:
+        tensors: GGUF name -> (kind, shape), as planned (``gguf_check.ExpectedGGUF.tensors``).
+    """
+    matrices = {name: shape for name, (kind, shape) in tensors.items() if len(shape) > 1}
+    kept = [f"{name} ({shape[-1]} per row)" for name, shape in matrices.items() if tensors[name][0] == "f16"]
+    if not kept:
+        return ""
+    more = f" and {len(kept) - shown} more" if len(kept) > shown else ""
+    return (f"note: q8_0 kept {len(kept)} of {len(matrices)} weight matrices in F16, their rows not a multiple of "
+            f"Q8_0's 32-value blocks (llama.cpp does the same): {', '.join(kept[:shown])}{more}")
 
 
 def _write(path: Path, plan: MergePlan, config: dict, arch: str, out_type: str, tok_dir: Path, progress: bool):

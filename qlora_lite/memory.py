@@ -345,7 +345,7 @@ def suggest_settings(config: dict | str | Path, budget: int, **settings) -> tupl
     estimate = estimate_memory(config, **current)
     changes: dict = {}
     levers = [("gradient_checkpointing", [True]), ("checkpoint_policy", ["balanced", "memory"]),
-              ("optimizer", ["paged_adamw_8bit"]),
+              ("optimizer", ["paged_adamw_8bit" if current.get("device") == "cuda" else "adamw_8bit"]),
               ("bits", [4]), ("batch_size", _halvings(current.get("batch_size", 1), 1)),
               ("seq_len", _halvings(current.get("seq_len", 512), 128)), ("rank", _halvings(current.get("rank", 16), 4))]
     for name, values in levers:
@@ -366,24 +366,38 @@ def _halvings(value: int, floor: int) -> list[int]:
     return out
 
 
-def parse_size(text: str) -> int:
-    """``"8GiB"`` -> 8589934592; accepts B, KB/KiB, MB/MiB, GB/GiB, TB/TiB (case-insensitive), or bytes.
+def parse_size(text: str | int, bare_unit: str = "b") -> int:
+    """A size in bytes: ``"8GiB"`` -> 8589934592, ``"2GB"`` -> 2000000000, ``"2G"`` -> 2147483648.
+
+    One reader for every size the CLI takes (``estimate --budget``, ``merge --max-shard-size``).
+    KB/MB/GB/TB are decimal (as transformers' ``max_shard_size``); KiB/MiB/GiB/TiB and the bare
+    letters K/M/G/T are binary; case and spaces do not matter. An int is bytes.
+
+    Args:
+        bare_unit: the unit of a number written without one ("gib" for a memory budget, where
+            8 bytes would never be meant; "b" for shard sizes, as transformers reads them).
 
     Raises:
-        EstimateError: not a size.
+        EstimateError: not a positive size.
     """
-    units = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
-             "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "k": 1024, "m": 1024**2, "g": 1024**3}
-    s = str(text).strip().lower().replace(" ", "")
-    number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(number):] or "b"
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in units or value < 0:
+    if isinstance(text, int) and not isinstance(text, bool):
+        value, unit = float(text), "b"
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = s[len(number):] or bare_unit
+        try:
+            value = float(number)
+        except ValueError:
+            value = -1.0
+    if unit not in SIZE_UNITS or not value > 0 or value == float("inf"):
         raise EstimateError(f"{text!r} is not a memory size; write e.g. 8GiB, 6GB or 512MiB")
-    return int(value * units[unit])
+    return int(value * SIZE_UNITS[unit])
+
+
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+              "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
 def estimate_settings(config, device: str) -> dict:

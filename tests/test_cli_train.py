@@ -154,3 +154,16 @@ def test_a_run_that_fails_to_start_leaves_nothing_to_resume(tiny_llama, tmp_path
     assert not out.exists()
     result = invoke(*args, "--target-modules", "q_proj")  # the corrected command just works
     assert result.exit_code == 0, result.output
+
+
+def test_help_names_folders_alike_and_says_what_each_command_does():
+    runner = CliRunner()
+    for command in ("train", "eval", "generate", "merge", "export-gguf", "estimate"):
+        text = runner.invoke(main, [command, "--help"]).output
+        assert "--model DIR" in text and "--model TEXT" not in text, command
+    assert "--no-trust-remote-code" in runner.invoke(main, ["merge", "--help"]).output
+    estimate = runner.invoke(main, ["estimate", "--help"]).output
+    assert "--max-seq-len" not in estimate
+    from qlora_lite.cli import COMMANDS
+
+    assert COMMANDS["demo"][1].endswith("merge, GGUF.")

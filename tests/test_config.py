@@ -1,5 +1,7 @@
 """The config tree: YAML + flag overrides, coercion, one error listing every problem."""
 
+from pathlib import Path
+
 import pytest
 
 from qlora_lite.config import Config, ConfigError, load_config, reference_markdown
@@ -20,6 +22,25 @@ def test_flat_yaml_and_saved_config_round_trip(tmp_path):
     config.save(tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == config
+
+
+def test_relative_input_paths_in_a_yaml_file_are_read_beside_it(tmp_path, monkeypatch):
+    folder, elsewhere = tmp_path / "cfg", tmp_path / "elsewhere"
+    for d in (folder / "model", elsewhere):
+        d.mkdir(parents=True)
+    (folder / "train.jsonl").write_text("{}\n")
+    (elsewhere / "held.jsonl").write_text("{}\n")
+    (folder / "run.yaml").write_text("model: model\ndata: train.jsonl\neval_data: held.jsonl\n"
+                                     "adapter: org/name\noutput: runs/x\n")
+    monkeypatch.chdir(elsewhere)
+    config = load_config(folder / "run.yaml")
+    assert Path(config.model.model) == folder / "model" and Path(config.data.data) == folder / "train.jsonl"
+    assert config.data.eval_data == "held.jsonl"  # found only here: relative to the current folder, as before
+    assert config.lora.adapter == "org/name" and config.train.output == "runs/x"  # no such file; output: here
+    # flags are relative to the current folder, and a config in the current folder reads as it always did
+    assert load_config(folder / "run.yaml", {"data": "train.jsonl"}).data.data == "train.jsonl"
+    monkeypatch.chdir(folder)
+    assert load_config("run.yaml").data.data == "train.jsonl"
 
 
 def test_every_problem_reported_at_once():

@@ -74,6 +74,16 @@ def test_examples_yaml_load_and_validate():
                 assert lines[i - 1].lstrip().startswith("#"), f"{path.name}:{i + 1} has no comment"
 
 
+def test_demo_yaml_trains_from_any_folder(tmp_path, monkeypatch, one_thread):
+    """examples/demo.yaml names the bundled model as `demo` and its data beside it: no hub download."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["train", "--config", str(ROOT / "examples" / "demo.yaml"), "--max-steps", "1",
+                                       "--output", "out"])
+    assert result.exit_code == 0, result.output
+    saved = (tmp_path / "out" / "config.yaml").read_text()
+    assert "model: demo" in saved and str(ROOT / "examples" / "data" / "demo_train.jsonl") in saved
+
+
 def test_readme_reference_and_examples_are_up_to_date():
     gen = load_tool("gen_docs")
     stale = [str(p.relative_to(ROOT)) for p, text in gen.expected_files().items() if p.read_text() != text]

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +103,15 @@ def test_dequantized_merge_is_bit_exact_merge_of_training_weights(sharded, adapt
         expected = merge_weight(dequantize_weight(layer.base_layer), layer.lora_A.weight, layer.lora_B.weight,
                                 layer.scaling)
         assert torch.equal(merged[f"{name}.weight"], expected), name
+
+
+def test_merge_record_is_typed_like_the_adapter_record(adapter4, merged_fp32):
+    record = json.loads((merged_fp32["dequantized"].output_dir / "qlora_lite_merge.json").read_text())
+    trained = json.loads((Path(adapter4) / "qlora_lite.json").read_text())
+    assert record["quantization"] == {k: trained[k] for k in ("bits", "quant_type", "double_quant", "compute_dtype")}
+    assert record["quantization"]["bits"] == 4 and record["quantization"]["double_quant"] is True
+    original = json.loads((merged_fp32["original"].output_dir / "qlora_lite_merge.json").read_text())
+    assert original["quantization"] == {"bits": 16, "compute_dtype": None}
 
 
 def test_original_differs_exactly_by_quantization_error(sharded, merged_fp32):

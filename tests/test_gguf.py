@@ -366,3 +366,48 @@ def test_tokenizer_larger_than_embedding_is_refused(tokenizer_dir, tmp_path):
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "m")
     with pytest.raises(GGUFVerifyError, match="token_embd.weight: 300 rows but the tokenizer has 320 tokens"):
         export_gguf(tmp_path / "m", tmp_path / "m.gguf", progress=False)
+
+
+def test_q8_0_names_the_matrices_it_keeps_in_f16(tokenizer_dir, tmp_path):
+    """Rows of 48 values (down_proj's input width) do not split into Q8_0's 32-value blocks: F16, said so."""
+    import gguf
+    from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = tiny_config("llama", len(tokenizer))
+    config.intermediate_size = 48
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    result = CliRunner().invoke(main, ["export-gguf", "--model", str(tmp_path / "m"), "--output",
+                                       str(tmp_path / "m.gguf"), "--type", "q8_0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    kept = sorted(name for name, kind in kinds.items() if kind == "F16")
+    assert kept == ["blk.0.ffn_down.weight", "blk.1.ffn_down.weight"]
+    matrices = sum(kind != "F32" for kind in kinds.values())
+    assert (f"note: q8_0 kept 2 of {matrices} weight matrices in F16, their rows not a multiple of Q8_0's 32-value "
+            "blocks (llama.cpp does the same): blk.0.ffn_down.weight (48 per row), blk.1.ffn_down.weight (48 per row)"
+            ) in result.output
+
+
+def test_q8_0_fallback_line_is_empty_without_fallbacks_and_shortened_with_many():
+    from qlora_lite.gguf_export import q8_0_fallbacks
+
+    assert q8_0_fallbacks({"a.weight": ("q8_0", (64, 64)), "norm.weight": ("f32", (64,))}) == ""
+    many = {f"blk.{i}.ffn_down.weight": ("f16", (64, 48)) for i in range(8)}
+    assert q8_0_fallbacks(many).endswith("blk.4.ffn_down.weight (48 per row) and 3 more")
+
+
+def test_second_modelfile_is_refused_unless_overwrite(merged, tmp_path):
+    _, _, merged_dir = merged("llama")
+    args = ["export-gguf", "--model", str(merged_dir), "--output", str(tmp_path / "a.gguf"), "--modelfile", "--quiet"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    first = (tmp_path / "Modelfile").read_text()
+    args[4] = str(tmp_path / "b.gguf")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "Modelfile already exists" in result.output and "--overwrite" in result.output
+    assert (tmp_path / "Modelfile").read_text() == first and not (tmp_path / "b.gguf").exists()
+    result = CliRunner().invoke(main, [*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "Modelfile").read_text().startswith("FROM ./b.gguf")

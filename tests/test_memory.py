@@ -79,8 +79,19 @@ def test_parse_size():
     assert parse_size("8GiB") == 8 * 1024**3
     assert parse_size("6 GB") == 6_000_000_000
     assert parse_size("512MiB") == 512 * 1024**2
-    with pytest.raises(EstimateError, match="not a memory size"):
-        parse_size("lots")
+    assert parse_size("2G") == parse_size("2GiB") == 2 * 1024**3  # merge --max-shard-size 2G reads too
+    assert parse_size("2GB") == 2_000_000_000 and parse_size(1000) == parse_size("1000") == 1000
+    assert parse_size("8", bare_unit="gib") == 8 * 1024**3  # a bare --budget is GiB, never 8 bytes
+    for bad in ("lots", "0", "-1GB", "nan", "3 parsecs"):
+        with pytest.raises(EstimateError, match="not a memory size"):
+            parse_size(bad)
+
+
+def test_merge_reads_shard_sizes_with_the_same_parser(tmp_path):
+    from qlora_lite.export import MergeError, merge_adapter
+
+    with pytest.raises(MergeError, match="--max-shard-size: 'huge' is not a memory size"):
+        merge_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", max_shard_size="huge")
 
 
 def test_budget_suggestion_fits_and_gives_up_when_impossible():
@@ -107,10 +118,29 @@ def test_cli_json_and_budget(llama_7b_dir):
     assert parts["lora"] == 2 * data["breakdown"]["lora"] and parts["optimizer"] == data["breakdown"]["optimizer"]
     result = runner.invoke(main, ["estimate", "--model", str(llama_7b_dir / "config.json"), "--bits", "16",
                                   "--no-gradient-checkpointing", "--seq-len", "4096", "--budget", "8GiB"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # scripts read "does not fit" from the exit status
     assert "Does NOT fit" in result.output and "--bits 4" in result.output
     result = runner.invoke(main, ["estimate", "--model", str(llama_7b_dir / "missing")])
     assert result.exit_code != 0 and "does not exist" in result.output
+
+
+def test_cli_budget_without_unit_is_gib_and_counts_are_readable():
+    runner = CliRunner()
+    result = runner.invoke(main, ["estimate", "--model", "demo", "--budget", "8"])
+    assert result.exit_code == 0, result.output
+    assert "Fits the budget of 8.00 GiB" in result.output
+    header = result.output.splitlines()[1]
+    assert header.startswith("  3.1M parameters,") and "K trainable" in header
+    assert "adamw_8bit (paged_adamw_8bit falls back on the cpu)" in header  # what CPU training runs
+    data = json.loads(runner.invoke(main, ["estimate", "--model", "demo", "--budget", "0.1", "--json"]).output)
+    assert data["budget"] == int(0.1 * 1024**3) and data["fits"] is False
+
+
+def test_cli_budget_below_the_runtime_says_no_model_fits():
+    result = CliRunner().invoke(main, ["estimate", "--model", "demo", "--budget", "0.3GiB"])
+    assert result.exit_code == 1
+    assert "before any model is loaded, so no model fits" in result.output
+    assert "smaller model" not in result.output
 
 
 def test_checkpoint_policy_adds_what_it_keeps():

@@ -232,3 +232,13 @@ def test_ctrl_c_says_which_checkpoint_to_resume_from(tiny_llama, tmp_path, monke
         train(tiny_config(tiny_llama, data, tmp_path / "run"))
     assert any("interrupted during step 3" in r.message and "checkpoint-2" in r.message and "--resume" in r.message
                for r in caplog.records)
+
+
+def test_training_setup_uses_no_deprecated_transformers_api(tiny_llama):
+    """Loading, adding LoRA and preparing for training warns about nothing transformers deprecates."""
+    from qlora_lite.model import build_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = build_model(str(tiny_llama), bits=4, rank=4, gradient_checkpointing=True)
+        model(input_ids=torch.tensor([[1, 5, 9, 12]]), labels=torch.tensor([[1, 5, 9, 12]])).loss.backward()

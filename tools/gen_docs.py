@@ -59,9 +59,10 @@ EXAMPLES = {
                         dict(max_seq_len=4096, batch_size=3, grad_accum=5, rank=64, alpha=128.0, lr=1e-4)),
 }
 
-# The bundled demo, trainable from a checkout: `qlora-lite train --config examples/demo.yaml`.
-DEMO = ("The bundled demo model and data (CPU, about a minute)", "qlora_lite/demo_model", "well under 1 GB (CPU RSS)",
-        dict(data="examples/data/demo_train.jsonl", eval_data="examples/data/demo_eval.jsonl", eval_fraction=0.0,
+# The bundled demo, trainable from a checkout: `qlora-lite train --config examples/demo.yaml`. Its data
+# paths are relative to examples/ (read beside the YAML file), so the command works from any folder.
+DEMO = ("The bundled demo model and data (CPU, about a minute)", "demo", "well under 1 GB (CPU RSS)",
+        dict(data="data/demo_train.jsonl", eval_data="data/demo_eval.jsonl", eval_fraction=0.0,
              format="chat", max_seq_len=64, batch_size=8, grad_accum=1, rank=16, alpha=32.0, dropout=0.0, lr=2e-3,
              max_steps=200, epochs=1.0, warmup_steps=10, save_steps=0, eval_steps=0, save_total_limit=0,
              logging_steps=5, output="runs/demo"))

@@ -13,7 +13,7 @@ from .. import __version__
 
 # command name -> (module in qlora_lite.cli, one-line help shown in `qlora-lite --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("demo", "Run the whole pipeline offline on the bundled demo model: eval, train, eval, merge."),
+    "demo": ("demo", "Run the whole pipeline offline on the bundled demo model: eval, train, eval, merge, GGUF."),
     "train": ("train", "Fine-tune a LoRA adapter on a 4/8/16-bit base from a JSONL file."),
     "generate": ("generate", "Generate text from a base model (plus adapter); a chat when no --prompt."),
     "eval": ("evaluate", "Loss, perplexity and exact-match of a model (plus adapter) on a JSONL file."),

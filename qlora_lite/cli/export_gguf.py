@@ -8,25 +8,28 @@ import click
 
 
 @click.command("export-gguf")
-@click.option("--model", "model", required=True,
+@click.option("--model", "model", required=True, metavar="DIR",
               help="Model folder: a merged folder from `qlora-lite merge`, or the base when --adapter is given.")
-@click.option("--adapter", "adapter", default=None,
+@click.option("--adapter", "adapter", default=None, metavar="DIR",
               help="Adapter to merge on the way (streamed, no temporary folder). This merge is NOT checked against "
                    "base+adapter; for a checked merge run `qlora-lite merge` and export its folder instead.")
-@click.option("--output", "output", required=True, help="GGUF file to write, e.g. model.gguf.")
+@click.option("--output", "output", required=True, metavar="FILE", help="GGUF file to write, e.g. model.gguf.")
 @click.option("--type", "out_type", type=click.Choice(["f16", "bf16", "q8_0"]), default="f16", show_default=True,
               help="Storage of the weight matrices (norms and biases stay F32).")
 @click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile beside the GGUF file.")
+@click.option("--overwrite", is_flag=True,
+              help="With --modelfile: replace a Modelfile already there (otherwise the export is refused).")
 @click.option("--merge-base", type=click.Choice(["dequantized", "original"]), default="dequantized",
               show_default=True, help="With --adapter: merge into the dequantized training base or the 16-bit one.")
 @click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None,
               help="With a PEFT --adapter lacking qlora_lite.json: bits of the base it was trained on (default 4).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def command(model, adapter, output, out_type, modelfile, merge_base, bits, quiet):
+def command(model, adapter, output, out_type, modelfile, overwrite, merge_base, bits, quiet):
     """Write a GGUF file (Llama, Mistral, Qwen2) with tokenizer, special tokens and chat template.
 
     Tensors are streamed one at a time, so memory stays near one tensor even for large models.
-    q8_0 quantizes the weight matrices to 8 bits in blocks of 32 (as llama.cpp's Q8_0).
+    q8_0 quantizes the weight matrices to 8 bits in blocks of 32 (as llama.cpp's Q8_0); a matrix
+    whose rows are not a multiple of 32 stays F16, as in llama.cpp, and a note names each one.
 
     The file is written under a temporary name, read back (memory-mapped) and checked: every
     tensor's name, type, shape and bytes (CRC-32), every metadata key, and the keys llama.cpp
@@ -47,7 +50,7 @@ def command(model, adapter, output, out_type, modelfile, merge_base, bits, quiet
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         path = export_gguf(model, output, adapter_dir=adapter, out_type=out_type, modelfile=modelfile,
-                           merge_base=merge_base, bits=int(bits) if bits else None, progress=not quiet,
+                           overwrite=overwrite, merge_base=merge_base, bits=int(bits) if bits else None, progress=not quiet,
                            echo=click.echo)
     except (GGUFExportError, MergeError, AdapterError, ModelLoadError, SafetensorsError) as e:
         raise click.ClickException(str(e)) from None

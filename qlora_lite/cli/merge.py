@@ -8,15 +8,19 @@ import click
 
 
 @click.command("merge")
-@click.option("--model", "model", required=True, help="Base model folder the adapter was trained on.")
-@click.option("--adapter", "adapter", required=True, help="Adapter folder (ours or one written by PEFT).")
-@click.option("--output", "output", required=True, help="Folder to write; must not be the base folder or inside it.")
+@click.option("--model", "model", required=True, metavar="DIR",
+              help="Base model folder the adapter was trained on; `demo` is the bundled demo model.")
+@click.option("--adapter", "adapter", required=True, metavar="DIR",
+              help="Adapter folder (ours or one written by PEFT).")
+@click.option("--output", "output", required=True, metavar="DIR",
+              help="Folder to write; must not be the base folder or inside it.")
 @click.option("--merge-base", type=click.Choice(["dequantized", "original"]), default="dequantized", show_default=True,
               help="dequantized: the quantized weights the adapter was trained against (the merged model behaves "
                    "like base+adapter did in training); original: the 16-bit checkpoint as it is.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
               help="Dtype of the written weights.")
-@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard, e.g. 2GB or 500MB.")
+@click.option("--max-shard-size", default="2GB", show_default=True, metavar="SIZE",
+              help="Largest output shard, e.g. 2GB, 500MB or 2G (GiB); a bare number is bytes.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Before reporting success, load the merged model once (memory: the output size) plus the "
                    "quantized base+adapter one after the other, and compare logits on a probe input.")
@@ -30,7 +34,8 @@ import click
 @click.option("--double-quant/--no-double-quant", default=None,
               help="Whether the training base used double quantization (as --bits; default on).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --output folder (only after the new merge passed).")
-@click.option("--trust-remote-code", is_flag=True, help="Run Python code shipped in the model folder. Only if you trust it.")
+@click.option("--trust-remote-code/--no-trust-remote-code", default=False, show_default=True,
+              help="Run Python code shipped in the model folder. Only if you trust it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def command(model, adapter, output, merge_base, dtype, max_shard_size, verify, tolerance, bits, quant_type,
             double_quant, overwrite, trust_remote_code, quiet):

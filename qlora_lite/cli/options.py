@@ -8,6 +8,9 @@ import click
 
 from ..config import SECTIONS, field_type, option_name
 
+# Folders and files are named alike in every command's --help (click would say TEXT).
+METAVARS = {"model": "DIR", "adapter": "DIR", "output": "DIR", "data": "FILE", "eval_data": "FILE"}
+
 
 def config_options(*field_names: str):
     """Decorator adding one click option per named config field (all sections searched).
@@ -35,7 +38,8 @@ def config_options(*field_names: str):
             else:
                 kind = {int: int, float: float}.get(tp, str)
             callback = (lambda ctx, param, value: None if value is None else int(value)) if choices and tp is int else None
-            func = click.option(flag, name, type=kind, default=None, help=help_text, callback=callback)(func)
+            func = click.option(flag, name, type=kind, default=None, help=help_text, callback=callback,
+                                metavar=METAVARS.get(name))(func)
         return func
 
     return decorate
