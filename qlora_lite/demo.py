@@ -40,10 +40,10 @@ class DemoSettings:
     output: Path = Path("qlora-lite-demo")
     model: Path = DEMO_MODEL
     data_dir: Path = DEMO_DATA
-    max_steps: int = 200
+    max_steps: int = 100
     eval_limit: int | None = None
     batch_size: int = 8
-    lr: float = 2e-3
+    lr: float = 3e-3
     rank: int = 16
     seed: int = 0
     gguf: bool = True

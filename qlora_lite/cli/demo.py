@@ -11,11 +11,11 @@ import click
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="qlora-lite-demo", show_default=True,
               help="Folder for the adapter, merged model, GGUF file, metrics and loss plot. "
                    "A previous demo run there is replaced; any other non-empty folder is refused.")
-@click.option("--max-steps", type=int, default=200, show_default=True,
+@click.option("--max-steps", type=int, default=100, show_default=True,
               help="Training steps (the default is the measured full run; try 5 for a quick check).")
 @click.option("--eval-limit", type=int, default=None, help="Evaluate only the first N held-out examples (all 100).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Training sequences per step.")
-@click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate.")
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate.")
 @click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the run.")
 @click.option("--no-gguf", is_flag=True, help="Skip writing the GGUF file.")
