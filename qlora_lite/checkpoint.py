@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_adapter, save_adapter
+from .adapter import CONFIG_NAME, RECORD_NAME, WEIGHTS_NAME, AdapterError, read_adapter, save_adapter
 from .checkpoint_io import (
     CheckpointError,
     check_safetensors,
@@ -48,6 +48,9 @@ CRASH_ENV = "QLORA_LITE_CRASH_AT"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # A checkpoint folder, complete or not (``.tmp``: being written, or left by a killed write).
 CHECKPOINT_FOLDER = re.compile(r"^checkpoint-\d+(\.tmp)?$")
+# Every file name a checkpoint write of ours creates (state_files' names, the adapter, the marker).
+_CHECKPOINT_FILES = {WEIGHTS_NAME, CONFIG_NAME, RECORD_NAME, COMPLETE_MARKER, "optimizer.safetensors",
+                     "optimizer.json", "scheduler.json", "rng.safetensors", "rng.json", "scaler.json", TRAINER_STATE}
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -76,6 +79,11 @@ def _remove_checkpoint(path: Path, crash_step: int | None = None) -> None:
     shutil.rmtree(path)
 
 
+def _refuse_foreign(path: Path) -> None:
+    if not is_own_checkpoint(path):
+        raise CheckpointError(f"{path} was not written by qlora-lite; it is never replaced (move it away)")
+
+
 def _write_folder(tmp: Path, model: nn.Module, files: dict[str, bytes], where: list) -> dict[str, int]:
     """Write the adapter and ``files`` into a fresh ``tmp`` folder, fsync every file and the folder.
 
@@ -83,6 +91,7 @@ def _write_folder(tmp: Path, model: nn.Module, files: dict[str, bytes], where: l
         The manifest ``{file name: size}`` for the marker. ``where[0]`` tracks the path being written.
     """
     if tmp.exists():  # left by a run killed while writing
+        _refuse_foreign(tmp)
         shutil.rmtree(tmp)
     tmp.mkdir()
     where[0] = tmp / WEIGHTS_NAME
@@ -136,6 +145,7 @@ def save_checkpoint(output_dir, step: int, model: nn.Module, optimizer, schedule
         _crash_point(step, "written")
         where[0] = final
         if final.exists():  # an incomplete folder from a killed run, or a checkpoint of this step redone
+            _refuse_foreign(final)
             _remove_checkpoint(final)
         os.rename(tmp, final)
         fsync_dir(output_dir)
@@ -175,13 +185,21 @@ def rotate_checkpoints(output_dir, total_limit: int, keep: Path | None = None, _
         keep_set.add(complete[-1])
     doomed = [c for c in complete if c not in keep_set]
     doomed += [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_FOLDER.match(p.name)
-               and p not in complete and p not in keep_set]
+               and p not in complete and p not in keep_set and is_own_checkpoint(p)]
     for path in doomed:
         try:
             _remove_checkpoint(path, _crash_step)
         except OSError as e:
             warnings.warn(f"could not delete old checkpoint {path}: {e.strerror or e}", stacklevel=2)
     return doomed
+
+
+def is_own_checkpoint(path: Path) -> bool:
+    """Whether qlora-lite wrote this checkpoint folder: complete (our marker), or holding only files a
+    checkpoint write of ours makes. Another trainer's ``checkpoint-500/`` is neither, and is never deleted."""
+    if (path / COMPLETE_MARKER).is_file():
+        return True
+    return all(p.name in _CHECKPOINT_FILES or p.name.endswith(".tmp") for p in path.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------- reading

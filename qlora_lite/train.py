@@ -142,11 +142,10 @@ def train(config: Config) -> TrainResult:
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
 
-    from .checkpoint import latest_checkpoint, read_trainer_state
-    from .checkpoint_resume import check_resume_compatible, guard_output_dir
-    from .quant import load_tokenizer, resolve_model_dir
+    from .checkpoint_resume import guard_output_dir
+    from .quant import resolve_model_dir
+    from .run_folder import RunLock
 
     config.validate(required=("model.model", "data.data", "train.output"))
     t = config.train
@@ -164,7 +163,26 @@ def train(config: Config) -> TrainResult:
         logging.getLogger("qlora_lite").setLevel(logging.WARNING)  # one process reports progress
     output_dir = Path(t.output)
     model_dir = resolve_model_dir(config.model.model)
-    guard_output_dir(output_dir, model_dir, t.resume)
+    guard_output_dir(output_dir, model_dir, t.resume, config.lora.adapter)
+    lock = RunLock(output_dir)
+    if accelerator.is_main_process and output_dir.is_dir():  # refuse a second run before loading anything
+        lock.acquire()
+    try:
+        return _train(config, accelerator, output_dir, model_dir, lock)
+    finally:
+        lock.release()
+
+
+def _train(config: Config, accelerator, output_dir: Path, model_dir: Path, lock) -> TrainResult:
+    """``train`` once the output folder is checked (and locked, if it exists)."""
+    from accelerate.utils import set_seed
+
+    from .checkpoint import latest_checkpoint, read_trainer_state
+    from .checkpoint_resume import check_resume_compatible, guard_output_dir
+    from .quant import load_tokenizer
+    from .run_folder import mark_run
+
+    t = config.train
     tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
     train_examples, eval_examples = load_training_data(config, tokenizer)
 
@@ -190,7 +208,11 @@ def train(config: Config) -> TrainResult:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()  # a no-op when taken above; a run started meanwhile on a new folder is refused here
+            guard_output_dir(output_dir, model_dir, t.resume, config.lora.adapter)  # nothing appeared meanwhile
+            mark_run(output_dir)
             config.save(output_dir / "config.yaml")
+            mark_run(output_dir, ("config.yaml",))
         return loop.run()
     except Exception as e:
         if is_out_of_memory(e):
@@ -417,8 +439,11 @@ class _Loop:
         if stopped:
             return result
         if self.acc.is_main_process:
+            from .run_folder import mark_run
+
             result.adapter_dir = save_adapter(self.acc.unwrap_model(self.model), self.output_dir,
                                               base_model_name=str(self.config.model.model))
+            mark_run(self.output_dir, ("adapter_config.json", "adapter_model.safetensors", "qlora_lite.json"))
             try:
                 result.plot_path = plot_loss(self.output_dir)
             except MetricsError as e:  # a missing plot must not cost the trained adapter

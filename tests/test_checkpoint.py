@@ -31,6 +31,7 @@ from qlora_lite.checkpoint_resume import check_resume_compatible, guard_output_d
 from qlora_lite.checkpoint_state import capture_rng_state, restore_rng_state
 from qlora_lite.lora import lora_layers
 from qlora_lite.model import build_model
+from qlora_lite.run_folder import mark_run
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qlora_lite"
 
@@ -361,6 +362,9 @@ def test_guard_output_dir(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoint-2").mkdir(parents=True)
     (run / "metrics.jsonl").write_text("")
+    with pytest.raises(CheckpointError, match="no .qlora-lite-run marker"):  # names alone do not make a run
+        guard_output_dir(run, model_dir, resume=True)
+    mark_run(run)
     with pytest.raises(CheckpointError, match="--resume"):
         guard_output_dir(run, model_dir, resume=False)
     guard_output_dir(run, model_dir, resume=True)
