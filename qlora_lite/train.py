@@ -261,7 +261,7 @@ class _Loop:
         """Build model, optimizer and schedule; restore them (and the RNG) from ``resume_from`` if given."""
         from .checkpoint import load_checkpoint
         from .model import build_model_from_config
-        from .optim import build_optimizer, build_scheduler
+        from .optim import apply_current_settings, build_optimizer, build_scheduler
 
         t = self.t
         model = build_model_from_config(self.config, trainable=True)
@@ -272,6 +272,7 @@ class _Loop:
         if resume_from is not None:
             # fp16: the loss scale continues too, or the resumed run would skip steps while it backs off again.
             state = load_checkpoint(resume_from, model, optimizer, self.scheduler, self.acc.scaler)
+            apply_current_settings(optimizer, self.scheduler, t.lr, t.weight_decay)  # a changed --lr takes effect
             self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["batches_consumed"]
             if "fingerprint" in state:  # micro-batches of another size when the process layout changed
                 from .distributed import rescale_position
