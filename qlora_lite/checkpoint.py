@@ -4,7 +4,7 @@ A checkpoint is ``OUTPUT/checkpoint-{step}/`` holding the adapter (PEFT layout),
 (``optimizer.safetensors`` + ``optimizer.json``), ``scheduler.json``, the RNG states (``rng.safetensors``
 + ``rng.json``), ``trainer_state.json`` and, in fp16 runs, the loss scale (``scaler.json``). It is
 written into ``checkpoint-{step}.tmp``, every file and the folder are fsynced, the folder is renamed,
-and only then the ``COMPLETE`` marker (a manifest of file sizes) is written. A folder without the
+and only then the ``COMPLETE`` marker (a manifest of file sizes and SHA-256 hashes) is written. A folder without the
 marker is never used, so a kill at any moment leaves either the previous checkpoints or a complete
 new one. Rotation deletes old checkpoints marker-first.
 
@@ -31,6 +31,7 @@ from .adapter import CONFIG_NAME, RECORD_NAME, WEIGHTS_NAME, AdapterError, read_
 from .checkpoint_io import (
     CheckpointError,
     check_safetensors,
+    file_sha256,
     fsync_dir,
     json_bytes,
     read_json,
@@ -84,11 +85,12 @@ def _refuse_foreign(path: Path) -> None:
         raise CheckpointError(f"{path} was not written by qlora-lite; it is never replaced (move it away)")
 
 
-def _write_folder(tmp: Path, model: nn.Module, files: dict[str, bytes], where: list) -> dict[str, int]:
+def _write_folder(tmp: Path, model: nn.Module, files: dict[str, bytes], where: list) -> dict[str, dict]:
     """Write the adapter and ``files`` into a fresh ``tmp`` folder, fsync every file and the folder.
 
     Returns:
-        The manifest ``{file name: size}`` for the marker. ``where[0]`` tracks the path being written.
+        The manifest for the marker: ``files`` ``{file name: size}`` and ``sha256`` ``{file name: hex}``
+        (hashed from disk, after the fsync). ``where[0]`` tracks the path being written.
     """
     if tmp.exists():  # left by a run killed while writing
         _refuse_foreign(tmp)
@@ -111,7 +113,7 @@ def _write_folder(tmp: Path, model: nn.Module, files: dict[str, bytes], where: l
             os.close(fd)
     where[0] = tmp
     fsync_dir(tmp)
-    return manifest
+    return {"files": manifest, "sha256": {name: file_sha256(tmp / name) for name in manifest}}
 
 
 def save_checkpoint(output_dir, step: int, model: nn.Module, optimizer, scheduler, trainer_state: dict,
@@ -152,7 +154,7 @@ def save_checkpoint(output_dir, step: int, model: nn.Module, optimizer, schedule
         _crash_point(step, "renamed")
         where[0] = final / COMPLETE_MARKER
         write_bytes(final / (COMPLETE_MARKER + ".tmp"), json_bytes(
-            {"format": FORMAT_VERSION, "step": step, "files": manifest}))
+            {"format": FORMAT_VERSION, "step": step, **manifest}))
         os.replace(final / (COMPLETE_MARKER + ".tmp"), where[0])
         fsync_dir(final)
     except (OSError, AdapterError, safetensors_error()) as e:
@@ -215,8 +217,9 @@ def list_checkpoints(output_dir) -> list[Path]:
 
 
 def verify_checkpoint(path) -> dict:
-    """Check a checkpoint without loading tensors: marker, every file present with its recorded size,
-    JSON files parse, safetensors headers intact. Returns the marker's manifest.
+    """Check a checkpoint without loading tensors: marker, every file present with its recorded size
+    and SHA-256 (markers from before the hashes have sizes only), JSON files parse, safetensors headers
+    intact. Returns the marker's manifest.
 
     Raises:
         CheckpointError: one line naming the first bad file.
@@ -237,6 +240,10 @@ def verify_checkpoint(path) -> dict:
         actual = file.stat().st_size
         if actual != size:
             raise CheckpointError(f"{file}: {actual} bytes, expected {size} (truncated or overwritten)")
+        digest = (manifest.get("sha256") or {}).get(name)
+        if digest is not None and file_sha256(file) != digest:
+            raise CheckpointError(f"{file}: content differs from what was written (SHA-256 mismatch, same size): "
+                                  "damaged on disk or edited")
         if name.endswith(".json"):
             read_json(file)
         elif name.endswith(".safetensors"):

@@ -13,12 +13,11 @@ the model is loaded, so a refused resume costs no model load.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from .adapter import CONFIG_NAME, RECORD_NAME, WEIGHTS_NAME
 from .checkpoint import CHECKPOINT_FOLDER, is_own_checkpoint
-from .checkpoint_io import CheckpointError
+from .checkpoint_io import CheckpointError, file_sha256  # noqa: F401 (file_sha256: train uses it from here)
 from .checkpoint_state import TRAINER_STATE
 from .run_folder import LOCK_NAME, RUN_MARKER, not_ours, read_marker
 
@@ -59,15 +58,6 @@ def _relaid_keys(saved: dict, current: dict) -> set[str]:
     same = (global_batch(saved) == global_batch(current)
             and saved.get("examples_per_epoch") == current.get("examples_per_epoch"))
     return set(_LAYOUT_KEYS) if same else set()
-
-
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks (datasets can be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def make_fingerprint(settings: dict, dataset_sha256: str, **extra) -> dict:

@@ -12,12 +12,11 @@ run never leaves the folder stuck.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
-from .checkpoint_io import CheckpointError
+from .checkpoint_io import CheckpointError, file_sha256
 
 try:
     import fcntl
@@ -28,14 +27,6 @@ RUN_MARKER = ".qlora-lite-run"
 LOCK_NAME = ".qlora-lite-lock"
 # Top-level files a run writes and a later run of the same folder may replace (checked by hash).
 REPLACED_FILES = ("config.yaml", "adapter_config.json", "adapter_model.safetensors", "qlora_lite.json")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_marker(folder: Path) -> dict | None:
@@ -57,7 +48,7 @@ def mark_run(folder: Path, written: tuple[str, ...] = ()) -> None:
     marker = read_marker(folder) or {"format": 1, "written_by": "qlora-lite train"}
     files = marker.setdefault("files", {})
     for name in written:
-        files[name] = sha256_file(folder / name)
+        files[name] = file_sha256(folder / name)
     tmp = folder / (RUN_MARKER + ".tmp")
     tmp.write_text(json.dumps(marker, indent=1))
     os.replace(tmp, folder / RUN_MARKER)
@@ -67,7 +58,7 @@ def not_ours(folder: Path) -> list[str]:
     """Files of ``REPLACED_FILES`` present in ``folder`` that differ from what the marker recorded."""
     files = (read_marker(folder) or {}).get("files", {})
     return [name for name in REPLACED_FILES if (Path(folder) / name).is_file()
-            and files.get(name) != sha256_file(Path(folder) / name)]
+            and files.get(name) != file_sha256(Path(folder) / name)]
 
 
 class RunLock:
