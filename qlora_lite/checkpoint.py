@@ -4,7 +4,7 @@ A checkpoint is ``OUTPUT/checkpoint-{step}/`` holding the adapter (PEFT layout),
 (``optimizer.safetensors`` + ``optimizer.json``), ``scheduler.json``, the RNG states (``rng.safetensors``
 + ``rng.json``), ``trainer_state.json`` and, in fp16 runs, the loss scale (``scaler.json``). It is
 written into ``checkpoint-{step}.tmp``, every file and the folder are fsynced, the folder is renamed,
-and only then the ``COMPLETE`` marker (a manifest of file sizes) is written. A folder without the
+and only then the ``COMPLETE`` marker (a manifest of file sizes and SHA-256 hashes) is written. A folder without the
 marker is never used, so a kill at any moment leaves either the previous checkpoints or a complete
 new one. Rotation deletes old checkpoints marker-first.
 
@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_adapter, save_adapter
+from .adapter import CONFIG_NAME, RECORD_NAME, WEIGHTS_NAME, AdapterError, read_adapter, save_adapter
 from .checkpoint_io import (
     CheckpointError,
     check_safetensors,
+    file_sha256,
     fsync_dir,
     json_bytes,
     read_json,
@@ -48,6 +49,9 @@ CRASH_ENV = "QLORA_LITE_CRASH_AT"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # A checkpoint folder, complete or not (``.tmp``: being written, or left by a killed write).
 CHECKPOINT_FOLDER = re.compile(r"^checkpoint-\d+(\.tmp)?$")
+# Every file name a checkpoint write of ours creates (state_files' names, the adapter, the marker).
+_CHECKPOINT_FILES = {WEIGHTS_NAME, CONFIG_NAME, RECORD_NAME, COMPLETE_MARKER, "optimizer.safetensors",
+                     "optimizer.json", "scheduler.json", "rng.safetensors", "rng.json", "scaler.json", TRAINER_STATE}
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -76,13 +80,20 @@ def _remove_checkpoint(path: Path, crash_step: int | None = None) -> None:
     shutil.rmtree(path)
 
 
-def _write_folder(tmp: Path, model: nn.Module, files: dict[str, bytes], where: list) -> dict[str, int]:
+def _refuse_foreign(path: Path) -> None:
+    if not is_own_checkpoint(path):
+        raise CheckpointError(f"{path} was not written by qlora-lite; it is never replaced (move it away)")
+
+
+def _write_folder(tmp: Path, model: nn.Module, files: dict[str, bytes], where: list) -> dict[str, dict]:
     """Write the adapter and ``files`` into a fresh ``tmp`` folder, fsync every file and the folder.
 
     Returns:
-        The manifest ``{file name: size}`` for the marker. ``where[0]`` tracks the path being written.
+        The manifest for the marker: ``files`` ``{file name: size}`` and ``sha256`` ``{file name: hex}``
+        (hashed from disk, after the fsync). ``where[0]`` tracks the path being written.
     """
     if tmp.exists():  # left by a run killed while writing
+        _refuse_foreign(tmp)
         shutil.rmtree(tmp)
     tmp.mkdir()
     where[0] = tmp / WEIGHTS_NAME
@@ -102,7 +113,7 @@ def _write_folder(tmp: Path, model: nn.Module, files: dict[str, bytes], where: l
             os.close(fd)
     where[0] = tmp
     fsync_dir(tmp)
-    return manifest
+    return {"files": manifest, "sha256": {name: file_sha256(tmp / name) for name in manifest}}
 
 
 def save_checkpoint(output_dir, step: int, model: nn.Module, optimizer, scheduler, trainer_state: dict,
@@ -136,13 +147,14 @@ def save_checkpoint(output_dir, step: int, model: nn.Module, optimizer, schedule
         _crash_point(step, "written")
         where[0] = final
         if final.exists():  # an incomplete folder from a killed run, or a checkpoint of this step redone
+            _refuse_foreign(final)
             _remove_checkpoint(final)
         os.rename(tmp, final)
         fsync_dir(output_dir)
         _crash_point(step, "renamed")
         where[0] = final / COMPLETE_MARKER
         write_bytes(final / (COMPLETE_MARKER + ".tmp"), json_bytes(
-            {"format": FORMAT_VERSION, "step": step, "files": manifest}))
+            {"format": FORMAT_VERSION, "step": step, **manifest}))
         os.replace(final / (COMPLETE_MARKER + ".tmp"), where[0])
         fsync_dir(final)
     except (OSError, AdapterError, safetensors_error()) as e:
@@ -175,13 +187,21 @@ def rotate_checkpoints(output_dir, total_limit: int, keep: Path | None = None, _
         keep_set.add(complete[-1])
     doomed = [c for c in complete if c not in keep_set]
     doomed += [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_FOLDER.match(p.name)
-               and p not in complete and p not in keep_set]
+               and p not in complete and p not in keep_set and is_own_checkpoint(p)]
     for path in doomed:
         try:
             _remove_checkpoint(path, _crash_step)
         except OSError as e:
             warnings.warn(f"could not delete old checkpoint {path}: {e.strerror or e}", stacklevel=2)
     return doomed
+
+
+def is_own_checkpoint(path: Path) -> bool:
+    """Whether qlora-lite wrote this checkpoint folder: complete (our marker), or holding only files a
+    checkpoint write of ours makes. Another trainer's ``checkpoint-500/`` is neither, and is never deleted."""
+    if (path / COMPLETE_MARKER).is_file():
+        return True
+    return all(p.name in _CHECKPOINT_FILES or p.name.endswith(".tmp") for p in path.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -197,8 +217,9 @@ def list_checkpoints(output_dir) -> list[Path]:
 
 
 def verify_checkpoint(path) -> dict:
-    """Check a checkpoint without loading tensors: marker, every file present with its recorded size,
-    JSON files parse, safetensors headers intact. Returns the marker's manifest.
+    """Check a checkpoint without loading tensors: marker, every file present with its recorded size
+    and SHA-256 (markers from before the hashes have sizes only), JSON files parse, safetensors headers
+    intact. Returns the marker's manifest.
 
     Raises:
         CheckpointError: one line naming the first bad file.
@@ -219,6 +240,10 @@ def verify_checkpoint(path) -> dict:
         actual = file.stat().st_size
         if actual != size:
             raise CheckpointError(f"{file}: {actual} bytes, expected {size} (truncated or overwritten)")
+        digest = (manifest.get("sha256") or {}).get(name)
+        if digest is not None and file_sha256(file) != digest:
+            raise CheckpointError(f"{file}: content differs from what was written (SHA-256 mismatch, same size): "
+                                  "damaged on disk or edited")
         if name.endswith(".json"):
             read_json(file)
         elif name.endswith(".safetensors"):

@@ -8,6 +8,7 @@ safetensors header) and a write is on disk (file and folder fsynced) before the 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import struct
@@ -18,6 +19,15 @@ import torch
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written, read or resumed from; the message names the file and the fix."""
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks (datasets and optimizer states can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:

@@ -13,13 +13,13 @@ the model is loaded, so a refused resume costs no model load.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from .adapter import CONFIG_NAME, RECORD_NAME, WEIGHTS_NAME
-from .checkpoint import CHECKPOINT_FOLDER
-from .checkpoint_io import CheckpointError
+from .checkpoint import CHECKPOINT_FOLDER, is_own_checkpoint
+from .checkpoint_io import CheckpointError, file_sha256  # noqa: F401 (file_sha256: train uses it from here)
 from .checkpoint_state import TRAINER_STATE
+from .run_folder import LOCK_NAME, RUN_MARKER, not_ours, read_marker
 
 # fingerprint key -> (what the user reads, refused?). Refused: the saved state cannot continue the
 # same run (other data order, other step contents, other weight shapes/meaning). Others only warn.
@@ -58,15 +58,6 @@ def _relaid_keys(saved: dict, current: dict) -> set[str]:
     same = (global_batch(saved) == global_batch(current)
             and saved.get("examples_per_epoch") == current.get("examples_per_epoch"))
     return set(_LAYOUT_KEYS) if same else set()
-
-
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks (datasets can be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def make_fingerprint(settings: dict, dataset_sha256: str, **extra) -> dict:
@@ -124,15 +115,26 @@ def check_resume_compatible(saved_state: dict, fingerprint: dict) -> list[str]:
 
 # Names a qlora-lite run may write at the top of its output folder (guard_output_dir accepts them).
 RUN_FILES = {CONFIG_NAME, WEIGHTS_NAME, RECORD_NAME, "metrics.jsonl", "config.yaml", "loss.png", "README.md",
-             "train.log", "eval.json", "eval_results.json", TRAINER_STATE, "run.json", "fingerprint.json"}
+             "train.log", "eval.json", "eval_results.json", TRAINER_STATE, "run.json", "fingerprint.json",
+             RUN_MARKER, LOCK_NAME}
 
 
-def guard_output_dir(output_dir, model_dir, resume: bool) -> None:
+def _is_run_entry(path: Path) -> bool:
+    if CHECKPOINT_FOLDER.match(path.name):
+        return path.is_dir() and is_own_checkpoint(path)
+    return path.name in RUN_FILES or path.name.endswith(".tmp")
+
+
+def guard_output_dir(output_dir, model_dir, resume: bool, adapter_dir=None) -> None:
     """Refuse an output folder that would harm the user's files or mix two runs. Never deletes anything.
 
+    A non-empty folder counts as a qlora-lite run only when it holds the run marker
+    (``run_folder.RUN_MARKER``); the top-level files a run replaces must still be what it wrote.
+
     Raises:
-        CheckpointError: --output equals or lies inside the model folder; the folder holds files
-            qlora-lite did not write; or it holds a previous run and ``resume`` is false.
+        CheckpointError: --output equals or lies inside the model folder; it is or holds the starting
+            ``adapter_dir``; the folder holds files qlora-lite did not write (or the user changed), or
+            has no run marker; or it holds a previous run and ``resume`` is false.
     """
     out = Path(output_dir).expanduser().resolve()
     if model_dir and Path(model_dir).expanduser().is_dir():
@@ -140,18 +142,29 @@ def guard_output_dir(output_dir, model_dir, resume: bool) -> None:
         if out == model or model in out.parents:
             raise CheckpointError(f"--output {output_dir} is inside the model folder {model_dir}; writing there "
                                   "would mix training files into the model; choose a folder outside it")
+    if adapter_dir and Path(adapter_dir).expanduser().is_dir():
+        adapter = Path(adapter_dir).expanduser().resolve()
+        if adapter == out or out in adapter.parents:
+            raise CheckpointError(f"--adapter {adapter_dir} lies in --output {output_dir}: the run's final save or "
+                                  "checkpoint rotation would replace the adapter it starts from; choose another "
+                                  "--output")
     if not out.exists():
         return
     if not out.is_dir():
         raise CheckpointError(f"--output {output_dir} is a file, not a folder; choose a folder path")
-    entries = sorted(out.iterdir())
-    foreign = [p.name + ("/" if p.is_dir() else "") for p in entries
-               if not (p.name in RUN_FILES or CHECKPOINT_FOLDER.match(p.name) or p.name.endswith(".tmp"))]
+    entries = sorted(p for p in out.iterdir() if p.name != LOCK_NAME)  # a lock alone: an empty folder
+    if not entries:
+        return
+    marked = read_marker(out) is not None
+    foreign = [p.name + ("/" if p.is_dir() else "") for p in entries if not (marked and _is_run_entry(p))]
+    foreign += [name + " (changed since qlora-lite wrote it)" for name in (not_ours(out) if marked else [])]
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise CheckpointError(f"--output {output_dir} holds files qlora-lite did not write ({shown}); "
-                              "choose an empty or new folder (nothing was deleted)")
-    if entries and not resume:
-        shown = ", ".join(p.name for p in entries[:4])
+        unmarked = "" if marked else (f" (no {RUN_MARKER} marker: not a qlora-lite run; a run from a qlora-lite "
+                                      f"version before the marker can be resumed after `touch {out / RUN_MARKER}`)")
+        raise CheckpointError(f"--output {output_dir} holds files qlora-lite did not write ({shown}){unmarked}; "
+                              "choose an empty or new folder, or move those files away (nothing was deleted)")
+    if not resume:
+        shown = ", ".join(p.name for p in entries if p.name != RUN_MARKER)[:200]
         raise CheckpointError(f"--output {output_dir} already holds a qlora-lite run ({shown}); pass --resume to "
                               "continue it, or choose another --output")

@@ -27,7 +27,7 @@ from .data_formats import (
     read_lines,
     validate_record,
 )
-from .data_tokenize import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, tokenize_example
+from .data_tokenize import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, char_bound, tokenize_example
 
 # DEFAULT_CHAT_TEMPLATE (data_tokenize) is re-exported: export.py, gguf_vocab.py and tests/test_export.py
 # import it from here.
@@ -85,6 +85,7 @@ def load_dataset(path, tokenizer, *, format: str = "auto", max_seq_len: int = 51
     fmt = format if format != "auto" else (detect_format(records, path) if records else "unknown")
     stats = DataStats(total=len(records) + len(problems), format=fmt)
     examples = []
+    max_chars = char_bound(tokenizer, max_seq_len)  # a 50 MB line costs what max_seq_len tokens cost
     for number, record in records:
         reason = validate_record(record, fmt)
         if reason is None:
@@ -92,7 +93,7 @@ def load_dataset(path, tokenizer, *, format: str = "auto", max_seq_len: int = 51
                 stats.empty += 1
                 continue
             try:
-                example = tokenize_example(record, tokenizer, fmt, train_on_inputs)
+                example = tokenize_example(record, tokenizer, fmt, train_on_inputs, max_chars)
             except (TemplateError, ValueError, TypeError, KeyError) as exc:  # e.g. raise_exception() in templates
                 reason = f"cannot render the example ({exc})"
         if reason is not None:

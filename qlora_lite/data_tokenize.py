@@ -159,8 +159,23 @@ def encode_prompt(prompt_text: str, tokenizer, fmt: str) -> list[int]:
     return _bos_prefix(tokenizer, fmt, ids) + ids
 
 
-def tokenize_example(record: dict, tokenizer, fmt: str, train_on_inputs: bool = False) -> dict[str, list[int]]:
+def char_bound(tokenizer, max_tokens: int) -> int:
+    """Characters of text that hold more than ``max_tokens`` tokens, whatever the text.
+
+    No token spans more characters than the longest vocabulary entry (byte-level and byte-fallback
+    entries are longer than the text they stand for), so cutting a text after this many characters
+    changes only tokens past the first ``max_tokens``, which truncation drops anyway.
+    """
+    return (max_tokens + 16) * max(1, max(map(len, tokenizer.get_vocab()), default=1))
+
+
+def tokenize_example(record: dict, tokenizer, fmt: str, train_on_inputs: bool = False,
+                     max_chars: int | None = None) -> dict[str, list[int]]:
     """Tokenize one validated record (no truncation).
+
+    Args:
+        max_chars: tokenize only the first ``max_chars`` characters of the rendered record (see
+            ``char_bound``), so the work per record stays bounded by the sequence length; None: all.
 
     Returns:
         ``{"input_ids": [...], "labels": [...]}`` of equal length; labels are -100 on prompt tokens
@@ -174,6 +189,8 @@ def tokenize_example(record: dict, tokenizer, fmt: str, train_on_inputs: bool = 
     learned: list[bool] = []
     text = ""
     for segment, is_learned in _segments(record, tokenizer, fmt):
+        if max_chars is not None:
+            segment = segment[:max(0, max_chars - len(text))]
         if not segment:
             continue
         new = _segment_ids(tokenizer, text, ids, segment)

@@ -219,7 +219,7 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> Dem
     if settings.gguf:
         from .gguf_export import export_gguf
 
-        export_gguf(output / "merged", output / "demo.gguf", progress=False)
+        export_gguf(output / "merged", output / "demo.gguf", overwrite=True, progress=False)  # our own file
         result.paths["gguf"] = str(output / "demo.gguf")
     result.seconds["merge_export"] = _lap(clock, result.seconds)
     result.seconds["total"] = round(time.time() - clock, 1)

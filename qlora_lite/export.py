@@ -37,6 +37,7 @@ from .quant import (
     resolve_model_dir,
     weight_files,
 )
+from .run_folder import RUN_MARKER
 from .safetensors_io import TensorEntry, iter_tensors, plan_shards, read_headers, write_sharded
 
 log = logging.getLogger(__name__)
@@ -236,8 +237,13 @@ def _check_output(output: Path, base_dir: Path, adapter_dir: Path, overwrite: bo
         raise MergeError(f"output {output} is the base model folder or inside it; choose a folder elsewhere")
     if out == adapter:
         raise MergeError(f"output {output} is the adapter folder; choose another folder")
-    if out in base.parents:
-        raise MergeError(f"output {output} contains the base model folder; choose an empty folder")
+    if out in base.parents or out in adapter.parents:  # --overwrite would replace the whole folder
+        what = "base model" if out in base.parents else "adapter"
+        raise MergeError(f"output {output} contains the {what} folder, which --overwrite would delete with it; "
+                         "choose a new folder for the merged model")
+    if (out / RUN_MARKER).exists():
+        raise MergeError(f"output {output} is a training run folder (it holds {RUN_MARKER}); it is never replaced; "
+                         "choose a new folder for the merged model")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise MergeError(f"output {output} already exists and is not empty; choose another folder or pass "
                          "--overwrite")

@@ -180,11 +180,11 @@ def export_gguf(
     adapter_dir: str | Path | None = None,
     out_type: str = "f16",
     modelfile: bool = False,
-    overwrite: bool = False,
     merge_base: str = "dequantized",
     bits: int | None = None,
     quant_type: str | None = None,
     double_quant: bool | None = None,
+    overwrite: bool = False,
     progress: bool = True,
     echo=None,
 ) -> Path:
@@ -198,8 +198,9 @@ def export_gguf(
     Args:
         out_type: f16, bf16 or q8_0 for the 2-D weights (norms and biases stay F32).
         modelfile: also write an Ollama ``Modelfile`` beside the GGUF file.
-        overwrite: replace a ``Modelfile`` already there (otherwise refused before anything is written).
         merge_base, bits, quant_type, double_quant: as for ``export.merge_adapter``.
+        overwrite: replace an existing GGUF file at ``output_file`` (and a Modelfile beside it). Without
+            it an existing file is refused; a file of the model or adapter folder itself is refused either way.
         echo: called with the one-line summary of the read-back check (e.g. ``click.echo``), then,
             for q8_0, with a line naming the matrices kept in F16 (``q8_0_fallbacks``) if any.
 
@@ -207,7 +208,8 @@ def export_gguf(
         The GGUF path.
 
     Raises:
-        GGUFExportError: unsupported architecture, tokenizer or tensor; bad output type; a
+        GGUFExportError: unsupported architecture, tokenizer or tensor; bad output type; an
+            output that exists (without ``overwrite``) or belongs to the model or adapter folder; a
             Modelfile already beside the output without ``overwrite``.
         gguf_check.GGUFVerifyError: the file read back differs from what was written; it is kept
             as ``<output_file>.failed`` and the message lists each difference.
@@ -222,6 +224,8 @@ def export_gguf(
         raise GGUFExportError(f"{output.with_name('Modelfile')} already exists (an earlier export's?); pass --overwrite "
                               "to replace it, or write the GGUF file into another folder (nothing was written)")
     model_dir = resolve_model_dir(model_dir)
+    output = Path(output_file)
+    check_output(output, [model_dir] + ([Path(adapter_dir)] if adapter_dir else []), overwrite)
     config = json.loads((model_dir / "config.json").read_text())
     model_type = config.get("model_type")
     if model_type not in SUPPORTED:
@@ -275,6 +279,32 @@ def q8_0_fallbacks(tensors: dict[str, tuple[str, tuple[int, ...]]], shown: int =
     more = f" and {len(kept) - shown} more" if len(kept) > shown else ""
     return (f"note: q8_0 kept {len(kept)} of {len(matrices)} weight matrices in F16, their rows not a multiple of "
             f"Q8_0's 32-value blocks (llama.cpp does the same): {', '.join(kept[:shown])}{more}")
+
+
+def check_output(output: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an ``output`` that would replace something the user has.
+
+    A file inside one of the ``inputs`` folders (the model, the adapter) is refused unless it is
+    itself a GGUF file and ``overwrite`` is set: the folder's weights, config or tokenizer are never
+    replaced. Anything else that exists is replaced only with ``overwrite``, and only if it is a file.
+
+    Raises:
+        GGUFExportError: saying which path and what to do instead.
+    """
+    if output.is_dir():
+        raise GGUFExportError(f"--output {output} is a folder; give a file name, e.g. {output / 'model.gguf'}")
+    target = output.resolve()
+    for folder in inputs:
+        if folder.resolve() in target.parents and target.exists() and not (overwrite and _is_gguf(target)):
+            raise GGUFExportError(f"--output {output} is a file of the input folder {folder}; it is never replaced. "
+                                  "Write the GGUF file under a new name or outside that folder.")
+    if output.exists() and not overwrite:
+        raise GGUFExportError(f"--output {output} exists; pass --overwrite to replace it, or choose another name")
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _write(path: Path, plan: MergePlan, config: dict, arch: str, out_type: str, tok_dir: Path, progress: bool):

@@ -63,6 +63,21 @@ def build_optimizer(
     return cls(params, lr=lr, weight_decay=weight_decay)
 
 
+def apply_current_settings(optimizer: torch.optim.Optimizer, scheduler, lr: float, weight_decay: float) -> None:
+    """After a resume: make this run's peak ``lr`` and ``weight_decay`` take effect.
+
+    The restored optimizer and scheduler states carry the old run's values (param groups, base_lrs);
+    resume allows both to change, so they are set again here. The schedule's shape already comes
+    from the rebuilt LambdaLR; only its restored step count is kept.
+    """
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)  # as LambdaLR computes it
+        group["weight_decay"] = weight_decay
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() returns
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
     """Multiplier of the peak learning rate for optimizer step ``step`` (0-based).
 

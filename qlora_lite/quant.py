@@ -190,6 +190,29 @@ def _resolve_key(key: str, names: set[str], prefix: str) -> str | None:
     return None
 
 
+# How the class names of causal LMs end in transformers (GPT2LMHeadModel, LlamaForCausalLM, and
+# multimodal decoders such as Gemma3ForConditionalGeneration); encoder-decoders are refused apart.
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def check_causal_lm(config, model_dir) -> None:
+    """Refuse a model that is not a causal (decoder-only) LM before any weight is read.
+
+    transformers maps some encoders to a causal class (BERT to BertLMHeadModel), which would train
+    without complaint and learn nothing a decoder can use; config.json's ``architectures`` says what
+    the checkpoint really is.
+
+    Raises:
+        ModelLoadError: naming the architecture and what to use instead.
+    """
+    archs = list(getattr(config, "architectures", None) or [])
+    named = ", ".join(archs) or config.model_type
+    if getattr(config, "is_encoder_decoder", False) or (archs and not any(a.endswith(_CAUSAL_SUFFIXES) for a in archs)):
+        raise ModelLoadError(f"{model_dir}/config.json: {named} is not a causal language model (architectures "
+                             f"should end in {' or '.join(_CAUSAL_SUFFIXES[:2])}); qlora-lite fine-tunes decoder-only "
+                             "models such as Llama, Mistral, Qwen2, Gemma, Phi-3 or GPT-2")
+
+
 def load_base_model(
     model_path: str | Path,
     *,
@@ -218,6 +241,7 @@ def load_base_model(
 
     model_dir = resolve_model_dir(model_path)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    check_causal_lm(config, model_dir)
     with init_empty_weights(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=compute_dtype)

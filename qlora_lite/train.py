@@ -162,11 +162,11 @@ def train(config: Config) -> TrainResult:
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
 
     from .checkpoint import latest_checkpoint, read_trainer_state
-    from .checkpoint_resume import check_resume_compatible, guard_output_dir
-    from .quant import load_tokenizer, resolve_model_dir
+    from .checkpoint_resume import guard_output_dir
+    from .quant import resolve_model_dir
+    from .run_folder import RunLock
 
     config.validate(required=("model.model", "data.data", "train.output"))
     t = config.train
@@ -187,7 +187,27 @@ def train(config: Config) -> TrainResult:
     if not accelerator.is_main_process:
         logging.getLogger("qlora_lite").setLevel(logging.WARNING)  # one process reports progress
     model_dir = resolve_model_dir(config.model.model)
-    guard_output_dir(output_dir, model_dir, t.resume)
+    guard_output_dir(output_dir, model_dir, t.resume, config.lora.adapter)
+    lock = RunLock(output_dir)
+    if accelerator.is_main_process and output_dir.is_dir():  # refuse a second run before loading anything
+        lock.acquire()
+    try:
+        return _train(config, accelerator, output_dir, model_dir, lock, resume_from, saved_state)
+    finally:
+        lock.release()
+
+
+def _train(config: Config, accelerator, output_dir: Path, model_dir: Path, lock, resume_from: Path | None,
+           saved_state: dict | None) -> TrainResult:
+    """``train`` once the output folder is checked (and locked, if it exists); ``resume_from`` is the
+    checkpoint to continue (None: from step 0) and ``saved_state`` its trainer state."""
+    from accelerate.utils import set_seed
+
+    from .checkpoint_resume import check_resume_compatible, guard_output_dir
+    from .quant import load_tokenizer
+    from .run_folder import mark_run
+
+    t = config.train
     tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
     train_examples, eval_examples = load_training_data(config, tokenizer)
 
@@ -212,7 +232,11 @@ def train(config: Config) -> TrainResult:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()  # a no-op when taken above; a run started meanwhile on a new folder is refused here
+            guard_output_dir(output_dir, model_dir, t.resume, config.lora.adapter)  # nothing appeared meanwhile
+            mark_run(output_dir)
             config.save(output_dir / "config.yaml")
+            mark_run(output_dir, ("config.yaml",))
         return loop.run()
     except Exception as e:
         if is_out_of_memory(e):
@@ -261,7 +285,7 @@ class _Loop:
         """Build model, optimizer and schedule; restore them (and the RNG) from ``resume_from`` if given."""
         from .checkpoint import load_checkpoint
         from .model import build_model_from_config
-        from .optim import build_optimizer, build_scheduler
+        from .optim import apply_current_settings, build_optimizer, build_scheduler
 
         t = self.t
         model = build_model_from_config(self.config, trainable=True)
@@ -272,6 +296,7 @@ class _Loop:
         if resume_from is not None:
             # fp16: the loss scale continues too, or the resumed run would skip steps while it backs off again.
             state = load_checkpoint(resume_from, model, optimizer, self.scheduler, self.acc.scaler)
+            apply_current_settings(optimizer, self.scheduler, t.lr, t.weight_decay)  # a changed --lr takes effect
             self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["batches_consumed"]
             if "fingerprint" in state:  # micro-batches of another size when the process layout changed
                 from .distributed import rescale_position
@@ -439,8 +464,11 @@ class _Loop:
         if stopped:
             return result
         if self.acc.is_main_process:
+            from .run_folder import mark_run
+
             result.adapter_dir = save_adapter(self.acc.unwrap_model(self.model), self.output_dir,
                                               base_model_name=str(self.config.model.model))
+            mark_run(self.output_dir, ("adapter_config.json", "adapter_model.safetensors", "qlora_lite.json"))
             try:
                 result.plot_path = plot_loss(self.output_dir)
             except MetricsError as e:  # a missing plot must not cost the trained adapter

@@ -31,6 +31,7 @@ from qlora_lite.checkpoint_resume import check_resume_compatible, guard_output_d
 from qlora_lite.checkpoint_state import capture_rng_state, restore_rng_state
 from qlora_lite.lora import lora_layers
 from qlora_lite.model import build_model
+from qlora_lite.run_folder import mark_run
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qlora_lite"
 
@@ -181,7 +182,15 @@ def _damage_header(path):
     path.write_bytes(bytes(data))
 
 
+def _zero_data(path):
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    data[start:] = bytes(len(data) - start)  # same size, header intact, tensor bytes zeroed
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("name,damage", [
+    ("adapter_model.safetensors", _zero_data), ("optimizer.safetensors", _zero_data),
     ("adapter_model.safetensors", _truncate), ("optimizer.safetensors", _truncate),
     ("trainer_state.json", _empty), ("optimizer.json", _empty), ("rng.safetensors", _damage_header),
     ("adapter_model.safetensors", _damage_header),
@@ -198,6 +207,13 @@ def test_damaged_newest_checkpoint_is_named_and_skipped(run_copy, tiny_llama, na
         assert latest_checkpoint(run_copy) == run_copy / "checkpoint-1"
     assert "checkpoint-1" in str(record[0].message)
     assert load_checkpoint(run_copy / "checkpoint-1", model)["step"] == 1
+
+
+def test_same_size_damage_names_the_file_and_the_hash(run_copy):
+    bad = run_copy / "checkpoint-2" / "rng.safetensors"
+    _zero_data(bad)
+    with pytest.raises(CheckpointError, match=re.escape(f"{bad}: content differs from what was written (SHA-256")):
+        read_trainer_state(run_copy / "checkpoint-2")
 
 
 def test_checkpoint_without_marker_is_never_used(run_copy, tiny_llama):
@@ -361,6 +377,9 @@ def test_guard_output_dir(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoint-2").mkdir(parents=True)
     (run / "metrics.jsonl").write_text("")
+    with pytest.raises(CheckpointError, match="no .qlora-lite-run marker"):  # names alone do not make a run
+        guard_output_dir(run, model_dir, resume=True)
+    mark_run(run)
     with pytest.raises(CheckpointError, match="--resume"):
         guard_output_dir(run, model_dir, resume=False)
     guard_output_dir(run, model_dir, resume=True)

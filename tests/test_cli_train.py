@@ -123,6 +123,22 @@ def test_stop_then_resume_through_the_command_line(tiny_llama, tmp_path, one_thr
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
 
 
+def test_resume_with_a_new_lr_trains_with_it(tiny_llama, tmp_path, one_thread):
+    """Resume allows --lr and --weight-decay to change; the new values must be the ones used."""
+    data, out = write_chat_jsonl(tmp_path / "train.jsonl", n=8), tmp_path / "run"
+    args = ("train", "--model", tiny_llama, "--data", data, "--output", out, "--bits", 16, "--rank", 4,
+            "--max-seq-len", 64, "--batch-size", 2, "--max-steps", 4, "--save-steps", 2, "--optimizer", "adamw",
+            "--lr-scheduler", "linear", "--warmup-steps", 1)
+    assert invoke(*args, "--lr", "1e-3", env={STOP_ENV: "2"}).exit_code == 0
+    result = invoke(*args, "--lr", "4e-4", "--weight-decay", "0.1", "--resume")
+    assert result.exit_code == 0, result.output
+    lrs = {r["step"]: r["lr"] for r in read_metrics(out)}
+    for step in (1, 2):
+        assert lrs[step] == pytest.approx(1e-3 * lr_factor(step - 1, 1, 4, "linear"))
+    for step in (3, 4):
+        assert lrs[step] == pytest.approx(4e-4 * lr_factor(step - 1, 1, 4, "linear"))
+
+
 def test_bad_data_is_a_clear_error_with_file_and_line(tiny_llama, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "fine"}\n{"text": 3}\n')

@@ -309,3 +309,29 @@ def test_packed_batch_gives_same_logits_as_separate_examples(tiny_llama, pad_eos
             torch.testing.assert_close(packed[row, a:b], expected, atol=1e-4, rtol=1e-4)
             compared += 1
     assert compared == len(examples)
+
+
+@pytest.mark.parametrize("fmt", ["text", "alpaca", "chat"])
+def test_huge_line_is_tokenized_only_as_far_as_max_seq_len(tokenizer, tmp_path, monkeypatch, fmt):
+    """A 4 MB line costs what max_seq_len tokens cost, and gives exactly the tokens of the whole line."""
+    words = ("the quick brown fox jumps over the lazy dog " * 100_000)[:4_000_000]
+    record = {"text": words} if fmt == "text" else dict(ALPACA, output=words) if fmt == "alpaca" else {
+        "messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": words}]}
+    small = dict(record)
+    key = {"text": "text", "alpaca": "output"}.get(fmt)
+    if key:
+        small[key] = words[:20_000]
+    else:
+        small["messages"] = [record["messages"][0], {"role": "assistant", "content": words[:20_000]}]
+    exact = {k: v[:256] for k, v in data_tokenize.tokenize_example(small, tokenizer, fmt).items()}
+    seen = []
+    real = type(tokenizer).__call__
+
+    def spy(self, text, *args, **kwargs):
+        seen.append(len(text))
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", spy)
+    examples, stats = data.load_dataset(write_jsonl(tmp_path / "d.jsonl", [record]), tokenizer, max_seq_len=256)
+    assert max(seen) <= data_tokenize.char_bound(tokenizer, 256) + 1000  # + the template around the text
+    assert examples == [exact] and stats.truncated == 1

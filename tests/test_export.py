@@ -196,6 +196,23 @@ def test_merge_refuses_base_folder_and_existing_output(sharded, adapter4, tmp_pa
     assert MergeVerificationError.__mro__[1] is MergeError
 
 
+def test_merge_overwrite_never_replaces_a_folder_holding_the_adapter_or_a_run(sharded, adapter4, tmp_path):
+    """merge --overwrite --output RUN with --adapter RUN/checkpoint-N replaced the whole training run."""
+    import shutil
+
+    from qlora_lite.run_folder import mark_run
+
+    run = tmp_path / "run"
+    shutil.copytree(adapter4, run / "checkpoint-4")
+    for output in (run, tmp_path):
+        with pytest.raises(MergeError, match="contains the adapter folder"):
+            merge_adapter(sharded, run / "checkpoint-4", output, overwrite=True, verify=False, progress=False)
+    mark_run(run)
+    with pytest.raises(MergeError, match="is a training run folder"):
+        merge_adapter(sharded, adapter4, run, overwrite=True, verify=False, progress=False)
+    assert sorted(p.name for p in (run / "checkpoint-4").iterdir()) == sorted(p.name for p in adapter4.iterdir())
+
+
 # A base big enough for memory to tell: ~220 MB bf16 in 4+ shards, written without building a model.
 _BIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
             num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)

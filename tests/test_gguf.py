@@ -336,7 +336,7 @@ def test_damaged_file_is_caught_and_kept_aside(merged, tmp_path, monkeypatch, ho
     target = tmp_path / "m.gguf"
     target.write_bytes(b"the previous export")
     with pytest.raises(gguf_check.GGUFVerifyError, match="failed its read-back check") as error:
-        export_gguf(merged_dir, target, out_type="q8_0" if how == "flip" else "f16", progress=False)
+        export_gguf(merged_dir, target, out_type="q8_0" if how == "flip" else "f16", overwrite=True, progress=False)
     assert FOUND[how] in str(error.value) and "kept as" in str(error.value)
     assert target.read_bytes() == b"the previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.gguf.failed"]
@@ -411,3 +411,27 @@ def test_second_modelfile_is_refused_unless_overwrite(merged, tmp_path):
     result = CliRunner().invoke(main, [*args, "--overwrite"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "Modelfile").read_text().startswith("FROM ./b.gguf")
+
+
+def test_existing_output_needs_overwrite_and_model_files_are_never_replaced(merged, tmp_path):
+    """A user's file at --output survives without --overwrite; the model's own files survive even with it."""
+    base, adapter, merged_dir = merged("llama")
+    mine = tmp_path / "notes.gguf"
+    mine.write_bytes(b"my notes")
+    result = CliRunner().invoke(main, ["export-gguf", "--model", str(merged_dir), "--output", str(mine), "--quiet"])
+    assert result.exit_code == 1 and "exists; pass --overwrite" in result.output
+    assert mine.read_bytes() == b"my notes"
+    weights = merged_dir / "model.safetensors"
+    before = weights.read_bytes()
+    for model, extra in [(merged_dir, []), (base, ["--adapter", str(adapter)])]:
+        own = model / "model.safetensors" if model == merged_dir else adapter / "adapter_model.safetensors"
+        saved = own.read_bytes()
+        result = CliRunner().invoke(main, ["export-gguf", "--model", str(model), *extra, "--output", str(own),
+                                           "--overwrite", "--quiet"])
+        assert result.exit_code == 1 and "is a file of the input folder" in result.output, result.output
+        assert own.read_bytes() == saved
+    assert weights.read_bytes() == before
+    result = CliRunner().invoke(main, ["export-gguf", "--model", str(merged_dir), "--output", str(mine),
+                                       "--overwrite", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert mine.read_bytes()[:4] == b"GGUF"

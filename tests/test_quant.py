@@ -96,3 +96,13 @@ def test_missing_folder_and_missing_tensor_errors(tmp_path, tiny_llama):
     save_file(state, folder / "model.safetensors")
     with pytest.raises(ModelLoadError, match="model.layers.1.mlp.up_proj"):
         load_base_model(folder, bits=4)
+
+
+def test_encoder_model_is_refused_naming_its_architecture(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64)
+    BertForMaskedLM(config).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ModelLoadError, match=r"config.json: BertForMaskedLM is not a causal language model"):
+        load_base_model(tmp_path / "bert", bits=16)

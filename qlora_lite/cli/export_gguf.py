@@ -17,14 +17,15 @@ import click
 @click.option("--type", "out_type", type=click.Choice(["f16", "bf16", "q8_0"]), default="f16", show_default=True,
               help="Storage of the weight matrices (norms and biases stay F32).")
 @click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile beside the GGUF file.")
-@click.option("--overwrite", is_flag=True,
-              help="With --modelfile: replace a Modelfile already there (otherwise the export is refused).")
 @click.option("--merge-base", type=click.Choice(["dequantized", "original"]), default="dequantized",
               show_default=True, help="With --adapter: merge into the dequantized training base or the 16-bit one.")
 @click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None,
               help="With a PEFT --adapter lacking qlora_lite.json: bits of the base it was trained on (default 4).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing GGUF file at --output and, with --modelfile, a Modelfile beside it "
+                   "(files of the model or adapter folder never are).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def command(model, adapter, output, out_type, modelfile, overwrite, merge_base, bits, quiet):
+def command(model, adapter, output, out_type, modelfile, merge_base, bits, overwrite, quiet):
     """Write a GGUF file (Llama, Mistral, Qwen2) with tokenizer, special tokens and chat template.
 
     Tensors are streamed one at a time, so memory stays near one tensor even for large models.
@@ -34,7 +35,8 @@ def command(model, adapter, output, out_type, modelfile, overwrite, merge_base, 
     The file is written under a temporary name, read back (memory-mapped) and checked: every
     tensor's name, type, shape and bytes (CRC-32), every metadata key, and the keys llama.cpp
     needs. Only then is it renamed to --output; a file that fails is kept as OUTPUT.failed and
-    an existing --output is left as it was.
+    an existing --output is left as it was. An existing --output is replaced only with
+    --overwrite, and never when it is a file of the model or adapter folder.
 
     With --adapter the merge (the same code as `qlora-lite merge`) is NOT compared with
     base+adapter: the read-back check proves the file holds what was merged, not that the merge
@@ -50,7 +52,8 @@ def command(model, adapter, output, out_type, modelfile, overwrite, merge_base, 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         path = export_gguf(model, output, adapter_dir=adapter, out_type=out_type, modelfile=modelfile,
-                           overwrite=overwrite, merge_base=merge_base, bits=int(bits) if bits else None, progress=not quiet,
+                           merge_base=merge_base, bits=int(bits) if bits else None, overwrite=overwrite,
+                           progress=not quiet,
                            echo=click.echo)
     except (GGUFExportError, MergeError, AdapterError, ModelLoadError, SafetensorsError) as e:
         raise click.ClickException(str(e)) from None
