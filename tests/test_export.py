@@ -21,10 +21,11 @@ from qlora_lite.model import build_model
 from qlora_lite.quant import dequantize_weight, quantize_linear
 
 
-def make_adapter(base, folder, bits=4, targets="all-linear", seed=1, scale=0.05, rslora=False):
-    """Save an adapter with random lora_B (a fresh one is the identity and would prove nothing)."""
+def make_adapter(base, folder, bits=4, targets="all-linear", seed=1, scale=0.05, rslora=False, dtype="bf16"):
+    """Save an adapter with random lora_B (a fresh one is the identity and would prove nothing), trained
+    against a ``dtype`` base (bf16 by default, whatever this CPU runs fast: the references compare in bf16)."""
     model = build_model(str(base), bits=bits, rank=4, alpha=8, target_modules=targets, rslora=rslora, seed=0,
-                        trainable=True, gradient_checkpointing=False)
+                        trainable=True, gradient_checkpointing=False, compute_dtype=dtype)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model).values():
@@ -125,12 +126,14 @@ def test_original_differs_exactly_by_quantization_error(sharded, merged_fp32):
 
     original, dequantized = load(merged_fp32["original"].output_dir), load(merged_fp32["dequantized"].output_dir)
     base = load(sharded)
+    record = json.loads((merged_fp32["dequantized"].output_dir / "qlora_lite_merge.json").read_text())
+    trained_dtype = getattr(torch, record["quantization"]["compute_dtype"])  # what training dequantized to
     checked = 0
     for key, w in base.items():
         if not re.search(r"(proj)\.weight$", key):
             assert torch.equal(original[key], w.float()), key  # embeddings and norms untouched
             continue
-        quant_error = w.float() - dequantize_weight(quantize_linear(w, None, bits=4))
+        quant_error = w.float() - dequantize_weight(quantize_linear(w, None, bits=4, compute_dtype=trained_dtype))
         assert quant_error.abs().max() > 0
         torch.testing.assert_close(original[key] - dequantized[key], quant_error, atol=2e-6, rtol=0)
         checked += 1

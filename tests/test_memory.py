@@ -107,12 +107,13 @@ def test_budget_suggestion_fits_and_gives_up_when_impossible():
 def test_cli_json_and_budget(llama_7b_dir):
     runner = CliRunner()
     result = runner.invoke(main, ["estimate", "--model", str(llama_7b_dir), "--budget", "8GiB", "--json",
-                                  "--compute-dtype", "bf16"])
+                                  "--compute-dtype", "bf16", "--checkpoint-policy", "balanced"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["fits"] is True and data["total"] == sum(data["breakdown"].values())
     # fp32 compute (auto on CPUs without bf16 kernels) doubles activations and unquantized weights
-    fp32 = runner.invoke(main, ["estimate", "--model", str(llama_7b_dir), "--json", "--compute-dtype", "fp32"])
+    fp32 = runner.invoke(main, ["estimate", "--model", str(llama_7b_dir), "--json", "--compute-dtype", "fp32",
+                                "--checkpoint-policy", "balanced"])
     parts = json.loads(fp32.output)["breakdown"]
     assert parts["activations"] == 2 * data["breakdown"]["activations"]
     assert parts["lora"] == 2 * data["breakdown"]["lora"] and parts["optimizer"] == data["breakdown"]["optimizer"]

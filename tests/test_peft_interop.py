@@ -48,7 +48,7 @@ def from_peft(tiny_model_factory, tmp_path_factory):
 def test_peft_adapter_loads_with_identical_logits_and_generates(from_peft):
     base, folder, peft_model = from_peft
     assert not (folder / "qlora_lite.json").exists()
-    ours = build_model(str(base), bits=16, adapter=str(folder), trainable=False)
+    ours = build_model(str(base), bits=16, adapter=str(folder), trainable=False, compute_dtype="bf16")  # as the bf16 reference
     layers = lora_layers(ours)
     assert len(layers) == 6 and all(layer.rslora for layer in layers.values())
     ids = probe()
@@ -86,7 +86,7 @@ def test_our_adapter_loads_in_peft_with_identical_logits(tiny_model_factory, tmp
 
     base = tiny_model_factory("qwen2")
     folder = make_adapter(base, tmp_path / "ours", bits=16, rslora=True)
-    ours = build_model(str(base), bits=16, adapter=str(folder), trainable=False)
+    ours = build_model(str(base), bits=16, adapter=str(folder), trainable=False, compute_dtype="bf16")  # as the bf16 reference
     ids = probe()
     expected = logits(ours, ids)
     exact = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), folder,
