@@ -78,7 +78,7 @@ def test_merged_folder_loads_and_matches_trained_model(sharded, adapter4, tmp_pa
                                                             add_generation_prompt=True)
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == torch.bfloat16
-    trained = build_model(str(sharded), bits=4, adapter=str(adapter4), trainable=False)
+    trained = build_model(str(sharded), bits=4, adapter=str(adapter4), trainable=False, compute_dtype="bf16")
     base = build_model(str(sharded), bits=4, trainable=False)
     ids = probe()
     expected, got, base_logits = logits(trained, ids), logits(merged, ids), logits(base, ids)
@@ -94,7 +94,7 @@ def test_dequantized_merge_is_bit_exact_merge_of_training_weights(sharded, adapt
     from qlora_lite.adapter import read_adapter
 
     _, modules, _ = read_adapter(adapter4)
-    trained = build_model(str(sharded), bits=4, adapter=str(adapter4), trainable=False)
+    trained = build_model(str(sharded), bits=4, adapter=str(adapter4), trainable=False, compute_dtype="bf16")
     layers = lora_layers(trained)
     merged = {}
     for f in merged_fp32["dequantized"].output_dir.glob("*.safetensors"):
@@ -408,7 +408,7 @@ def test_streamed_reference_is_the_trained_model_bit_for_bit(tiny_model_factory,
     adapter = make_adapter(base, tmp_path / "adapter")
     plan = plan_merge(base, adapter)
     ids = probe()
-    expected = logits(build_model(str(base), bits=4, adapter=str(adapter), trainable=False), ids)
+    expected = logits(build_model(str(base), bits=4, adapter=str(adapter), trainable=False, compute_dtype="bf16"), ids)
     with streamed_model(base, plan.quant["compute_dtype"], adapter_dir=adapter,
                         transform=functools.partial(as_trained, plan)) as reference:
         assert torch.equal(logits(reference, ids), expected)
