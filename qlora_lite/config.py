@@ -104,9 +104,10 @@ class TrainConfig:
     checkpoint_policy: str = _opt(
         "auto",
         "What checkpointing keeps instead of recomputing: memory (nothing), balanced (attention and "
-        "down-projection outputs), speed (every projection output: no big matmul is recomputed; +0.36 GB "
-        "at 1.1B x 512 tokens); auto picks the fastest whose estimated peak (qlora-lite estimate) takes at "
-        "most half the free RAM (75% of the free GPU memory).",
+        "down-projection outputs), speed (every projection output: no big matmul is recomputed); auto "
+        "picks the fastest whose estimated peak (qlora-lite estimate) takes at most half the free RAM "
+        "(75% of the free GPU memory), and trains without checkpointing where it would barely lower the "
+        "peak (small models, short sequences).",
         ("auto", "memory", "balanced", "speed"),
     )
     save_steps: int = _opt(0, "Write a resumable checkpoint every N steps (0: only at the end).")

@@ -207,6 +207,12 @@ KEPT_PER_BLOCK = {
     "balanced": lambda shape: 3 * shape.hidden,
     "speed": lambda shape: 2 * shape.hidden + sum(o for _, _, o in shape.linears),
 }
+# What ``checkpoint_policy: auto`` resolves to when checkpointing is not worth its recompute: a policy
+# name meaning "no checkpointing", accepted wherever a policy is.
+NO_CHECKPOINTING = "off"
+# Checkpointing that would lower the peak by less than this share of it only costs time: the recompute
+# and the per-op dispatch of selective checkpointing make small models' steps much slower for it.
+CHECKPOINTING_WORTH = 0.10
 
 
 def estimate_memory(
@@ -236,7 +242,7 @@ def estimate_memory(
         rank, target_modules: the LoRA adapters.
         checkpoint_policy: what checkpointing keeps per block (``fastpath.selective_checkpoint_context``):
             memory (the block input), balanced (+ attention and down-projection outputs) or speed
-            (+ every projection output).
+            (+ every projection output); ``NO_CHECKPOINTING`` is gradient_checkpointing=False.
         optimizer: one of OPTIMIZER_BYTES.
         num_processes, fsdp: with FSDP the frozen weights are sharded over the processes (one block
             is gathered at a time); adapters and optimizer states stay whole on every process
@@ -260,8 +266,10 @@ def estimate_memory(
         raise EstimateError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZER_BYTES)}")
     if device not in RUNTIME_BYTES:
         raise EstimateError(f"device must be cpu or cuda, got {device!r}")
-    if checkpoint_policy not in KEPT_PER_BLOCK:
+    if checkpoint_policy not in (*KEPT_PER_BLOCK, NO_CHECKPOINTING):
         raise EstimateError(f"checkpoint_policy must be one of {', '.join(KEPT_PER_BLOCK)}, got {checkpoint_policy!r}")
+    if checkpoint_policy == NO_CHECKPOINTING:
+        gradient_checkpointing = False
     if compute_dtype not in VALUE_BYTES:
         raise EstimateError(f"compute_dtype must be one of {', '.join(VALUE_BYTES)}, got {compute_dtype!r}")
     value = VALUE_BYTES[compute_dtype]
@@ -433,7 +441,9 @@ def available_memory(device: str) -> int | None:
 def choose_checkpoint_policy(config: dict | str | Path, available: int | None, *, share: float | None = None,
                              **settings) -> tuple[str, MemoryEstimate | None]:
     """What ``checkpoint_policy: auto`` runs: the fastest policy whose estimated peak takes at most
-    ``share`` of the ``available`` bytes (speed, then balanced, else memory).
+    ``share`` of the ``available`` bytes (speed, then balanced, else memory), or no checkpointing at
+    all when that fits too and checkpointing would save less than ``CHECKPOINTING_WORTH`` of the peak
+    (small models and short sequences, where the recompute costs time and saves nothing that matters).
 
     ``share`` defaults to half of free RAM (the estimate is within ~15%, and the user's other programs
     need memory too; every process of a multi-process CPU run draws from it) and to 75% of free GPU
@@ -444,15 +454,21 @@ def choose_checkpoint_policy(config: dict | str | Path, available: int | None, *
         settings: ``estimate_memory`` keyword arguments (bits, seq_len, batch_size, ...).
 
     Returns:
-        ``(policy, estimate of that policy)``; balanced and no estimate when ``available`` is None.
+        ``(policy, estimate of that policy)``: a ``KEPT_PER_BLOCK`` name or ``NO_CHECKPOINTING``;
+        balanced and no estimate when ``available`` is None.
     """
     if available is None:
         return "balanced", None
     on_cpu = settings.get("device", "cpu") == "cpu"
     share = share if share is not None else (0.5 if on_cpu else 0.75)
     processes = settings.get("num_processes", 1) if on_cpu else 1
+    settings = {**settings, "gradient_checkpointing": True}
+    unchecked = estimate_memory(config, **{**settings, "checkpoint_policy": NO_CHECKPOINTING})
     for policy in ("speed", "balanced"):
         estimate = estimate_memory(config, **{**settings, "checkpoint_policy": policy})
         if estimate.total * processes <= share * available:
+            if (unchecked.total * processes <= share * available
+                    and unchecked.total <= (1 + CHECKPOINTING_WORTH) * estimate.total):
+                return NO_CHECKPOINTING, unchecked
             return policy, estimate
     return "memory", estimate_memory(config, **{**settings, "checkpoint_policy": "memory"})

@@ -12,6 +12,7 @@ from .adapter import load_adapter
 from .cpu_attention import use_cpu_attention
 from .fastpath import selective_checkpoint_context
 from .lora import inject_lora
+from .memory import CHECKPOINTING_WORTH, NO_CHECKPOINTING
 from .precision import choose_compute_dtype, default_device, lora_dtype_for, slow_dtype_warning
 from .quant import DTYPES, load_base_model
 
@@ -28,8 +29,9 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True,
 
     Args:
         checkpoint_policy: memory (recompute whole blocks), balanced or speed (keep more outputs; see
-            ``fastpath.selective_checkpoint_context``).
+            ``fastpath.selective_checkpoint_context``); ``memory.NO_CHECKPOINTING`` switches it off.
     """
+    gradient_checkpointing = gradient_checkpointing and checkpoint_policy != NO_CHECKPOINTING
     model.config.use_cache = False
     model.qlora_checkpoint_policy = checkpoint_policy if gradient_checkpointing else None
     use_cpu_attention(model)  # CPU + SDPA only: blocked bf16 matmuls, ~2.8x faster than the fused kernel there
@@ -140,7 +142,8 @@ def checkpoint_policy_for(config) -> str:
         log.info("checkpoint policy auto -> balanced (no estimate: %s)", e)
         return "balanced"
     if estimate is not None:
-        log.info("checkpoint policy auto -> %s (estimated peak %.2f GiB)", policy, estimate.total / 1024**3)
+        log.info("checkpoint policy auto -> %s (estimated peak %.2f GiB%s)", policy, estimate.total / 1024**3,
+                 f"; checkpointing would save under {CHECKPOINTING_WORTH:.0%} of it" if policy == NO_CHECKPOINTING else "")
     return policy
 
 

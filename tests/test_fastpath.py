@@ -152,8 +152,9 @@ def test_checkpoint_policies_trade_recompute_as_documented(tiny_llama):
 
 
 def test_auto_policy_is_decided_from_free_memory(tiny_llama, monkeypatch):
-    """The default ``auto`` trains with speed when memory is plentiful and falls back to recomputing
-    everything when it is not."""
+    """The default ``auto`` trains a tiny model without checkpointing (it would save nothing that
+    matters), with speed when checkpointing is worth it and memory is plentiful, and falls back to
+    recomputing everything when memory is short."""
     from qlora_lite import memory
     from qlora_lite.config import load_config
     from qlora_lite.model import build_model_from_config
@@ -161,6 +162,10 @@ def test_auto_policy_is_decided_from_free_memory(tiny_llama, monkeypatch):
     config = load_config(None, {"model": str(tiny_llama)})
     assert config.train.checkpoint_policy == "auto"
     monkeypatch.setattr(memory, "available_memory", lambda device: 64 * 2**30)
-    assert build_model_from_config(config).qlora_checkpoint_policy == "speed"
+    model = build_model_from_config(config)
+    assert model.qlora_checkpoint_policy is None and not model.is_gradient_checkpointing
+    monkeypatch.setattr(memory, "CHECKPOINTING_WORTH", 0.0)
+    model = build_model_from_config(config)
+    assert model.qlora_checkpoint_policy == "speed" and model.is_gradient_checkpointing
     monkeypatch.setattr(memory, "available_memory", lambda device: 1)
     assert build_model_from_config(config).qlora_checkpoint_policy == "memory"

@@ -176,6 +176,24 @@ def test_auto_checkpoint_policy_is_the_fastest_that_fits():
     assert choose_checkpoint_policy(LLAMA_7B, 4 * per_process - 1, num_processes=2)[0] == "balanced"
 
 
+def test_auto_skips_checkpointing_when_it_would_save_little():
+    """A tiny model or a short sequence trains without checkpointing (faster, about the same peak);
+    a long one keeps it, because there checkpointing is most of what fits."""
+    from qlora_lite.memory import CHECKPOINTING_WORTH, NO_CHECKPOINTING, choose_checkpoint_policy
+
+    plenty = 64 * 2**30
+    policy, estimate = choose_checkpoint_policy(LLAMA_7B, plenty, seq_len=16)
+    speed = estimate_memory(LLAMA_7B, seq_len=16, checkpoint_policy="speed")
+    assert policy == NO_CHECKPOINTING
+    assert estimate.total == estimate_memory(LLAMA_7B, seq_len=16, gradient_checkpointing=False).total
+    assert estimate.total <= (1 + CHECKPOINTING_WORTH) * speed.total
+    assert choose_checkpoint_policy(LLAMA_7B, plenty, seq_len=4096)[0] == "speed"
+    # skipping must also fit: with only the speed policy's room, checkpointing stays on
+    speed = estimate_memory(LLAMA_7B, seq_len=256, checkpoint_policy="speed")
+    assert choose_checkpoint_policy(LLAMA_7B, plenty, seq_len=256)[0] == NO_CHECKPOINTING
+    assert choose_checkpoint_policy(LLAMA_7B, 2 * speed.total, seq_len=256)[0] == "speed"
+
+
 def test_loss_chunk_follows_the_vocabulary():
     """Training computes the loss in chunks of about 8M logits; the estimate counts what it holds."""
     from qlora_lite.memory import loss_chunk_for
