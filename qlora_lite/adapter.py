@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import QloraLiteError
 from .lora import LoRALinear, lora_layers, mark_only_lora_trainable
 
 CONFIG_NAME = "adapter_config.json"
@@ -24,7 +25,7 @@ PEFT_PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_[AB])(?:\.[^.]+)?\.weight$")
 
 
-class AdapterError(ValueError):
+class AdapterError(QloraLiteError, ValueError):
     """The adapter folder is missing, malformed, unsupported, or does not fit the base model."""
 
 

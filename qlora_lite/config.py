@@ -15,8 +15,10 @@ from typing import Any, get_args, get_origin
 
 import yaml
 
+from .errors import QloraLiteError
 
-class ConfigError(ValueError):
+
+class ConfigError(QloraLiteError, ValueError):
     """One or more configuration values are invalid; the message lists each of them."""
 
 

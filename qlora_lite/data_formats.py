@@ -19,11 +19,13 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from .errors import QloraLiteError
+
 FORMATS = ("alpaca", "chat", "text")
 MAX_LISTED_PROBLEMS = 50
 
 
-class DataError(ValueError):
+class DataError(QloraLiteError, ValueError):
     """The data cannot be used; one line per problem, ``FILE:LINE: what is wrong``."""
 
 

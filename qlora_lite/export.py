@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .adapter import AdapterError, check_compatible, read_adapter, write_json_atomic
+from .errors import QloraLiteError
 from .fastpath import dequantize_4bit_computed
 from .lora import lora_scaling, merge_weight
 from .memory import EstimateError, parse_size
@@ -50,7 +51,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
-class MergeError(RuntimeError):
+class MergeError(QloraLiteError, RuntimeError):
     """The merge cannot run (bad paths, adapter does not fit the base); nothing was written."""
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import QloraLiteError
 from .export import MergePlan, iter_merged_tensors, plan_merge
 from .quant import resolve_model_dir
 
@@ -30,7 +31,7 @@ OUT_TYPES = ("f16", "bf16", "q8_0")
 _SKIP = re.compile(r"rotary_emb\.inv_freq$|\.attn\.(masked_)?bias$")
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(QloraLiteError, ValueError):
     """The model cannot be written as GGUF (unsupported architecture, tokenizer or tensor)."""
 
 

@@ -12,11 +12,12 @@ import re
 import torch
 from torch import nn
 
+from .errors import QloraLiteError
 from .fastpath import fast_lora_applies, lora_4bit_forward
 from .quant import _conv1d_class, dequantize_weight, is_linear_like, linear_shape
 
 
-class LoRATargetError(ValueError):
+class LoRATargetError(QloraLiteError, ValueError):
     """The requested target modules match no linear layer of the model."""
 
 

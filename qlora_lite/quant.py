@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import QloraLiteError
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(QloraLiteError, RuntimeError):
     """The model folder cannot be loaded; the message says which file and why."""
 
 

@@ -19,13 +19,15 @@ from pathlib import Path
 
 import torch
 
+from .errors import QloraLiteError
+
 DTYPE_OF = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
             "BOOL": torch.bool}
 NAME_OF = {v: k for k, v in DTYPE_OF.items()}
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(QloraLiteError, ValueError):
     """A safetensors file is damaged or uses a dtype this reader does not handle."""
 
 

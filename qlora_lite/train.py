@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
+from .errors import QloraLiteError
 from .loss import IGNORE_INDEX, batch_loss_sum, eval_sums, evaluate, label_tokens
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ STOP_ENV = "QLORA_LITE_STOP_AFTER_STEPS"
 __all__ = ["IGNORE_INDEX", "TrainResult", "TrainingError", "batch_loss_sum", "evaluate", "train"]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(QloraLiteError, RuntimeError):
     """Training cannot go on (non-finite loss, out of memory); the message says what to do."""
 
 

@@ -35,21 +35,16 @@ def command(model, adapter, bits, prompt, system, max_new_tokens, temperature, t
 
     Example: qlora-lite generate --model demo --prompt "Repeat the words: red cat"
     """
-    from ..adapter import AdapterError
     from ..generation import chat_prompt, generate_reply, load_for_inference, prompt_ids
-    from ..quant import ModelLoadError
 
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
         raise click.BadParameter("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --max-new-tokens >= 1")
-    try:
-        lm, tokenizer = load_for_inference(
-            model, adapter=adapter, bits=int(bits) if bits else None,
-            quant_type=flags["quant_type"] or "nf4",
-            double_quant=True if flags["double_quant"] is None else flags["double_quant"],
-            trust_remote_code=bool(flags["trust_remote_code"]), allow_bin_weights=bool(flags["allow_bin_weights"]),
-        )
-    except (ModelLoadError, AdapterError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+    lm, tokenizer = load_for_inference(
+        model, adapter=adapter, bits=int(bits) if bits else None,
+        quant_type=flags["quant_type"] or "nf4",
+        double_quant=True if flags["double_quant"] is None else flags["double_quant"],
+        trust_remote_code=bool(flags["trust_remote_code"]), allow_bin_weights=bool(flags["allow_bin_weights"]),
+    )
     sample = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     history = [{"role": "system", "content": system}] if system else []
 
