@@ -32,11 +32,15 @@ class AdapterError(QloraLiteError, ValueError):
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON through a temporary file, fsync, rename: readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. disk full: leave no half file behind (``path`` itself is untouched)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
@@ -44,10 +48,14 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metada
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. disk full: leave no half file behind (``path`` itself is untouched)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def training_record(model: nn.Module) -> dict:

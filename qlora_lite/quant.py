@@ -139,10 +139,15 @@ def weight_files(model_dir: Path, allow_bin_weights: bool = False) -> list[Path]
     """
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / s for s in shards]
+        weight_map = read_json_file(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index}: no weight_map in the shard index; copy or download the model again")
+        files = [model_dir / s for s in sorted(set(weight_map.values()))]
+        _check_headers(files)
+        return files
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
+        _check_headers(files)
         return files
     bins = sorted(model_dir.glob("pytorch_model*.bin"))
     if bins and not allow_bin_weights:
@@ -166,7 +171,7 @@ def iter_checkpoint_tensors(files: list[Path]):
 
     for path in files:
         if path.suffix == ".bin":
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _load_bin(path)
             yield from state.items()
             del state
             continue
@@ -207,9 +212,14 @@ def check_causal_lm(config, model_dir) -> None:
     Raises:
         ModelLoadError: naming the architecture and what to use instead.
     """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
     archs = list(getattr(config, "architectures", None) or [])
     named = ", ".join(archs) or config.model_type
-    if getattr(config, "is_encoder_decoder", False) or (archs and not any(a.endswith(_CAUSAL_SUFFIXES) for a in archs)):
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    # transformers' own refusal lists every one of its ~200 causal config classes: say it in one line
+    if (getattr(config, "is_encoder_decoder", False) or (archs and not any(a.endswith(_CAUSAL_SUFFIXES) for a in archs))
+            or not (remote or type(config) in MODEL_FOR_CAUSAL_LM_MAPPING)):
         raise ModelLoadError(f"{model_dir}/config.json: {named} is not a causal language model (architectures "
                              f"should end in {' or '.join(_CAUSAL_SUFFIXES[:2])}); qlora-lite fine-tunes decoder-only "
                              "models such as Llama, Mistral, Qwen2, Gemma, Phi-3 or GPT-2")
@@ -239,10 +249,10 @@ def load_base_model(
     """
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     model_dir = resolve_model_dir(model_path)
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    config = read_model_config(model_dir, trust_remote_code)
     check_causal_lm(config, model_dir)
     with init_empty_weights(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -303,6 +313,9 @@ def resolve_model_dir(model_path: str | Path) -> Path:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} is not a Hugging Face model folder: config.json is missing")
+        for name in _FOLDER_JSON:  # a damaged file is named now, not as a traceback after the weights load
+            if (path / name).exists():
+                read_json_file(path / name)
         return path
     if path.exists():
         raise ModelLoadError(f"{path} is a file; pass the model folder that holds config.json")
@@ -321,7 +334,14 @@ def load_tokenizer(model_path: str | Path, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token guaranteed (the EOS token when the model has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(model_path), trust_remote_code=trust_remote_code)
+    model_dir = resolve_model_dir(model_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        # the tokenizers library reports a damaged file without naming it; its JSON was checked already
+        raise ModelLoadError(f"{model_dir}: the tokenizer cannot be loaded ({str(e).splitlines()[0]}); copy the "
+                             "tokenizer files (tokenizer.json, tokenizer_config.json, ...) from the original "
+                             "model again") from None
     if tokenizer.pad_token is None:
         # Only used to fill the batch: labels mark padding by the attention mask, so a real EOS
         # sharing this id still counts in the loss.
@@ -335,3 +355,88 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+# The JSON files of a model folder that something here reads; each is parsed up front, so a damaged
+# one is reported with its line before minutes of loading.
+_FOLDER_JSON = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "model.safetensors.index.json")
+
+
+def read_json_file(path: Path) -> dict:
+    """A JSON object from a file of a model folder.
+
+    Raises:
+        ModelLoadError: the file is not valid JSON (with FILE:LINE:COLUMN) or not an object.
+    """
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); fix the file or copy it "
+                             "from the original model again") from None
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{path}: not a text file (not UTF-8); copy it from the original model again") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, found {type(value).__name__}; copy it from the "
+                             "original model again")
+    return value
+
+
+def read_model_config(model_dir: Path, trust_remote_code: bool = False):
+    """config.json as a transformers config, refusing what transformers would answer with a traceback.
+
+    Raises:
+        ModelLoadError: invalid JSON, an unknown model type, or custom code without --trust-remote-code.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = model_dir / "config.json"
+    raw = read_json_file(path)
+    model_type = raw.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        if raw.get("auto_map") and not trust_remote_code:
+            raise ModelLoadError(
+                f"{path}: model type {model_type!r} is defined by Python code inside the model folder "
+                f"(auto_map), which qlora-lite does not run by default. Read that code; if you trust it, pass "
+                "--trust-remote-code")
+        if not raw.get("auto_map"):
+            import transformers
+
+            raise ModelLoadError(
+                f"{path}: model type {model_type!r} is unknown to transformers {transformers.__version__}; check "
+                "model_type in that file, or upgrade transformers (pip install -U transformers)")
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ModelLoadError(f"{path}: transformers cannot read this config ({str(e).splitlines()[0]})") from None
+
+
+def _check_headers(files: list[Path]) -> None:
+    """Read every shard's header before the model is built: a damaged file is named before any load."""
+    from .safetensors_io import SafetensorsError, read_headers
+
+    try:
+        read_headers(files)
+    except (SafetensorsError, OSError) as e:
+        raise ModelLoadError(f"cannot read the model weights: {e}; copy or download that file again") from None
+
+
+def _load_bin(path: Path) -> dict:
+    """A pickle-based .bin checkpoint through torch's restricted unpickler (``weights_only=True``).
+
+    Raises:
+        ModelLoadError: the file holds more than tensors. torch's own message advises retrying with
+            weights_only=False, which would run whatever code the file carries; it is never repeated.
+    """
+    import pickle
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "pickle protocol 4 detected": noise beside the refusal
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as e:
+        raise ModelLoadError(
+            f"{path}: refused to load: this pickle file holds more than plain tensors (it may run code when "
+            "loaded) or is damaged. Do not load it some other way unless you know where it came from; get the "
+            f"model as safetensors instead ({type(e).__name__})") from None
