@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import click
@@ -37,8 +38,15 @@ def command(model, adapter, bits, prompt, system, max_new_tokens, temperature, t
     """
     from ..generation import chat_prompt, generate_reply, load_for_inference, prompt_ids
 
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
-        raise click.BadParameter("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --max-new-tokens >= 1")
+    # written so that nan fails too (nan < 0 is False)
+    if not (temperature >= 0 and math.isfinite(temperature)) or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
+        raise click.BadParameter("need a finite --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, "
+                                 "--max-new-tokens >= 1")
+    context = _context_length(model)
+    if context is not None and max_new_tokens >= context:  # checked before minutes of loading
+        raise click.BadParameter(f"--max-new-tokens {max_new_tokens} does not fit the model's context of {context} "
+                                 f"tokens (max_position_embeddings in its config.json) with any prompt; give at "
+                                 f"most {context - 1}")
     lm, tokenizer = load_for_inference(
         model, adapter=adapter, bits=int(bits) if bits else None,
         quant_type=flags["quant_type"] or "nf4",
@@ -54,6 +62,11 @@ def command(model, adapter, bits, prompt, system, max_new_tokens, temperature, t
             ids = prompt_ids(tokenizer, message, "text")
         else:
             ids = prompt_ids(tokenizer, chat_prompt(tokenizer, _fit(tokenizer, messages, lm, max_new_tokens)))
+        limit = getattr(lm.config, "max_position_embeddings", None)
+        if limit is not None and len(ids) + max_new_tokens > limit:
+            raise click.ClickException(f"the prompt is {len(ids)} tokens, and with --max-new-tokens {max_new_tokens} "
+                                       f"it exceeds the model's context of {limit} tokens; shorten the prompt or "
+                                       f"give --max-new-tokens at most {max(1, limit - len(ids))}")
         answer = generate_reply(lm, tokenizer, ids, stream=True, **sample)
         history.extend([{"role": "user", "content": message}, {"role": "assistant", "content": answer}])
         return answer
@@ -87,3 +100,13 @@ def _fit(tokenizer, messages: list[dict], model, max_new_tokens: int) -> list[di
             break
         turns = turns[2:] if len(turns) > 2 else turns[-1:]
     return system + turns
+
+
+def _context_length(model: str) -> int | None:
+    """The model's context in tokens from its config.json alone (None when it does not say)."""
+    from ..generation import resolve_model_arg
+    from ..quant import read_json_file, resolve_model_dir
+
+    config = read_json_file(resolve_model_dir(resolve_model_arg(model)) / "config.json")
+    value = config.get("max_position_embeddings") or config.get("n_positions")
+    return value if isinstance(value, int) and value > 0 else None
