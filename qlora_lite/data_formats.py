@@ -15,6 +15,7 @@ tokenized. Turning records into tokens is ``data_tokenize``.
 from __future__ import annotations
 
 import codecs
+import difflib
 import json
 from collections import Counter
 from pathlib import Path
@@ -166,8 +167,9 @@ def validate_record(record: dict, fmt: str) -> str | None:
                 return f"messages[{i}].{key} {what}"
     for i, message in enumerate(messages):
         if message["role"] not in CHAT_ROLES:  # a typo ("asistant") would be trained on as prompt text
-            return (f"messages[{i}].role {message['role']!r} is not one of {', '.join(CHAT_ROLES)}; fix the role "
-                    "(or pass --skip-bad-lines to leave such records out)")
+            close = difflib.get_close_matches(message["role"], CHAT_ROLES, 1)
+            return (f"messages[{i}].role {message['role']!r} is not one of {', '.join(CHAT_ROLES)}"
+                    + (f" (did you mean {close[0]!r}?)" if close else ""))
     if messages[-1]["role"] != "assistant":
         return f"the last message must be from the assistant (it is from '{messages[-1]['role']}')"
     return None
