@@ -64,9 +64,10 @@ def command(model, adapter, bits, prompt, system, max_new_tokens, temperature, t
             ids = prompt_ids(tokenizer, chat_prompt(tokenizer, _fit(tokenizer, messages, lm, max_new_tokens)))
         limit = getattr(lm.config, "max_position_embeddings", None)
         if limit is not None and len(ids) + max_new_tokens > limit:
+            room = (f"shorten the prompt or give --max-new-tokens at most {limit - len(ids)}" if len(ids) < limit
+                    else "shorten the prompt")
             raise click.ClickException(f"the prompt is {len(ids)} tokens, and with --max-new-tokens {max_new_tokens} "
-                                       f"it exceeds the model's context of {limit} tokens; shorten the prompt or "
-                                       f"give --max-new-tokens at most {max(1, limit - len(ids))}")
+                                       f"it exceeds the model's context of {limit} tokens; {room}")
         answer = generate_reply(lm, tokenizer, ids, stream=True, **sample)
         history.extend([{"role": "user", "content": message}, {"role": "assistant", "content": answer}])
         return answer
