@@ -346,6 +346,9 @@ def load_tokenizer(model_path: str | Path, trust_remote_code: bool = False):
         # Only used to fill the batch: labels mark padding by the attention mask, so a real EOS
         # sharing this id still counts in the loss.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:  # else batching fails later, far from the cause
+        raise ModelLoadError(f"{model_dir}: the tokenizer defines no pad, EOS or unknown token (tokenizer_config.json "
+                             "lost its special tokens?); copy the tokenizer files from the original model again")
     return tokenizer
 
 

@@ -157,6 +157,14 @@ def _tokenizer_json(folder):
     (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
 
 
+def _tokenizer_structure(folder):
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')  # valid JSON, no tokenizer
+
+
+def _tokenizer_specials(folder):
+    (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+
+
 def _vision_model(folder):
     config = json.loads((folder / "config.json").read_text())
     config.update(model_type="vit", architectures=None)
@@ -176,6 +184,8 @@ DAMAGES = [
     (_truncated_weights, ["model.safetensors", "truncated", "copy or download"]),
     (_config_json, ["config.json:2:", "not valid JSON", "copy it from the original"]),
     (_tokenizer_json, ["tokenizer.json:1:", "not valid JSON", "copy it from the original"]),
+    (_tokenizer_structure, ["the tokenizer cannot be loaded", "copy the tokenizer files"]),
+    (_tokenizer_specials, ["no pad, EOS or unknown token", "copy the tokenizer files"]),
     (_vision_model, ["config.json", "vit is not a causal language model", "Llama, Mistral"]),
     (_remote_code, ["config.json", "my_custom_lm", "--trust-remote-code"]),
 ]
@@ -308,6 +318,22 @@ def test_disk_full_in_merge_removes_partial_files_and_keeps_the_old_output(
     assert "no space left on device" in output and "free some disk space" in output and "left as it was" in output
     assert [p.name for p in tmp_path.iterdir() if "merged" in p.name] == ["merged"]  # no .partial folder
     assert [p.name for p in merged.iterdir()] == ["mine.txt"]
+
+
+def test_disk_full_in_gguf_export_removes_the_partial_file_and_keeps_the_old_one(tiny_llama, tmp_path, monkeypatch):
+    from qlora_lite import gguf_export
+
+    def full_disk(tmp, *args, **kwargs):
+        tmp.write_bytes(b"GGUF partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+
+    monkeypatch.setattr(gguf_export, "_write", full_disk)
+    target = tmp_path / "model.gguf"
+    target.write_bytes(b"the user's earlier export")
+    output = clean_error(invoke("export-gguf", "--model", tiny_llama, "--output", target, "--overwrite", "--quiet"))
+    assert f"writing {target} failed: no space left on device: free some disk space" in output
+    assert "left as it was" in output
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"] and target.read_bytes() == b"the user's earlier export"
 
 
 # ---------------------------------------------------------------- numbers (items 11 and 12)
