@@ -403,6 +403,9 @@ def read_model_config(model_dir: Path, trust_remote_code: bool = False):
                 f"{path}: model type {model_type!r} is defined by Python code inside the model folder "
                 f"(auto_map), which qlora-lite does not run by default. Read that code; if you trust it, pass "
                 "--trust-remote-code")
+        if model_type is None:
+            raise ModelLoadError(f"{path} has no model_type (e.g. \"llama\"); copy config.json from the original "
+                                 "model again")
         if not raw.get("auto_map"):
             import transformers
 
