@@ -73,7 +73,11 @@ def prepare_output(output: Path) -> None:
 
     Raises:
         DemoError: the folder holds anything that a demo run did not write.
+        OutputError: nothing can be written there.
     """
+    from .output_dir import check_writable
+
+    check_writable(output)
     if output.exists():
         if not output.is_dir():
             raise DemoError(f"--output {output} is a file; choose a folder")

@@ -254,6 +254,13 @@ def test_train_into_read_only_folder_fails_before_loading(tiny_llama, tmp_path, 
     assert "--output" in output and "Read-only file system" in output and "choose a folder you can write" in output
 
 
+def test_demo_into_read_only_folder_is_a_message(tmp_path, read_only, no_model_load):
+    (tmp_path / "ro").mkdir()
+    read_only(tmp_path / "ro")
+    output = clean_error(invoke("demo", "--output", tmp_path / "ro" / "demo", "--max-steps", 1, "--no-gguf"))
+    assert "--output" in output and "Read-only file system" in output
+
+
 def test_merge_into_read_only_folder_fails_before_loading(tiny_llama, adapter_copy, tmp_path, read_only, monkeypatch):
     from qlora_lite import export
 
