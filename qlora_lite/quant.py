@@ -8,7 +8,6 @@ each linear weight is quantized as soon as it is read and its 16-bit copy is dro
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -16,15 +15,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import QloraLiteError
+# ModelLoadError lives with the folder checks; every caller still imports it from here
+from .model_files import (
+    ModelLoadError,
+    check_folder_json,
+    check_headers,
+    load_bin,
+    read_json_file,
+    read_model_config,
+)
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class ModelLoadError(QloraLiteError, RuntimeError):
-    """The model folder cannot be loaded; the message says which file and why."""
 
 
 def _bnb():
@@ -143,11 +146,11 @@ def weight_files(model_dir: Path, allow_bin_weights: bool = False) -> list[Path]
         if not isinstance(weight_map, dict):
             raise ModelLoadError(f"{index}: no weight_map in the shard index; copy or download the model again")
         files = [model_dir / s for s in sorted(set(weight_map.values()))]
-        _check_headers(files)
+        check_headers(files)
         return files
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
-        _check_headers(files)
+        check_headers(files)
         return files
     bins = sorted(model_dir.glob("pytorch_model*.bin"))
     if bins and not allow_bin_weights:
@@ -171,7 +174,7 @@ def iter_checkpoint_tensors(files: list[Path]):
 
     for path in files:
         if path.suffix == ".bin":
-            state = _load_bin(path)
+            state = load_bin(path)
             yield from state.items()
             del state
             continue
@@ -313,9 +316,7 @@ def resolve_model_dir(model_path: str | Path) -> Path:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} is not a Hugging Face model folder: config.json is missing")
-        for name in _FOLDER_JSON:  # a damaged file is named now, not as a traceback after the weights load
-            if (path / name).exists():
-                read_json_file(path / name)
+        check_folder_json(path)  # a damaged file is named now, not as a traceback after the weights load
         return path
     if path.exists():
         raise ModelLoadError(f"{path} is a file; pass the model folder that holds config.json")
@@ -359,90 +360,3 @@ def release_freed_memory() -> None:
     except (OSError, AttributeError):
         pass
 
-
-# The JSON files of a model folder that something here reads; each is parsed up front, so a damaged
-# one is reported with its line before minutes of loading.
-_FOLDER_JSON = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "model.safetensors.index.json")
-
-
-def read_json_file(path: Path) -> dict:
-    """A JSON object from a file of a model folder.
-
-    Raises:
-        ModelLoadError: the file is not valid JSON (with FILE:LINE:COLUMN) or not an object.
-    """
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); fix the file or copy it "
-                             "from the original model again") from None
-    except UnicodeDecodeError:
-        raise ModelLoadError(f"{path}: not a text file (not UTF-8); copy it from the original model again") from None
-    if not isinstance(value, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, found {type(value).__name__}; copy it from the "
-                             "original model again")
-    return value
-
-
-def read_model_config(model_dir: Path, trust_remote_code: bool = False):
-    """config.json as a transformers config, refusing what transformers would answer with a traceback.
-
-    Raises:
-        ModelLoadError: invalid JSON, an unknown model type, or custom code without --trust-remote-code.
-    """
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    path = model_dir / "config.json"
-    raw = read_json_file(path)
-    model_type = raw.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        if raw.get("auto_map") and not trust_remote_code:
-            raise ModelLoadError(
-                f"{path}: model type {model_type!r} is defined by Python code inside the model folder "
-                f"(auto_map), which qlora-lite does not run by default. Read that code; if you trust it, pass "
-                "--trust-remote-code")
-        if model_type is None:
-            raise ModelLoadError(f"{path} has no model_type (e.g. \"llama\"); copy config.json from the original "
-                                 "model again")
-        if not raw.get("auto_map"):
-            import transformers
-
-            raise ModelLoadError(
-                f"{path}: model type {model_type!r} is unknown to transformers {transformers.__version__}; check "
-                "model_type in that file, or upgrade transformers (pip install -U transformers)")
-    try:
-        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise ModelLoadError(f"{path}: transformers cannot read this config ({str(e).splitlines()[0]})") from None
-
-
-def _check_headers(files: list[Path]) -> None:
-    """Read every shard's header before the model is built: a damaged file is named before any load."""
-    from .safetensors_io import SafetensorsError, read_headers
-
-    try:
-        read_headers(files)
-    except (SafetensorsError, OSError) as e:
-        raise ModelLoadError(f"cannot read the model weights: {e}; copy or download that file again") from None
-
-
-def _load_bin(path: Path) -> dict:
-    """A pickle-based .bin checkpoint through torch's restricted unpickler (``weights_only=True``).
-
-    Raises:
-        ModelLoadError: the file holds more than tensors. torch's own message advises retrying with
-            weights_only=False, which would run whatever code the file carries; it is never repeated.
-    """
-    import pickle
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "pickle protocol 4 detected": noise beside the refusal
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as e:
-        raise ModelLoadError(
-            f"{path}: refused to load: this pickle file holds more than plain tensors (it may run code when "
-            "loaded) or is damaged. Do not load it some other way unless you know where it came from; get the "
-            f"model as safetensors instead ({type(e).__name__})") from None

@@ -106,7 +106,8 @@ def _fit(tokenizer, messages: list[dict], model, max_new_tokens: int) -> list[di
 def _context_length(model: str) -> int | None:
     """The model's context in tokens from its config.json alone (None when it does not say)."""
     from ..generation import resolve_model_arg
-    from ..quant import read_json_file, resolve_model_dir
+    from ..model_files import read_json_file
+    from ..quant import resolve_model_dir
 
     config = read_json_file(resolve_model_dir(resolve_model_arg(model)) / "config.json")
     value = config.get("max_position_embeddings") or config.get("n_positions")
