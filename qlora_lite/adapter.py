@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import QloraLiteError
 from .lora import LoRALinear, lora_layers, mark_only_lora_trainable
 
 CONFIG_NAME = "adapter_config.json"
@@ -24,18 +25,22 @@ PEFT_PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_[AB])(?:\.[^.]+)?\.weight$")
 
 
-class AdapterError(ValueError):
+class AdapterError(QloraLiteError, ValueError):
     """The adapter folder is missing, malformed, unsupported, or does not fit the base model."""
 
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON through a temporary file, fsync, rename: readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. disk full: leave no half file behind (``path`` itself is untouched)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
@@ -43,10 +48,14 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metada
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. disk full: leave no half file behind (``path`` itself is untouched)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def training_record(model: nn.Module) -> dict:
@@ -132,10 +141,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, dict[str, tor
             hint = " (.bin adapters are pickle files; re-save them as safetensors)" if path == weights_path and (
                 adapter_dir / "adapter_model.bin").exists() else ""
             raise AdapterError(f"{path} is missing: not an adapter folder{hint}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{config_path}: not valid JSON ({e})") from None
+    config = _read_json(config_path)
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{config_path}: peft_type {config.get('peft_type')} is not supported (only LORA)")
     unsupported = [k for k in ("use_dora", "modules_to_save") if config.get(k)]
@@ -157,9 +163,44 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, dict[str, tor
     for name, parts in modules.items():
         if set(parts) != {"lora_A", "lora_B"}:
             raise AdapterError(f"{weights_path}: module {name} lacks lora_A or lora_B")
+        _check_rank(name, parts, config, config_path)
+        for part, tensor in parts.items():  # a NaN adapter would score nan and exit 0
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise AdapterError(f"{weights_path}: {name}.{part} holds NaN or infinite values (the training run "
+                                   "diverged or the file is damaged); use an earlier checkpoint-STEP/ folder of "
+                                   "the run instead")
     record_path = adapter_dir / RECORD_NAME
-    record = json.loads(record_path.read_text()) if record_path.exists() else None
+    record = _read_json(record_path) if record_path.exists() else None
     return config, modules, record
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from an adapter file, or AdapterError naming FILE:LINE:COLUMN."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); fix the file, or copy the "
+                           "adapter folder again from where it was trained") from None
+    except UnicodeDecodeError:
+        raise AdapterError(f"{path}: not a text file (not UTF-8); copy the adapter folder again") from None
+    if not isinstance(value, dict):
+        raise AdapterError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def _check_rank(name: str, parts: dict[str, torch.Tensor], config: dict, config_path: Path) -> None:
+    """The rank the config gives a module (``rank_pattern`` or ``r``) must be the rank of its tensors:
+    PEFT builds layers from the config, so a mismatch loads there with an error or wrong scaling."""
+    a, b = parts["lora_A"], parts["lora_B"]
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        raise AdapterError(f"{config_path.parent / WEIGHTS_NAME}: {name} has lora_A {tuple(a.shape)} and lora_B "
+                           f"{tuple(b.shape)}, which do not form a rank-r pair; the file is damaged")
+    pattern = config.get("rank_pattern") or {}
+    expected = next((r for p, r in pattern.items() if name == p or name.endswith("." + p)), config.get("r"))
+    if expected is not None and expected != a.shape[0]:
+        raise AdapterError(f"{config_path}: r is {expected} for {name} but its tensors have rank {a.shape[0]}; the "
+                           "config and the weights are from different adapters: copy both files from the same run "
+                           "(or set r / rank_pattern to the tensors' rank)")
 
 
 def check_compatible(record: dict | None, model: nn.Module, adapter_dir: str | Path) -> None:

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from .errors import QloraLiteError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(QloraLiteError, RuntimeError):
     """A checkpoint cannot be written, read or resumed from; the message names the file and the fix."""
 
 

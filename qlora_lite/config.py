@@ -8,15 +8,19 @@ drift apart. Validation collects every problem and raises once.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
 import yaml
 
+from .errors import QloraLiteError
 
-class ConfigError(ValueError):
+
+class ConfigError(QloraLiteError, ValueError):
     """One or more configuration values are invalid; the message lists each of them."""
 
 
@@ -154,19 +158,30 @@ class Config:
                 value = getattr(section, f.name)
                 if choices and value not in choices:
                     problems.append(f"{option_name(f.name)}={value!r} is not one of {', '.join(map(str, choices))}")
+        # "x > 0" holds for inf and nan fails every range: each float is first checked to be finite
+        # (reported once, so the range checks below skip non-finite values)
+        def unfit(x: float) -> bool:
+            return not math.isfinite(x)
+
+        problems += [f"{option_name(f.name)} must be a finite number, got {getattr(section, f.name)}"
+                     for section in (self.lora, self.data, self.train) for f in dataclasses.fields(section)
+                     if field_type(f) is float and not math.isfinite(getattr(section, f.name))]
         checks = [
             (self.lora.rank >= 1, "--rank must be at least 1"),
-            (self.lora.alpha > 0, "--alpha must be positive"),
-            (0.0 <= self.lora.dropout < 1.0, "--dropout must be in [0, 1)"),
+            (unfit(self.lora.alpha) or self.lora.alpha > 0, "--alpha must be positive"),
+            (unfit(self.lora.dropout) or 0.0 <= self.lora.dropout < 1.0, "--dropout must be in [0, 1)"),
             (self.data.max_seq_len >= 8, "--max-seq-len must be at least 8"),
-            (0.0 <= self.data.eval_fraction < 1.0, "--eval-fraction must be in [0, 1)"),
+            (unfit(self.data.eval_fraction) or 0.0 <= self.data.eval_fraction < 1.0,
+             "--eval-fraction must be in [0, 1)"),
             (self.train.batch_size >= 1, "--batch-size must be at least 1"),
             (self.train.grad_accum >= 1, "--grad-accum must be at least 1"),
-            (self.train.lr > 0, "--lr must be positive"),
+            (unfit(self.train.lr) or self.train.lr > 0, "--lr must be positive"),
+            (unfit(self.train.weight_decay) or self.train.weight_decay >= 0,
+             "--weight-decay must be 0 or more (0.01 to 0.1 is usual)"),
             (self.train.max_steps >= 0, "--max-steps must be 0 or more"),
-            (self.train.epochs > 0, "--epochs must be positive"),
+            (unfit(self.train.epochs) or self.train.epochs > 0, "--epochs must be positive"),
             (self.train.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
-            (self.train.max_grad_norm >= 0, "--max-grad-norm must be 0 or more"),
+            (unfit(self.train.max_grad_norm) or self.train.max_grad_norm >= 0, "--max-grad-norm must be 0 or more"),
             (min(self.train.save_steps, self.train.eval_steps, self.train.save_total_limit) >= 0,
              "--save-steps, --eval-steps and --save-total-limit must be 0 or more"),
             (self.train.logging_steps >= 1, "--logging-steps must be at least 1"),
@@ -209,7 +224,9 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] |
     values: dict[str, Any] = {}
     if yaml_path is not None:
         values = _beside_file(_read_yaml(Path(yaml_path)), Path(yaml_path).parent)
+    from_file = set(values)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    from_file -= {k for k, v in (overrides or {}).items() if v is not None}
     config = Config()
     known = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
@@ -218,8 +235,22 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] |
     for name, value in values.items():
         section = getattr(config, known[name])
         f = next(f for f in dataclasses.fields(section) if f.name == name)
-        setattr(section, name, _coerce(value, field_type(f), name))
+        try:
+            setattr(section, name, _coerce(value, field_type(f), name))
+        except ConfigError as e:
+            if name not in from_file:
+                raise
+            raise ConfigError(f"{_yaml_line(Path(yaml_path), name)}: {e}") from None
     return config
+
+
+def _yaml_line(path: Path, key: str) -> str:
+    """``FILE:LINE`` of the first ``key:`` in a YAML file (``FILE`` alone when not found)."""
+    pattern = re.compile(rf"^\s*{re.escape(key)}\s*:")
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if pattern.match(line):
+            return f"{path}:{number}"
+    return str(path)
 
 
 # Settings naming something that must already exist: in a YAML file a relative one is looked up
@@ -276,6 +307,8 @@ def _coerce(value: Any, tp: type, name: str) -> Any:
                 raise ValueError(value)
             return lowered in ("true", "yes", "1")
         if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if tp in (int, float) and isinstance(value, bool):  # YAML `rank: true` is not rank 1
             raise ValueError(value)
         return tp(value)
     except (TypeError, ValueError):

@@ -15,15 +15,21 @@ tokenized. Turning records into tokens is ``data_tokenize``.
 from __future__ import annotations
 
 import codecs
+import difflib
 import json
 from collections import Counter
 from pathlib import Path
+
+from .errors import QloraLiteError
 
 FORMATS = ("alpaca", "chat", "text")
 MAX_LISTED_PROBLEMS = 50
 
 
-class DataError(ValueError):
+# Roles chat templates know; "tool" carries a tool's output back in tool-use conversations.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+class DataError(QloraLiteError, ValueError):
     """The data cannot be used; one line per problem, ``FILE:LINE: what is wrong``."""
 
 
@@ -159,6 +165,11 @@ def validate_record(record: dict, fmt: str) -> str | None:
             if not isinstance(message.get(key), str):
                 what = "missing" if key not in message else f"must be a string, got {_type_name(message[key])}"
                 return f"messages[{i}].{key} {what}"
+    for i, message in enumerate(messages):
+        if message["role"] not in CHAT_ROLES:  # a typo ("asistant") would be trained on as prompt text
+            close = difflib.get_close_matches(message["role"], CHAT_ROLES, 1)
+            return (f"messages[{i}].role {message['role']!r} is not one of {', '.join(CHAT_ROLES)}"
+                    + (f" (did you mean {close[0]!r}?)" if close else ""))
     if messages[-1]["role"] != "assistant":
         return f"the last message must be from the assistant (it is from '{messages[-1]['role']}')"
     return None

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .errors import QloraLiteError
 from .generation import DEMO_DATA, DEMO_MODEL
 
 MARKER = ".qlora-lite-demo"
@@ -29,7 +30,7 @@ MARKER = ".qlora-lite-demo"
 DEMO_OUTPUTS = ("train", "merged", ".merged.partial", "merged.failed", "demo.gguf", "summary.json", MARKER)
 
 
-class DemoError(RuntimeError):
+class DemoError(QloraLiteError, RuntimeError):
     """The demo cannot run (output folder in use, bundled files missing); the message says what to do."""
 
 
@@ -72,7 +73,11 @@ def prepare_output(output: Path) -> None:
 
     Raises:
         DemoError: the folder holds anything that a demo run did not write.
+        OutputError: nothing can be written there.
     """
+    from .output_dir import check_writable
+
+    check_writable(output)
     if output.exists():
         if not output.is_dir():
             raise DemoError(f"--output {output} is a file; choose a folder")

@@ -28,13 +28,15 @@ import sys
 import torch
 from torch import nn
 
+from .errors import QloraLiteError
+
 log = logging.getLogger(__name__)
 
 # Variables a launcher (torchrun / accelerate launch / mpirun) sets in every process it starts.
 _LAUNCH_VARS = ("LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(QloraLiteError, RuntimeError):
     """The processes cannot be started as asked; the message says why and what to do."""
 
 

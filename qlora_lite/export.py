@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 
 from .adapter import AdapterError, check_compatible, read_adapter, write_json_atomic
+from .errors import QloraLiteError
 from .fastpath import dequantize_4bit_computed
 from .lora import lora_scaling, merge_weight
 from .memory import EstimateError, parse_size
+from .output_dir import check_writable, write_failure
 from .quant import (
     DTYPES,
     ModelLoadError,
@@ -33,6 +35,7 @@ from .quant import (
     dequantize_weight,
     quantize_linear,
     quantized_layer_names,
+    read_model_config,
     release_freed_memory,
     resolve_model_dir,
     weight_files,
@@ -50,7 +53,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
-class MergeError(RuntimeError):
+class MergeError(QloraLiteError, RuntimeError):
     """The merge cannot run (bad paths, adapter does not fit the base); nothing was written."""
 
 
@@ -118,9 +121,9 @@ def quant_record(quant: dict) -> dict:
 def _meta_model(base_dir: Path, trust_remote_code: bool):
     """The model skeleton on the meta device: names, layer kinds and the output head, for free."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    config = read_model_config(base_dir, trust_remote_code)
     with init_empty_weights(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -247,6 +250,7 @@ def _check_output(output: Path, base_dir: Path, adapter_dir: Path, overwrite: bo
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise MergeError(f"output {output} already exists and is not empty; choose another folder or pass "
                          "--overwrite")
+    check_writable(out.parent)  # the merge is written beside --output, then renamed into place
 
 
 def _copy_metadata(plan: MergePlan, tmp: Path, dtype: str) -> None:
@@ -387,6 +391,11 @@ def merge_adapter(
         _place(tmp, output)
     except MergeVerificationError:
         raise
+    except OSError as e:  # disk full, say: the user's existing --output (if any) was never touched
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = "was left as it was" if output.exists() else "was not created"
+        raise MergeError(f"writing the merged model failed: {write_failure(e)}; the partial files were removed "
+                         f"and {output} {kept}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -54,12 +54,13 @@ def load_for_inference(model_path: str, *, adapter: str | None = None, bits: int
     model_path = resolve_model_arg(model_path)
     if bits is None:
         bits = adapter_bits(adapter) or 16
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)  # first: a broken one fails in a second
     model = build_model(model_path, bits=bits, quant_type=quant_type, double_quant=double_quant,
                         compute_dtype=compute_dtype, trust_remote_code=trust_remote_code,
                         allow_bin_weights=allow_bin_weights, adapter=adapter, trainable=False)
     if torch.cuda.is_available():
         model = model.to("cuda")  # the loader builds on the CPU; bitsandbytes moves quantized weights as they are
-    return model, load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    return model, tokenizer
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import QloraLiteError
 from .export import MergePlan, iter_merged_tensors, plan_merge
+from .output_dir import check_writable, write_failure
 from .quant import resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ OUT_TYPES = ("f16", "bf16", "q8_0")
 _SKIP = re.compile(r"rotary_emb\.inv_freq$|\.attn\.(masked_)?bias$")
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(QloraLiteError, ValueError):
     """The model cannot be written as GGUF (unsupported architecture, tokenizer or tensor)."""
 
 
@@ -226,6 +228,7 @@ def export_gguf(
     model_dir = resolve_model_dir(model_dir)
     output = Path(output_file)
     check_output(output, [model_dir] + ([Path(adapter_dir)] if adapter_dir else []), overwrite)
+    check_writable(output.parent)
     config = json.loads((model_dir / "config.json").read_text())
     model_type = config.get("model_type")
     if model_type not in SUPPORTED:
@@ -251,6 +254,11 @@ def export_gguf(
                               f"{kept}. Unless a line above says what to change in the model, the cause is a disk "
                               "problem (full, failing) or a bug in the export: please report these lines.",
                               e.problems) from None
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        kept = "was left as it was" if output.exists() else "was not created"
+        raise GGUFExportError(f"writing {output} failed: {write_failure(e)}; the partial file was removed and "
+                              f"{output} {kept}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

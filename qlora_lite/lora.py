@@ -6,17 +6,19 @@ the wrapped layer is ``base_layer`` (the PEFT convention, so state-dict keys map
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 
 import torch
 from torch import nn
 
+from .errors import QloraLiteError
 from .fastpath import fast_lora_applies, lora_4bit_forward
 from .quant import _conv1d_class, dequantize_weight, is_linear_like, linear_shape
 
 
-class LoRATargetError(ValueError):
+class LoRATargetError(QloraLiteError, ValueError):
     """The requested target modules match no linear layer of the model."""
 
 
@@ -143,7 +145,16 @@ def find_target_modules(model: nn.Module, target_modules: str | list[str]) -> li
     elif isinstance(targets, list) and len(targets) == 1 and any(c in targets[0] for c in "*()|[\\"):
         chosen = [n for n in candidates if re.fullmatch(targets[0], n)]
     else:
-        chosen = [n for n in candidates if any(n == t or n.endswith("." + t) for t in targets)]
+        chosen = [n for n in candidates if any(_matches(n, t) for t in targets)]
+        # One typo in a list (q_proj,v_prj) would otherwise train the others and silently skip it.
+        unmatched = [t for t in targets if not any(_matches(n, t) for n in candidates)]
+        if chosen and unmatched:
+            suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+            hints = [f"{t!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(t, suffixes, 1))
+                                 else "") for t in unmatched]
+            raise LoRATargetError(
+                f"--target-modules: {', '.join(hints)} match(es) no linear layer of {type(model).__name__}; its "
+                f"linear layers are named: {', '.join(suffixes)} (fix or drop the name, or use all-linear)")
     if not chosen:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
         raise LoRATargetError(
@@ -151,6 +162,11 @@ def find_target_modules(model: nn.Module, target_modules: str | list[str]) -> li
             f"its linear layers are named: {', '.join(suffixes)} (or use all-linear)"
         )
     return chosen
+
+
+def _matches(name: str, target: str) -> bool:
+    """A module name matches a target that is the whole name or its last dotted parts (PEFT's rule)."""
+    return name == target or name.endswith("." + target)
 
 
 def inject_lora(

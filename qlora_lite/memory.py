@@ -26,6 +26,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import QloraLiteError
 from .precision import estimated_compute_dtype
 
 GIB = 1024**3
@@ -51,7 +52,7 @@ HEAP_BLOCKS = 3
 VALUE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
-class EstimateError(ValueError):
+class EstimateError(QloraLiteError, ValueError):
     """config.json lacks a size the estimate needs; the message names the file and the key."""
 
 

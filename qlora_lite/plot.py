@@ -6,11 +6,13 @@ import json
 import math
 from pathlib import Path
 
+from .errors import QloraLiteError
+
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
 
 
-class MetricsError(ValueError):
+class MetricsError(QloraLiteError, ValueError):
     """The metrics file is missing or holds nothing to draw."""
 
 

@@ -8,7 +8,6 @@ each linear weight is quantized as soon as it is read and its 16-bit copy is dro
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -16,13 +15,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+# ModelLoadError lives with the folder checks; every caller still imports it from here
+from .model_files import (
+    ModelLoadError,
+    check_folder_json,
+    check_headers,
+    load_bin,
+    read_json_file,
+    read_model_config,
+)
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class ModelLoadError(RuntimeError):
-    """The model folder cannot be loaded; the message says which file and why."""
 
 
 def _bnb():
@@ -137,10 +142,15 @@ def weight_files(model_dir: Path, allow_bin_weights: bool = False) -> list[Path]
     """
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / s for s in shards]
+        weight_map = read_json_file(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index}: no weight_map in the shard index; copy or download the model again")
+        files = [model_dir / s for s in sorted(set(weight_map.values()))]
+        check_headers(files)
+        return files
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
+        check_headers(files)
         return files
     bins = sorted(model_dir.glob("pytorch_model*.bin"))
     if bins and not allow_bin_weights:
@@ -164,7 +174,7 @@ def iter_checkpoint_tensors(files: list[Path]):
 
     for path in files:
         if path.suffix == ".bin":
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_bin(path)
             yield from state.items()
             del state
             continue
@@ -205,9 +215,14 @@ def check_causal_lm(config, model_dir) -> None:
     Raises:
         ModelLoadError: naming the architecture and what to use instead.
     """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
     archs = list(getattr(config, "architectures", None) or [])
     named = ", ".join(archs) or config.model_type
-    if getattr(config, "is_encoder_decoder", False) or (archs and not any(a.endswith(_CAUSAL_SUFFIXES) for a in archs)):
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    # transformers' own refusal lists every one of its ~200 causal config classes: say it in one line
+    if (getattr(config, "is_encoder_decoder", False) or (archs and not any(a.endswith(_CAUSAL_SUFFIXES) for a in archs))
+            or not (remote or type(config) in MODEL_FOR_CAUSAL_LM_MAPPING)):
         raise ModelLoadError(f"{model_dir}/config.json: {named} is not a causal language model (architectures "
                              f"should end in {' or '.join(_CAUSAL_SUFFIXES[:2])}); qlora-lite fine-tunes decoder-only "
                              "models such as Llama, Mistral, Qwen2, Gemma, Phi-3 or GPT-2")
@@ -237,10 +252,10 @@ def load_base_model(
     """
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     model_dir = resolve_model_dir(model_path)
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    config = read_model_config(model_dir, trust_remote_code)
     check_causal_lm(config, model_dir)
     with init_empty_weights(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -301,6 +316,7 @@ def resolve_model_dir(model_path: str | Path) -> Path:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} is not a Hugging Face model folder: config.json is missing")
+        check_folder_json(path)  # a damaged file is named now, not as a traceback after the weights load
         return path
     if path.exists():
         raise ModelLoadError(f"{path} is a file; pass the model folder that holds config.json")
@@ -319,11 +335,21 @@ def load_tokenizer(model_path: str | Path, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token guaranteed (the EOS token when the model has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(model_path), trust_remote_code=trust_remote_code)
+    model_dir = resolve_model_dir(model_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        # the tokenizers library reports a damaged file without naming it; its JSON was checked already
+        raise ModelLoadError(f"{model_dir}: the tokenizer cannot be loaded ({str(e).splitlines()[0]}); copy the "
+                             "tokenizer files (tokenizer.json, tokenizer_config.json, ...) from the original "
+                             "model again") from None
     if tokenizer.pad_token is None:
         # Only used to fill the batch: labels mark padding by the attention mask, so a real EOS
         # sharing this id still counts in the loss.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:  # else batching fails later, far from the cause
+        raise ModelLoadError(f"{model_dir}: the tokenizer defines no pad, EOS or unknown token (tokenizer_config.json "
+                             "lost its special tokens?); copy the tokenizer files from the original model again")
     return tokenizer
 
 
@@ -333,3 +359,4 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+

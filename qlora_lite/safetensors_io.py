@@ -19,13 +19,15 @@ from pathlib import Path
 
 import torch
 
+from .errors import QloraLiteError
+
 DTYPE_OF = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
             "BOOL": torch.bool}
 NAME_OF = {v: k for k, v in DTYPE_OF.items()}
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(QloraLiteError, ValueError):
     """A safetensors file is damaged or uses a dtype this reader does not handle."""
 
 
@@ -50,23 +52,49 @@ def read_headers(files: Iterable[Path]) -> list[TensorEntry]:
     entries = []
     for path in files:
         with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
             raw = f.read(8)
             if len(raw) != 8:
                 raise SafetensorsError(f"{path}: file too short to be safetensors")
             (size,) = struct.unpack("<Q", raw)
+            if size > file_size - 8:  # random bytes give a length of petabytes: never allocate it
+                raise SafetensorsError(f"{path}: not a safetensors file (its header length {size} exceeds the "
+                                       f"file's {file_size} bytes); the file is damaged or truncated")
             try:
                 header = json.loads(f.read(size))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise SafetensorsError(f"{path}: damaged safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{path}: damaged safetensors header (not a JSON object)")
         header.pop("__metadata__", None)
+        for name, info in header.items():
+            _check_entry(path, name, info, file_size - 8 - size)
         items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
         for name, info in items:
-            if info["dtype"] not in DTYPE_OF:
-                raise SafetensorsError(f"{path}: tensor {name} has dtype {info['dtype']}, which is not supported")
             begin, end = info["data_offsets"]
             entries.append(TensorEntry(name, DTYPE_OF[info["dtype"]], tuple(info["shape"]), Path(path),
                                        8 + size + begin, end - begin))
     return entries
+
+
+def _check_entry(path: Path, name: str, info, data_size: int) -> None:
+    """Raise SafetensorsError unless ``info`` is a well-formed header entry whose bytes lie in the file."""
+    ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+          and isinstance(info.get("shape"), list) and all(isinstance(d, int) and d >= 0 for d in info["shape"])
+          and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+          and all(isinstance(o, int) for o in info["data_offsets"]))
+    if not ok:
+        raise SafetensorsError(f"{path}: damaged safetensors header (entry {name!r} lacks a dtype, shape or "
+                               "data_offsets)")
+    if info["dtype"] not in DTYPE_OF:
+        raise SafetensorsError(f"{path}: tensor {name} has dtype {info['dtype']}, which is not supported")
+    begin, end = info["data_offsets"]
+    numel = 1
+    for d in info["shape"]:
+        numel *= d
+    if not 0 <= begin <= end <= data_size or end - begin != numel * DTYPE_OF[info["dtype"]].itemsize:
+        raise SafetensorsError(f"{path}: damaged safetensors header (tensor {name}: offsets {begin}..{end} do not "
+                               f"fit its shape or the file's {data_size} data bytes; the file may be truncated)")
 
 
 def iter_tensors(entries: list[TensorEntry]):

@@ -12,13 +12,15 @@ import json
 import math
 from pathlib import Path
 
+from .errors import QloraLiteError
+
 SCALER_JSON = "scaler.json"
 # GradScaler.state_dict() keys and the Python type each must have.
 _FIELDS = {"scale": float, "growth_factor": float, "backoff_factor": float, "growth_interval": int,
            "_growth_tracker": int}
 
 
-class ScalerStateError(ValueError):
+class ScalerStateError(QloraLiteError, ValueError):
     """A saved scaler state is damaged or does not fit; the message names the file."""
 
 

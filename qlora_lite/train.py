@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
+from .errors import QloraLiteError
 from .loss import IGNORE_INDEX, batch_loss_sum, eval_sums, evaluate, label_tokens
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ STOP_ENV = "QLORA_LITE_STOP_AFTER_STEPS"
 __all__ = ["IGNORE_INDEX", "TrainResult", "TrainingError", "batch_loss_sum", "evaluate", "train"]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(QloraLiteError, RuntimeError):
     """Training cannot go on (non-finite loss, out of memory); the message says what to do."""
 
 
@@ -165,6 +166,7 @@ def train(config: Config) -> TrainResult:
 
     from .checkpoint import latest_checkpoint, read_trainer_state
     from .checkpoint_resume import guard_output_dir
+    from .output_dir import check_writable
     from .quant import resolve_model_dir
     from .run_folder import RunLock
 
@@ -188,6 +190,7 @@ def train(config: Config) -> TrainResult:
         logging.getLogger("qlora_lite").setLevel(logging.WARNING)  # one process reports progress
     model_dir = resolve_model_dir(config.model.model)
     guard_output_dir(output_dir, model_dir, t.resume, config.lora.adapter)
+    check_writable(output_dir)  # now, not after minutes of loading
     lock = RunLock(output_dir)
     if accelerator.is_main_process and output_dir.is_dir():  # refuse a second run before loading anything
         lock.acquire()
@@ -407,10 +410,11 @@ class _Loop:
     def _diverged(self, what: str) -> None:
         """Stop before the optimizer step, so no non-finite weight is ever saved."""
         self.optimizer.zero_grad(set_to_none=True)
-        where = (f"the last good checkpoint is {self.last_checkpoint} (continue from it with --resume)"
-                 if self.last_checkpoint else "no checkpoint was written yet")
+        # str.capitalize() would lowercase the rest, the path included ("runs/MyRun" -> "runs/myrun")
+        where = (f"The last good checkpoint is {self.last_checkpoint} (continue from it with --resume)"
+                 if self.last_checkpoint else "No checkpoint was written yet")
         raise TrainingError(f"training diverged at step {self.step + 1}: {what}; stopped before updating the "
-                            f"weights. {where.capitalize()}. Try a lower --lr, more --warmup-steps or "
+                            f"weights. {where}. Try a lower --lr, more --warmup-steps or "
                             "--max-grad-norm 1.0, and check the data.")
 
     def _after_step(self, record: dict, bar) -> None:
@@ -466,8 +470,16 @@ class _Loop:
         if self.acc.is_main_process:
             from .run_folder import mark_run
 
-            result.adapter_dir = save_adapter(self.acc.unwrap_model(self.model), self.output_dir,
-                                              base_model_name=str(self.config.model.model))
+            try:
+                result.adapter_dir = save_adapter(self.acc.unwrap_model(self.model), self.output_dir,
+                                                  base_model_name=str(self.config.model.model))
+            except OSError as e:  # the checkpoint of this last step is complete: nothing trained is lost
+                from .output_dir import write_failure
+
+                saved = (f"the trained weights are safe in {self.last_checkpoint}; then run the same command with "
+                         "--resume to write the adapter from it" if self.last_checkpoint else "nothing was saved")
+                raise TrainingError(f"writing the adapter to {self.output_dir} failed: {write_failure(e)}; {saved}") \
+                    from None
             mark_run(self.output_dir, ("adapter_config.json", "adapter_model.safetensors", "qlora_lite.json"))
             try:
                 result.plot_path = plot_loss(self.output_dir)

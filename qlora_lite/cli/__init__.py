@@ -10,6 +10,7 @@ import importlib
 import click
 
 from .. import __version__
+from ..errors import QloraLiteError
 
 # command name -> (module in qlora_lite.cli, one-line help shown in `qlora-lite --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -41,6 +42,14 @@ class LazyGroup(click.Group):
                 return None
             raise
         return module.command
+
+    def invoke(self, ctx):
+        """Run the command; any QloraLiteError (whatever stage raised it) becomes one ``Error: ...`` line
+        and exit status 1, so commands need no catch lists and a new error class needs no CLI change."""
+        try:
+            return super().invoke(ctx)
+        except QloraLiteError as e:
+            raise click.ClickException(str(e)) from None
 
     def format_commands(self, ctx, formatter):
         rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]

@@ -30,14 +30,11 @@ def command(output, max_steps, eval_limit, batch_size, lr, rank, seed, no_gguf, 
     with plain transformers to check it answers the same, writes a GGUF file, and prints a summary
     with the paths of everything it wrote.
     """
-    from ..demo import DemoError, DemoSettings, run_demo
+    from ..demo import DemoSettings, run_demo
 
     if max_steps < 1 or batch_size < 1 or rank < 1 or lr <= 0 or (eval_limit is not None and eval_limit < 1):
         raise click.BadParameter("--max-steps, --batch-size, --rank, --eval-limit must be at least 1 and --lr positive")
     settings = DemoSettings(output=Path(output), max_steps=max_steps, eval_limit=eval_limit, batch_size=batch_size,
                             lr=lr, rank=rank, seed=seed, gguf=not no_gguf,
                             threads=threads or None)
-    try:
-        run_demo(settings, echo=click.echo)
-    except DemoError as e:
-        raise click.ClickException(str(e)) from None
+    run_demo(settings, echo=click.echo)

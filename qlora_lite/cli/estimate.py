@@ -33,9 +33,8 @@ def command(model, config_file, seq_len, fsdp, loss_chunk, device, budget, as_js
 
     Nothing but config.json is read, so this answers in a second for any model size.
     """
-    from ..config import ConfigError, load_config
+    from ..config import load_config
     from ..memory import (
-        EstimateError,
         available_memory,
         choose_checkpoint_policy,
         estimate_memory,
@@ -44,19 +43,16 @@ def command(model, config_file, seq_len, fsdp, loss_chunk, device, budget, as_js
         suggest_settings,
     )
 
-    try:
-        cfg = load_config(config_file, flags).validate()
-        settings = {**estimate_settings(cfg, device), "seq_len": seq_len or cfg.data.max_seq_len, "fsdp": fsdp,
-                    "loss_chunk": "auto" if loss_chunk is None else (loss_chunk or None)}
-        limit = parse_size(budget, bare_unit="gib") if budget else None
-        if settings["checkpoint_policy"] == "auto":  # the fastest that fits the budget, else as training decides
-            others = {k: v for k, v in settings.items() if k != "checkpoint_policy"}
-            settings["checkpoint_policy"] = choose_checkpoint_policy(
-                model, limit or available_memory(device), share=1.0 if limit else None, **others)[0]
-        estimate = estimate_memory(model, **settings)
-        suggestion = suggest_settings(model, limit, **settings) if limit is not None else None
-    except (ConfigError, EstimateError) as e:
-        raise click.ClickException(str(e)) from None
+    cfg = load_config(config_file, flags).validate()
+    settings = {**estimate_settings(cfg, device), "seq_len": seq_len or cfg.data.max_seq_len, "fsdp": fsdp,
+                "loss_chunk": "auto" if loss_chunk is None else (loss_chunk or None)}
+    limit = parse_size(budget, bare_unit="gib") if budget else None
+    if settings["checkpoint_policy"] == "auto":  # the fastest that fits the budget, else as training decides
+        others = {k: v for k, v in settings.items() if k != "checkpoint_policy"}
+        settings["checkpoint_policy"] = choose_checkpoint_policy(
+            model, limit or available_memory(device), share=1.0 if limit else None, **others)[0]
+    estimate = estimate_memory(model, **settings)
+    suggestion = suggest_settings(model, limit, **settings) if limit is not None else None
 
     result = estimate.to_dict()
     if limit is not None:

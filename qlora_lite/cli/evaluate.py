@@ -33,24 +33,18 @@ def command(model, adapter, data, bits, limit, batch_size, no_exact, as_json, **
 
     Example: qlora-lite eval --model demo --data qlora_lite/demo_data/eval.jsonl --json
     """
-    from ..adapter import AdapterError
-    from ..data import DataError
     from ..generation import evaluate_jsonl, load_for_inference
-    from ..quant import ModelLoadError
 
     if (limit is not None and limit < 1) or batch_size < 1:
         raise click.BadParameter("--limit and --batch-size must be at least 1")
-    try:
-        lm, tokenizer = load_for_inference(
-            model, adapter=adapter, bits=int(bits) if bits else None, quant_type=flags["quant_type"] or "nf4",
-            double_quant=True if flags["double_quant"] is None else flags["double_quant"],
-            trust_remote_code=bool(flags["trust_remote_code"]), allow_bin_weights=bool(flags["allow_bin_weights"]),
-        )
-        result = evaluate_jsonl(lm, tokenizer, data, fmt=flags["format"] or "auto",
-                                max_seq_len=flags["max_seq_len"] or 512, limit=limit, batch_size=batch_size,
-                                exact=not no_exact, skip_bad_lines=bool(flags["skip_bad_lines"]))
-    except (ModelLoadError, AdapterError, DataError, ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+    lm, tokenizer = load_for_inference(
+        model, adapter=adapter, bits=int(bits) if bits else None, quant_type=flags["quant_type"] or "nf4",
+        double_quant=True if flags["double_quant"] is None else flags["double_quant"],
+        trust_remote_code=bool(flags["trust_remote_code"]), allow_bin_weights=bool(flags["allow_bin_weights"]),
+    )
+    result = evaluate_jsonl(lm, tokenizer, data, fmt=flags["format"] or "auto",
+                            max_seq_len=flags["max_seq_len"] or 512, limit=limit, batch_size=batch_size,
+                            exact=not no_exact, skip_bad_lines=bool(flags["skip_bad_lines"]))
     result.update(model=model, adapter=adapter)
     if as_json:
         click.echo(json.dumps(result))

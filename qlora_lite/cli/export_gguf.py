@@ -43,22 +43,12 @@ def command(model, adapter, output, out_type, modelfile, merge_base, bits, overw
     is right. For a verified path: `qlora-lite merge` (checks the merge), then export-gguf on the
     merged folder.
     """
-    from ..adapter import AdapterError
-    from ..export import MergeError
-    from ..gguf_export import GGUFExportError, export_gguf
-    from ..quant import ModelLoadError
-    from ..safetensors_io import SafetensorsError
+    from ..gguf_export import export_gguf
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        path = export_gguf(model, output, adapter_dir=adapter, out_type=out_type, modelfile=modelfile,
-                           merge_base=merge_base, bits=int(bits) if bits else None, overwrite=overwrite,
-                           progress=not quiet,
-                           echo=click.echo)
-    except (GGUFExportError, MergeError, AdapterError, ModelLoadError, SafetensorsError) as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:  # e.g. no space left on device; the partial file has been removed
-        raise click.ClickException(f"writing {output} failed: {e}") from None
+    path = export_gguf(model, output, adapter_dir=adapter, out_type=out_type, modelfile=modelfile,
+                       merge_base=merge_base, bits=int(bits) if bits else None, overwrite=overwrite,
+                       progress=not quiet, echo=click.echo)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {out_type})")
     if modelfile:
         click.echo(f"wrote {path.with_name('Modelfile')} (run: ollama create NAME -f {path.with_name('Modelfile')})")

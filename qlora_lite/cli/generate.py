@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import click
@@ -35,21 +36,23 @@ def command(model, adapter, bits, prompt, system, max_new_tokens, temperature, t
 
     Example: qlora-lite generate --model demo --prompt "Repeat the words: red cat"
     """
-    from ..adapter import AdapterError
     from ..generation import chat_prompt, generate_reply, load_for_inference, prompt_ids
-    from ..quant import ModelLoadError
 
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
-        raise click.BadParameter("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --max-new-tokens >= 1")
-    try:
-        lm, tokenizer = load_for_inference(
-            model, adapter=adapter, bits=int(bits) if bits else None,
-            quant_type=flags["quant_type"] or "nf4",
-            double_quant=True if flags["double_quant"] is None else flags["double_quant"],
-            trust_remote_code=bool(flags["trust_remote_code"]), allow_bin_weights=bool(flags["allow_bin_weights"]),
-        )
-    except (ModelLoadError, AdapterError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+    # written so that nan fails too (nan < 0 is False)
+    if not (temperature >= 0 and math.isfinite(temperature)) or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
+        raise click.BadParameter("need a finite --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, "
+                                 "--max-new-tokens >= 1")
+    context = _context_length(model)
+    if context is not None and max_new_tokens >= context:  # checked before minutes of loading
+        raise click.BadParameter(f"--max-new-tokens {max_new_tokens} does not fit the model's context of {context} "
+                                 f"tokens (max_position_embeddings in its config.json) with any prompt; give at "
+                                 f"most {context - 1}")
+    lm, tokenizer = load_for_inference(
+        model, adapter=adapter, bits=int(bits) if bits else None,
+        quant_type=flags["quant_type"] or "nf4",
+        double_quant=True if flags["double_quant"] is None else flags["double_quant"],
+        trust_remote_code=bool(flags["trust_remote_code"]), allow_bin_weights=bool(flags["allow_bin_weights"]),
+    )
     sample = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     history = [{"role": "system", "content": system}] if system else []
 
@@ -59,6 +62,12 @@ def command(model, adapter, bits, prompt, system, max_new_tokens, temperature, t
             ids = prompt_ids(tokenizer, message, "text")
         else:
             ids = prompt_ids(tokenizer, chat_prompt(tokenizer, _fit(tokenizer, messages, lm, max_new_tokens)))
+        limit = getattr(lm.config, "max_position_embeddings", None)
+        if limit is not None and len(ids) + max_new_tokens > limit:
+            room = (f"shorten the prompt or give --max-new-tokens at most {limit - len(ids)}" if len(ids) < limit
+                    else "shorten the prompt")
+            raise click.ClickException(f"the prompt is {len(ids)} tokens, and with --max-new-tokens {max_new_tokens} "
+                                       f"it exceeds the model's context of {limit} tokens; {room}")
         answer = generate_reply(lm, tokenizer, ids, stream=True, **sample)
         history.extend([{"role": "user", "content": message}, {"role": "assistant", "content": answer}])
         return answer
@@ -92,3 +101,14 @@ def _fit(tokenizer, messages: list[dict], model, max_new_tokens: int) -> list[di
             break
         turns = turns[2:] if len(turns) > 2 else turns[-1:]
     return system + turns
+
+
+def _context_length(model: str) -> int | None:
+    """The model's context in tokens from its config.json alone (None when it does not say)."""
+    from ..generation import resolve_model_arg
+    from ..model_files import read_json_file
+    from ..quant import resolve_model_dir
+
+    config = read_json_file(resolve_model_dir(resolve_model_arg(model)) / "config.json")
+    value = config.get("max_position_embeddings") or config.get("n_positions")
+    return value if isinstance(value, int) and value > 0 else None

@@ -47,21 +47,15 @@ def command(model, adapter, output, merge_base, dtype, max_shard_size, verify, t
     The folder is written under a temporary name and renamed into place only after verification;
     a merge that deviates is left as OUTPUT.failed and the command exits with status 1.
     """
-    from ..adapter import AdapterError
-    from ..export import MergeError, merge_adapter
-    from ..quant import ModelLoadError
-    from ..safetensors_io import SafetensorsError
+    from ..export import merge_adapter
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        report = merge_adapter(
-            model, adapter, output, merge_base=merge_base, dtype=dtype, max_shard_size=max_shard_size,
-            verify=verify, progress=not quiet, tolerance=tolerance, bits=int(bits) if bits else None,
-            quant_type=quant_type, double_quant=double_quant, overwrite=overwrite,
-            trust_remote_code=trust_remote_code,
-        )
-    except (MergeError, AdapterError, ModelLoadError, SafetensorsError) as e:
-        raise click.ClickException(str(e)) from None
+    report = merge_adapter(
+        model, adapter, output, merge_base=merge_base, dtype=dtype, max_shard_size=max_shard_size,
+        verify=verify, progress=not quiet, tolerance=tolerance, bits=int(bits) if bits else None,
+        quant_type=quant_type, double_quant=double_quant, overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+    )
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     if report.max_abs_logit_diff is None:

@@ -21,21 +21,6 @@ TRAIN_FIELDS = (
 )
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions whose message is meant for the user (printed without a traceback)."""
-    from ..adapter import AdapterError
-    from ..checkpoint import CheckpointError
-    from ..config import ConfigError
-    from ..data import DataError
-    from ..distributed import LaunchError
-    from ..lora import LoRATargetError
-    from ..quant import ModelLoadError
-    from ..train import TrainingError
-
-    return (ConfigError, DataError, ModelLoadError, AdapterError, LoRATargetError, CheckpointError, TrainingError,
-            LaunchError)
-
-
 def _launch_processes(config) -> bool:
     """With --num-processes N > 1 outside a launched process: run this training in N processes via
     accelerate's launcher (the resolved settings travel in a temporary YAML). Returns True if it did.
@@ -102,13 +87,10 @@ def command(config_file: str | None, **values) -> None:
     from ..train import train
 
     setup_logging()
-    try:
-        config = load_config(config_file, values)
-        if _launch_processes(config):
-            return
-        result = train(config)
-    except user_errors() as e:
-        raise click.ClickException(str(e)) from None
+    config = load_config(config_file, values)
+    if _launch_processes(config):
+        return
+    result = train(config)
     if not result.main_process:
         return
     if result.stopped_early:
