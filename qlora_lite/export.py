@@ -30,7 +30,7 @@ from .quant import (
     DTYPES,
     ModelLoadError,
     _conv1d_class,
-    _resolve_key,
+    checkpoint_key_map,
     dequantize_weight,
     quantize_linear,
     quantized_layer_names,
@@ -166,10 +166,10 @@ def plan_merge(
     model = _meta_model(base_dir, trust_remote_code)
     notes: list[str] = []
     lora, quant = {}, {"bits": 16, "compute_dtype": None}
-    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    resolve = checkpoint_key_map(model, base_dir)
     owners = {}
     for entry in entries:
-        name = _resolve_key(entry.name, names, model.base_model_prefix)
+        name = resolve(entry.name)
         if name is not None and name.endswith(".weight"):
             owners[name.removesuffix(".weight")] = entry.name
     if adapter_dir is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .quant import ModelLoadError, _resolve_key, release_freed_memory, weight_files
+from .quant import ModelLoadError, checkpoint_key_map, release_freed_memory, weight_files
 from .safetensors_io import SafetensorsError, TensorEntry, iter_tensors, read_headers
 
 
@@ -73,27 +73,19 @@ def _drop_block(model: nn.Module, pairs: list, trim: bool = True) -> None:
         release_freed_memory()
 
 
-def _model_name(key: str, names: set[str], prefix: str) -> str | None:
-    """The model's name for a checkpoint key, also when a LoRA wrapper moved the layer to ``base_layer``."""
-    name = _resolve_key(key, names, prefix)
-    if name is None:
-        owner, _, leaf = key.rpartition(".")
-        name = _resolve_key(f"{owner}.base_layer.{leaf}", names, prefix) if owner else None
-    return name
-
-
-def _group_entries(model: nn.Module, entries: list[TensorEntry], prefix: str, count: int) -> tuple[list, list]:
-    """Split checkpoint entries into non-block ones and one list per block, with model names.
+def _group_entries(model: nn.Module, entries: list[TensorEntry], prefix: str, count: int,
+                   model_dir: Path) -> tuple[list, list]:
+    """Split checkpoint entries into non-block ones and one list per block, with model names
+    (``quant.checkpoint_key_map``, also when a LoRA wrapper moved a layer to ``base_layer``).
 
     Returns:
         ``(rest, per_block)``: lists of ``(entry, parameter name)``; keys the model lacks are skipped
         (buffers some files carry, e.g. rotary ``inv_freq``).
     """
-    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    names |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    resolve = checkpoint_key_map(model, model_dir, wrapped=True)
     rest, per_block = [], [[] for _ in range(count)]
     for entry in entries:
-        name = _model_name(entry.name, names, model.base_model_prefix)
+        name = resolve(entry.name)
         if name is None:
             continue
         index = name.removeprefix(f"{prefix}.").split(".", 1)[0] if name.startswith(f"{prefix}.") else ""
@@ -155,7 +147,7 @@ def streamed_model(model_dir: str | Path, dtype: torch.dtype, trust_remote_code:
         load_adapter(model, adapter_dir)
     model.eval()
     prefix, blocks = decoder_blocks(model)
-    rest, per_block = _group_entries(model, read_headers(weight_files(model_dir)), prefix, len(blocks))
+    rest, per_block = _group_entries(model, read_headers(weight_files(model_dir)), prefix, len(blocks), model_dir)
     ends = _plain_ends(model) if defer_ends else {}
     deferred = {role: pair for pair in rest for role, name in ends.items() if pair[1] == name}
     _load(model, [pair for pair in rest if pair[1] not in ends.values()], transform)
