@@ -10,20 +10,19 @@
    (the base's value, in the output dtype). Comparing forwards instead could not tell a correct merge
    of a model that amplifies bf16 rounding from a wrong one.
 2. Probe. The merged folder runs forward on a probe input, and so does the base's model definition
-   (its config and key names) holding the values step 1 accepted, both in fp32 on the CPU (never
+   (its config.json) holding the values step 1 accepted, both in fp32 on the CPU (never
    bf16: CPUs without bf16 kernels run it orders of magnitude slower) and streamed one decoder block
    at a time (``stream_forward.streamed_logits``). The same values in fp32 give the same logits, so
    the bound is tight, and what fails is a folder that does not load as the model it should be
-   (config.json, key names). The reference holds the stored values, not the reconstruction: a value
-   the merge's fp32 arithmetic rounded to the other neighbour is within step 1's bound yet could move
-   the logits of a model that amplifies small changes.
+   (config.json). The reference holds the stored values, not the reconstruction: a value the merge's
+   fp32 arithmetic rounded to the other neighbour is within step 1's bound yet could move the logits
+   of a model that amplifies small changes.
 
 Both steps hold a few tensors (the reconstruction in row chunks) or one decoder block, never a model.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 
 from .export import MergePlan, _roundtrip
 from .quant import DTYPES, release_freed_memory, weight_files
-from .safetensors_io import iter_tensors, read_headers
+from .safetensors_io import iter_tensors, read_headers, read_rows
 
 # Mantissa bits stored by each output dtype: round-to-nearest errs by at most 2**-(bits+1) relative.
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
@@ -41,8 +40,8 @@ FP32_UNIT_ROUNDOFF = 2.0 ** -24
 # Probe: largest |logit difference| relative to max |reference logit|. Both sides hold the same
 # values in fp32, so anything above fp32 reproducibility is a layout mistake, not noise.
 PROBE_TOLERANCE = 1e-4
-# Rows of a weight reconstructed at once in fp64, so the check never holds a large fp64 matrix.
-_CHUNK_ELEMENTS = 1 << 20
+# Elements of a tensor compared at once (in fp64), so the check never holds a large matrix.
+_CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass
@@ -85,51 +84,64 @@ def _half_ulp(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.clamp(torch.ldexp(torch.ones_like(exact), exponent - 1 - bits), min=smallest) / 2
 
 
-def _compare_rows(plan: MergePlan, key: str, base: torch.Tensor, stored: torch.Tensor,
-                  out: torch.dtype) -> tuple[float, float, tuple[int, ...]]:
-    """Worst |stored - exact| / bound over one weight, chunk by chunk in fp64.
+def _chunk_ratio(plan: MergePlan, key: str, start: int, base: torch.Tensor, stored: torch.Tensor,
+                 out: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(|stored - exact| / bound, |stored - exact|)`` for rows ``start:`` of one weight, in fp64
+    (the ratio is inf where the stored value is not finite).
 
     Args:
-        base: the merge base, (out, in) or (in, out) for Conv1D; stored: the merged tensor, same shape.
+        base, stored: the same rows of the merge base and of the merged tensor, in the stored layout:
+            (out, in), or (in, out) for GPT-2's Conv1D.
+    """
+    w = base.double()
+    exact, magnitude, rank = w, w.abs(), 0
+    if key in plan.lora:
+        lora_A, lora_B, scaling = plan.lora[key]
+        a, b = lora_A.double(), lora_B.double()  # (r, in), (out, r)
+        rows = slice(start, start + w.shape[0])
+        if key in plan.conv1d:  # stored rows are inputs: delta^T[rows] = (B @ A[:, rows])^T
+            delta, size = (b @ a[:, rows]).t(), (b.abs() @ a[:, rows].abs()).t()
+        else:
+            delta, size = b[rows] @ a, b[rows].abs() @ a.abs()
+        exact, magnitude, rank = w + scaling * delta, magnitude + abs(scaling) * size, a.shape[0]
+    bound = _half_ulp(exact, out) + (rank + 2) * FP32_UNIT_ROUNDOFF * magnitude
+    error = (stored.double() - exact).abs()
+    return torch.where(torch.isfinite(error), error / bound, torch.full_like(error, float("inf"))), error
+
+
+def _check_tensor(plan: MergePlan, entry, stored_entry, out: torch.dtype, dtype: str) -> tuple[float, str | None]:
+    """One merged tensor against its reconstruction, in row chunks (only a quantized weight is read
+    whole: its quantization statistics span the tensor).
 
     Returns:
-        ``(ratio, error, index)`` at the worst element; ratio > 1 fails (inf for a non-finite value).
+        ``(worst ratio to the bound, problem or None)``.
     """
-    conv1d = key in plan.conv1d
-    if conv1d:  # work in (out, in): the adapter's layout
-        base, stored = base.t(), stored.t()
-    lora_A, lora_B, scaling = plan.lora.get(key, (None, None, 0.0))
-    rows = max(1, _CHUNK_ELEMENTS // max(1, base.shape[-1]))
-    worst = (-1.0, 0.0, (0, 0))
-    for start in range(0, base.shape[0], rows):
-        w = base[start:start + rows].double()
-        exact, magnitude = w, w.abs()
-        if lora_A is not None:
-            b, a = lora_B[start:start + rows].double(), lora_A.double()
-            exact = w + scaling * (b @ a)
-            magnitude = magnitude + abs(scaling) * (b.abs() @ a.abs())
-        rank = 0 if lora_A is None else lora_A.shape[0]
-        bound = _half_ulp(exact, out) + (rank + 2) * FP32_UNIT_ROUNDOFF * magnitude
-        error = (stored[start:start + rows].double() - exact).abs()
-        ratio = torch.where(torch.isfinite(error), error / bound, torch.full_like(error, float("inf")))
+    key, where = entry.name, f"tensor {entry.name} in {stored_entry.file.name}"
+    exact_only = key not in plan.quantized and key not in plan.lora  # must be the base's, bit for bit
+    whole = _merge_base(plan, key, next(iter_tensors([entry]))[1]) if key in plan.quantized else None
+    shape = tuple(entry.shape) or (1,)
+    row_elements = max(1, stored_entry.nbytes // stored_entry.dtype.itemsize // max(1, shape[0]))
+    rows = max(1, _CHUNK_ELEMENTS // row_elements)
+    worst = 0.0
+    for start in range(0, max(1, shape[0]), rows):
+        stored = read_rows(stored_entry, start, start + rows)
+        base = whole[start:start + rows] if whole is not None else _merge_base(
+            plan, key, read_rows(entry, start, start + rows))
+        if exact_only:
+            if not torch.equal(stored, base.to(out) if base.is_floating_point() else base):
+                return float("inf"), (f"{where} has no adapter, so it must equal the base's value in {dtype} bit for "
+                                      "bit, and it does not")
+            continue
+        ratio, error = _chunk_ratio(plan, key, start, base, stored, out)
         index = int(ratio.argmax())
         value = ratio.reshape(-1)[index].item()
-        if value > worst[0]:
-            row, col = divmod(index, ratio.shape[-1])
-            worst = (value, error.reshape(-1)[index].item(), (col, start + row) if conv1d else (start + row, col))
-    return worst
-
-
-def _expected_exactly(plan: MergePlan, key: str, tensor: torch.Tensor, out: torch.dtype) -> torch.Tensor:
-    """What the plan says an untouched tensor becomes: the base's value, cast once to ``out`` if float."""
-    value = _merge_base(plan, key, tensor)
-    return value.to(out) if value.is_floating_point() else value
-
-
-def _stored(merged: dict, key: str, _base_tensor: torch.Tensor) -> torch.Tensor:
-    """The merged folder's value for base key ``key`` (the probe reference's ``transform``)."""
-    (_, tensor), = iter_tensors([merged[key]])
-    return tensor
+        if not value <= 1.0:
+            row, col = divmod(index, ratio.shape[-1]) if ratio.ndim == 2 else (index, 0)
+            return value, (f"{where} differs from W + scale * B @ A (computed in fp64 from the base) by "
+                           f"{error.reshape(-1)[index].item():.3g} at index {[start + row, col]}, {value:.3g} times "
+                           f"the bound there (half a {dtype} unit in the last place plus the merge's fp32 rounding)")
+        worst = max(worst, value)
+    return worst, None
 
 
 def check_weights(plan: MergePlan, merged_dir: Path, dtype: str) -> MergeCheck:
@@ -146,31 +158,20 @@ def check_weights(plan: MergePlan, merged_dir: Path, dtype: str) -> MergeCheck:
         what = f"lacks {', '.join(missing[:3])}" if missing else f"has tensors the base lacks: {', '.join(extra[:3])}"
         return MergeCheck(0, None, float("inf"), None, None, f"the merged folder {what}")
     checked, worst = 0, (None, 0.0)
-    for entry, tensor in iter_tensors(plan.entries):
-        (_, stored), = iter_tensors([merged[entry.name]])
-        where = f"tensor {entry.name} in {merged[entry.name].file.name}"
-        if stored.shape != tensor.shape or (tensor.is_floating_point() and stored.dtype != out):
+    for entry in plan.entries:
+        stored = merged[entry.name]
+        expected_dtype = out if entry.dtype.is_floating_point else entry.dtype
+        if tuple(stored.shape) != tuple(entry.shape) or stored.dtype != expected_dtype:
             return MergeCheck(checked, entry.name, float("inf"), None, None,
-                              f"{where} is {stored.dtype} {tuple(stored.shape)}, expected "
-                              f"{out if tensor.is_floating_point() else tensor.dtype} {tuple(tensor.shape)}")
-        if entry.name in plan.quantized or entry.name in plan.lora:
-            ratio, error, index = _compare_rows(plan, entry.name, _merge_base(plan, entry.name, tensor), stored, out)
-            if not ratio <= 1.0:
-                return MergeCheck(checked, entry.name, ratio, None, None,
-                                  f"{where} differs from W + scale * B @ A (computed in fp64 from the base) by "
-                                  f"{error:.3g} at index {list(index)}, {ratio:.3g} times the bound there (half a "
-                                  f"{dtype} unit in the last place plus the merge's fp32 rounding)")
-        else:
-            ratio = 0.0
-            if not torch.equal(stored, _expected_exactly(plan, entry.name, tensor, out)):
-                return MergeCheck(checked, entry.name, float("inf"), None, None,
-                                  f"{where} has no adapter, so it must equal the base's value in {dtype} bit for "
-                                  "bit, and it does not")
+                              f"tensor {entry.name} in {stored.file.name} is {stored.dtype} {tuple(stored.shape)}, "
+                              f"expected {expected_dtype} {tuple(entry.shape)}")
+        ratio, problem = _check_tensor(plan, entry, stored, out, dtype)
+        if problem is not None:
+            return MergeCheck(checked, entry.name, ratio, None, None, problem)
         checked += 1
         if ratio >= worst[1]:
             worst = (entry.name, ratio)
-        del tensor, stored
-    release_freed_memory()
+        release_freed_memory()
     return MergeCheck(checked, worst[0], worst[1], None, None)
 
 
@@ -199,10 +200,9 @@ def verify_merge(plan: MergePlan, merged_dir: Path, dtype: str, tolerance: float
     if result.problem is not None:
         return result
     ids = probe_ids(_vocab_size(plan))
-    merged = {e.name: e for e in read_headers(weight_files(merged_dir))}
     # fp32 on both sides: see the module docstring. The reference is the base's model definition.
-    expected = streamed_logits(plan.base_dir, torch.float32, ids, trust_remote_code=trust_remote_code,
-                               transform=functools.partial(_stored, merged))
+    expected = streamed_logits(merged_dir, torch.float32, ids, trust_remote_code=trust_remote_code,
+                               config_dir=plan.base_dir)
     gc.collect()
     release_freed_memory()
     got = streamed_logits(merged_dir, torch.float32, ids, trust_remote_code=trust_remote_code)
