@@ -405,16 +405,17 @@ def merge_adapter(
 
 
 def _failure_message(problem: str, failed: Path, output: Path, own_tolerance: bool) -> str:
-    """What failed, where the files are, and what to do: the check compares with exact values, so a
-    failure is a fault of the merge or of the files, not of the adapter's quality."""
-    probe = "probe logits deviate" in problem
-    advice = ("check the value you passed to --tolerance (it replaces the probe's default bound), or "
-              if probe and own_tolerance else "")
+    """What failed, where the files are, and what to do. The check compares with exact values, so a
+    failure means the written files are wrong, never that the adapter is poor."""
+    if "probe logits deviate" in problem and own_tolerance:
+        step = "the probe's bound is the --tolerance you passed; run again without it"
+    else:
+        step = ("a correct merge never fails this check, so the written files are wrong: make sure the disk is not "
+                "full and nothing else writes to the output folder, run the merge again, and if it fails again, "
+                "report it with this message")
     return (f"merge verification FAILED: {problem}. The merged files were left in {failed} (the reason is in "
-            f"{failed / 'MERGE_FAILED.txt'}); {output} was not written. A correct merge never fails this check: "
-            f"{advice}make sure the base folder is the one the adapter was trained on and its files are intact, then "
-            "run the merge again; if it fails again, report it with this message. Use --no-verify only to "
-            "inspect the output, not to ship it.")
+            f"{failed / 'MERGE_FAILED.txt'}); {output} was not written. Next: {step}. Use --no-verify only to "
+            "inspect such an output, never to ship it.")
 
 
 __all__ = ["MergeError", "MergeReport", "MergeVerificationError", "merge_adapter", "plan_merge",

@@ -198,13 +198,14 @@ def _transformers_renames(model: nn.Module, where) -> Callable[[str], str]:
         from transformers.core_model_loading import WeightConverter, WeightRenaming
     except ImportError:
         mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+        legacy = getattr(model, "_fix_state_dict_key_on_load", None)  # LayerNorm.gamma -> .weight and the like
 
         def rename_4x(key: str) -> str:
             for pattern, replacement in mapping.items():
                 key, count = re.subn(pattern, replacement, key)
                 if count:
                     break
-            return key
+            return legacy(key)[0] if legacy is not None else key
 
         return rename_4x
     transforms = get_model_conversion_mapping(model)

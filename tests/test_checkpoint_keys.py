@@ -4,7 +4,7 @@ names transformers writes for the architecture (GPT-NeoX saves its head as ``emb
 import pytest
 import torch
 from test_export import make_adapter, probe
-from tiny_models import ARCHS
+from tiny_models import ARCHS, tiny_config
 
 from qlora_lite.export import merge_adapter, plan_merge
 from qlora_lite.quant import ModelLoadError, load_base_model
@@ -61,3 +61,25 @@ def test_a_layout_that_must_be_fused_is_refused_by_name(tmp_path, tokenizer_dir)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match=r"checkpoint tensor .*experts.* must be combined"):
         load_base_model(tmp_path, bits=4)
+
+
+def test_transformers_4_class_mapping_is_applied_when_there_is_no_conversion_module(monkeypatch):
+    """transformers 4.x keeps renames in the class attribute ``_checkpoint_conversion_mapping``."""
+    import sys
+
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from qlora_lite.quant import checkpoint_key_map
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(tiny_config("llama", 320))
+    monkeypatch.setitem(sys.modules, "transformers.conversion_mapping", None)  # import fails, as on 4.x
+    monkeypatch.setattr(model, "_checkpoint_conversion_mapping", {r"^decoder\.": "model.", r"^head\.": "lm_head."},
+                        raising=False)
+    resolve = checkpoint_key_map(model)
+    assert resolve("decoder.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
+    assert resolve("head.weight") == "lm_head.weight"
+    assert resolve("layers.1.input_layernorm.weight") == "model.layers.1.input_layernorm.weight"  # bare model file
+    assert resolve("model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
+    assert resolve("decoder.layers.0.mlp.no_such.weight") is None

@@ -41,12 +41,14 @@ def sensitive(tmp_path_factory, tokenizer_dir):
 
 
 def test_correct_merge_of_a_rounding_sensitive_model_passes(sensitive, tmp_path):
-    """The old check compared two bf16 forwards and refused this correct merge (0.79 against 0.11)."""
+    """The old check compared two bf16 forwards and refused this correct merge."""
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     base, adapter = sensitive
     report = merge_adapter(base, adapter, tmp_path / "out", progress=False)
-    assert report.tensors_checked == 39 and report.worst_ratio <= 1.0
+    with safe_open(base / "model.safetensors", "pt") as f:
+        assert report.tensors_checked == len(list(f.keys())) and report.worst_ratio <= 1.0
     assert report.max_abs_logit_diff <= report.tolerance
     # The premise: in bf16 the merged model and base+adapter differ by far more than a 6% bound.
     trained = build_model(str(base), bits=4, adapter=str(adapter), trainable=False, compute_dtype="bf16")
