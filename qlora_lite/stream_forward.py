@@ -7,9 +7,9 @@ just before that block runs and dropped right after, by forward hooks on the blo
 with plain reads (``safetensors_io``), not memory maps: mapped pages stay in the process RSS.
 The logits are the same as ``from_pretrained`` gives: same weights, same dtype, same modules.
 
-The merge check runs both of its sides this way: the merged folder as written, and the base plus the
-adapter (LoRA layers wrapped around the streamed base layers, each base weight passed through the
-quantization training used), so neither side ever holds a whole model.
+The merge check's probe runs both of its sides this way (the merged folder in its own config and in
+the base's), so neither ever holds a whole model; base plus an unmerged adapter, each base weight
+passed through the quantization training used, streams the same way (``adapter_dir``, ``transform``).
 """
 
 from __future__ import annotations
