@@ -4,8 +4,9 @@ The base is read tensor by tensor with plain file reads (no memory map, so pages
 pile up in the process), each tensor is merged in fp32 with ``lora.merge_weight`` and written
 straight into its output shard, whose header was planned from the input headers alone. Peak memory
 is therefore a few tensors, not a shard and never the model. The result is written to a hidden
-temporary folder, compared with base+adapter on a probe input (``merge_check``), and only then
-renamed into place; a merge that deviates is left beside the output as ``<output>.failed``.
+temporary folder, checked tensor by tensor against an exact reconstruction and on a probe input
+(``merge_check``), and only then renamed into place; a merge that fails is left beside the output
+as ``<output>.failed``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .quant import (
     DTYPES,
     ModelLoadError,
     _conv1d_class,
-    _resolve_key,
+    checkpoint_key_map,
     dequantize_weight,
     quantize_linear,
     quantized_layer_names,
@@ -58,12 +59,16 @@ class MergeError(QloraLiteError, RuntimeError):
 
 
 class MergeVerificationError(MergeError):
-    """The merged model's logits deviate from base+adapter beyond the tolerance."""
+    """A merged tensor differs from W + scale * B @ A beyond rounding, or the folder's probe logits deviate."""
 
 
 @dataclass
 class MergeReport:
-    """What ``merge_adapter`` did. ``max_abs_logit_diff`` is None when verification was skipped."""
+    """What ``merge_adapter`` did. The check's fields are None when verification was skipped.
+
+    ``max_abs_logit_diff`` and ``tolerance`` are the probe's; ``tensors_checked`` tensors matched their
+    exact reconstruction, the closest one (``worst_tensor``) at ``worst_ratio`` of its rounding bound.
+    """
 
     output_dir: Path
     max_abs_logit_diff: float | None
@@ -72,6 +77,9 @@ class MergeReport:
     seconds: float
     merge_base: str = "dequantized"
     notes: list[str] = field(default_factory=list)
+    tensors_checked: int | None = None
+    worst_tensor: str | None = None
+    worst_ratio: float | None = None
 
 
 @dataclass
@@ -161,10 +169,10 @@ def plan_merge(
     model = _meta_model(base_dir, trust_remote_code)
     notes: list[str] = []
     lora, quant = {}, {"bits": 16, "compute_dtype": None}
-    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    resolve = checkpoint_key_map(model, base_dir)
     owners = {}
     for entry in entries:
-        name = _resolve_key(entry.name, names, model.base_model_prefix)
+        name = resolve(entry.name)
         if name is not None and name.endswith(".weight"):
             owners[name.removesuffix(".weight")] = entry.name
     if adapter_dir is not None:
@@ -339,8 +347,10 @@ def merge_adapter(
             default) or "original" (the 16-bit checkpoint as it is).
         dtype: dtype of the written weights: bf16, fp16 or fp32.
         max_shard_size: largest output shard, e.g. "2GB".
-        verify: load the result once and compare logits with base+adapter before placing it.
-        tolerance: largest allowed |logit difference| (default: relative, see ``TOLERANCE``).
+        verify: before placing the result, compare every merged tensor with its exact value and run a
+            probe forward against base+adapter (``merge_check``).
+        tolerance: largest allowed |logit difference| of the probe (default: relative, see
+            ``merge_check.PROBE_TOLERANCE``).
         bits, quant_type, double_quant: quantization of the training base, for adapters without
             qlora_lite.json (PEFT's); otherwise read from that file.
         overwrite: replace an existing non-empty output folder (only once the new one is verified).
@@ -350,7 +360,7 @@ def merge_adapter(
 
     Raises:
         MergeError: bad paths or options; nothing is written.
-        MergeVerificationError: the merged model deviates; it is left at ``<output>.failed``.
+        MergeVerificationError: a merged tensor or the probe failed; the files are left at ``<output>.failed``.
         AdapterError, ModelLoadError: unreadable or incompatible adapter/base.
     """
     start = time.time()
@@ -373,20 +383,19 @@ def merge_adapter(
     try:
         shards = _write_merged(plan, tmp, dtype, max_bytes, progress)
         _copy_metadata(plan, tmp, dtype)
-        diff = tol = None
+        check = None
         if verify:
             from .merge_check import verify_merge
 
-            diff, tol = verify_merge(plan, tmp, dtype, tolerance, trust_remote_code)
-            if not diff <= tol:
-                message = (f"merge verification FAILED: the merged model's logits deviate from base+adapter by "
-                           f"up to {diff:.4g} (tolerance {tol:.4g}) on the probe input")
-                failed = _mark_failed(tmp, output, message)
-                raise MergeVerificationError(f"{message}. The merged files were left in {failed} for inspection; "
-                                             f"{output} was not written.")
+            check = verify_merge(plan, tmp, dtype, tolerance, trust_remote_code)
+            if check.problem is not None:
+                failed = _mark_failed(tmp, output, f"merge verification FAILED: {check.problem}")
+                raise MergeVerificationError(_failure_message(check.problem, failed, output, tolerance is not None))
+        diff, tol = (check.logit_diff, check.logit_tolerance) if check else (None, None)
         record = {"base_model": str(base_path), "adapter": str(adapter_dir), "merge_base": merge_base,
                   "dtype": dtype, "quantization": quant_record(plan.quant),
-                  "max_abs_logit_diff": diff, "tolerance": tol, "notes": plan.notes}
+                  "max_abs_logit_diff": diff, "tolerance": tol,
+                  "tensors_checked": check.tensors if check else None, "notes": plan.notes}
         write_json_atomic(tmp / "qlora_lite_merge.json", record)
         _place(tmp, output)
     except MergeVerificationError:
@@ -399,7 +408,23 @@ def merge_adapter(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return MergeReport(output, diff, tol, len(shards), time.time() - start, merge_base, plan.notes)
+    return MergeReport(output, diff, tol, len(shards), time.time() - start, merge_base, plan.notes,
+                       check.tensors if check else None, check.worst_tensor if check else None,
+                       check.worst_ratio if check else None)
+
+
+def _failure_message(problem: str, failed: Path, output: Path, own_tolerance: bool) -> str:
+    """What failed, where the files are, and what to do. The check compares with exact values, so a
+    failure means the written files are wrong, never that the adapter is poor."""
+    if "probe logits deviate" in problem and own_tolerance:
+        step = "the probe's bound is the --tolerance you passed; run again without it"
+    else:
+        step = ("a correct merge never fails this check, so the written files are wrong: make sure the disk is not "
+                "full and nothing else writes to the output folder, run the merge again, and if it fails again, "
+                "report it with this message")
+    return (f"merge verification FAILED: {problem}. The merged files were left in {failed} (the reason is in "
+            f"{failed / 'MERGE_FAILED.txt'}); {output} was not written. Next: {step}. Use --no-verify only to "
+            "inspect such an output, never to ship it.")
 
 
 __all__ = ["MergeError", "MergeReport", "MergeVerificationError", "merge_adapter", "plan_merge",

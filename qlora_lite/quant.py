@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -192,12 +194,72 @@ def quantized_layer_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if is_linear_like(m) and m is not head]
 
 
-def _resolve_key(key: str, names: set[str], prefix: str) -> str | None:
-    """Map a checkpoint key to a parameter name (old GPT-2 files omit the ``transformer.`` prefix)."""
-    for candidate in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
-        if candidate in names:
-            return candidate
-    return None
+def _transformers_renames(model: nn.Module, where) -> Callable[[str], str]:
+    """transformers' own checkpoint key renames for ``model`` (GPT-NeoX's ``embed_out`` -> ``lm_head``,
+    legacy ``LayerNorm.gamma`` and the like), as ``from_pretrained`` applies them.
+
+    transformers 5 keeps them in ``conversion_mapping``; 4.x in the class attribute
+    ``_checkpoint_conversion_mapping`` (regex -> replacement, the first match wins). Conversions that
+    combine several tensors into one (fused experts) cannot be streamed tensor by tensor: a key they
+    match is refused by name.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError:
+        mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+        legacy = getattr(model, "_fix_state_dict_key_on_load", None)  # LayerNorm.gamma -> .weight and the like
+
+        def rename_4x(key: str) -> str:
+            for pattern, replacement in mapping.items():
+                key, count = re.subn(pattern, replacement, key)
+                if count:
+                    break
+            return legacy(key)[0] if legacy is not None else key
+
+        return rename_4x
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+
+    def rename(key: str) -> str:
+        for renaming in renamings:
+            key, _ = renaming.rename_source_key(key)
+        for converter in converters:
+            if converter.rename_source_key(key)[1] is not None:
+                raise ModelLoadError(f"{where}: checkpoint tensor {key} must be combined with others by transformers' "
+                                     f"{type(converter).__name__} for {type(model).__name__}; the streaming loader "
+                                     "reads one tensor at a time and cannot load this layout. Re-save the model "
+                                     "with save_pretrained of the installed transformers, or use another model")
+        return key
+
+    return rename
+
+
+def checkpoint_key_map(model: nn.Module, where="the checkpoint", wrapped: bool = False) -> Callable[[str], str | None]:
+    """A function from a checkpoint key to ``model``'s parameter or buffer name, or None for a key the
+    model does not use (buffers older files carry: attn.bias masks, rotary inv_freq).
+
+    The one place that reads base checkpoint keys the way ``from_pretrained`` does: transformers'
+    renames first, then its ``base_model_prefix`` rule (files of the bare model or of the head model,
+    and old GPT-2 files without ``transformer.``). With ``wrapped``, a layer a LoRA wrapper moved to
+    ``<layer>.base_layer`` is found there too. ``where`` names the folder in errors.
+    """
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    names |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    prefix, rename = model.base_model_prefix, _transformers_renames(model, where)
+
+    def resolve(key: str) -> str | None:
+        key = rename(key)
+        for candidate in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
+            if candidate in names:
+                return candidate
+            owner, _, leaf = candidate.rpartition(".")
+            if wrapped and owner and f"{owner}.base_layer.{leaf}" in names:
+                return f"{owner}.base_layer.{leaf}"
+        return None
+
+    return resolve
 
 
 # How the class names of causal LMs end in transformers (GPT2LMHeadModel, LlamaForCausalLM, and
@@ -263,10 +325,10 @@ def load_base_model(
 
     to_quantize = set(quantized_layer_names(model)) if bits in (4, 8) else set()
     conv1d = _conv1d_class()
-    params = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    resolve = checkpoint_key_map(model, model_dir)
     loaded, pending_bias = set(), {}
     for key, tensor in iter_checkpoint_tensors(weight_files(model_dir, allow_bin_weights)):
-        name = _resolve_key(key, params, model.base_model_prefix)
+        name = resolve(key)
         if name is None:
             continue  # buffers older files carry (attn.bias masks, rotary inv_freq)
         owner, _, leaf = name.rpartition(".")

@@ -116,6 +116,25 @@ def iter_tensors(entries: list[TensorEntry]):
             handle.close()
 
 
+def read_rows(entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of a tensor (along its first dimension), read alone: a check that walks a
+    large matrix in row chunks never holds the whole of it.
+
+    Raises:
+        SafetensorsError: the file ends before those rows.
+    """
+    shape = tuple(entry.shape) or (1,)
+    stop = min(stop, shape[0])
+    row_bytes = entry.nbytes // max(1, shape[0])
+    nbytes = (stop - start) * row_bytes
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    with open(entry.file, "rb") as handle:
+        handle.seek(entry.offset + start * row_bytes)
+        if handle.readinto(memoryview(buffer.numpy())) != nbytes:
+            raise SafetensorsError(f"{entry.file}: truncated data for tensor {entry.name}")
+    return buffer.view(entry.dtype).reshape((stop - start, *shape[1:]) if entry.shape else ())
+
+
 def plan_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int) -> list[list]:
     """Group ``(name, dtype, shape)`` in order into shards of at most ``max_bytes`` (a bigger tensor alone)."""
     shards, size = [[]], 0

@@ -7,9 +7,9 @@ just before that block runs and dropped right after, by forward hooks on the blo
 with plain reads (``safetensors_io``), not memory maps: mapped pages stay in the process RSS.
 The logits are the same as ``from_pretrained`` gives: same weights, same dtype, same modules.
 
-The merge check runs both of its sides this way: the merged folder as written, and the base plus the
-adapter (LoRA layers wrapped around the streamed base layers, each base weight passed through the
-quantization training used), so neither side ever holds a whole model.
+The merge check's probe runs both of its sides this way (the merged folder in its own config and in
+the base's), so neither ever holds a whole model; base plus an unmerged adapter, each base weight
+passed through the quantization training used, streams the same way (``adapter_dir``, ``transform``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .quant import ModelLoadError, _resolve_key, release_freed_memory, weight_files
-from .safetensors_io import SafetensorsError, TensorEntry, iter_tensors, read_headers
+from .quant import ModelLoadError, checkpoint_key_map, release_freed_memory, weight_files
+from .safetensors_io import SafetensorsError, TensorEntry, iter_tensors, read_headers, read_rows
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -73,27 +73,19 @@ def _drop_block(model: nn.Module, pairs: list, trim: bool = True) -> None:
         release_freed_memory()
 
 
-def _model_name(key: str, names: set[str], prefix: str) -> str | None:
-    """The model's name for a checkpoint key, also when a LoRA wrapper moved the layer to ``base_layer``."""
-    name = _resolve_key(key, names, prefix)
-    if name is None:
-        owner, _, leaf = key.rpartition(".")
-        name = _resolve_key(f"{owner}.base_layer.{leaf}", names, prefix) if owner else None
-    return name
-
-
-def _group_entries(model: nn.Module, entries: list[TensorEntry], prefix: str, count: int) -> tuple[list, list]:
-    """Split checkpoint entries into non-block ones and one list per block, with model names.
+def _group_entries(model: nn.Module, entries: list[TensorEntry], prefix: str, count: int,
+                   model_dir: Path) -> tuple[list, list]:
+    """Split checkpoint entries into non-block ones and one list per block, with model names
+    (``quant.checkpoint_key_map``, also when a LoRA wrapper moved a layer to ``base_layer``).
 
     Returns:
         ``(rest, per_block)``: lists of ``(entry, parameter name)``; keys the model lacks are skipped
         (buffers some files carry, e.g. rotary ``inv_freq``).
     """
-    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    names |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    resolve = checkpoint_key_map(model, model_dir, wrapped=True)
     rest, per_block = [], [[] for _ in range(count)]
     for entry in entries:
-        name = _model_name(entry.name, names, model.base_model_prefix)
+        name = resolve(entry.name)
         if name is None:
             continue
         index = name.removeprefix(f"{prefix}.").split(".", 1)[0] if name.startswith(f"{prefix}.") else ""
@@ -121,7 +113,8 @@ def _load(model: nn.Module, pairs: list, transform=None) -> None:
 
 @contextmanager
 def streamed_model(model_dir: str | Path, dtype: torch.dtype, trust_remote_code: bool = False, *,
-                   adapter_dir: str | Path | None = None, transform=None, defer_ends: bool = False):
+                   adapter_dir: str | Path | None = None, transform=None, defer_ends: bool = False,
+                   config_dir: str | Path | None = None):
     """A model of ``model_dir`` in eval mode whose decoder blocks load their weights only while they run.
 
     Use it for forward passes (no generation cache reuse across blocks is needed for one pass):
@@ -136,6 +129,8 @@ def streamed_model(model_dir: str | Path, dtype: torch.dtype, trust_remote_code:
         defer_ends: leave a plain, untied embedding matrix and output head unread (on meta); their
             checkpoint entries are in ``model.qlora_deferred`` (``{"embed": .., "head": ..}``) for
             ``streamed_logits``, which reads them only when it needs them.
+        config_dir: build the model from this folder's config.json instead of ``model_dir``'s (the
+            merge check runs a merged folder's weights in the base's model definition).
 
     Raises:
         ModelLoadError: no safetensors weights, unreadable files, or a parameter the files lack.
@@ -144,7 +139,7 @@ def streamed_model(model_dir: str | Path, dtype: torch.dtype, trust_remote_code:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir = Path(model_dir)
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(config_dir or model_dir, trust_remote_code=trust_remote_code)
     # include_buffers=False: rotary and other non-persistent buffers are built normally, on the CPU.
     with init_empty_weights(include_buffers=False), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -155,7 +150,7 @@ def streamed_model(model_dir: str | Path, dtype: torch.dtype, trust_remote_code:
         load_adapter(model, adapter_dir)
     model.eval()
     prefix, blocks = decoder_blocks(model)
-    rest, per_block = _group_entries(model, read_headers(weight_files(model_dir)), prefix, len(blocks))
+    rest, per_block = _group_entries(model, read_headers(weight_files(model_dir)), prefix, len(blocks), model_dir)
     ends = _plain_ends(model) if defer_ends else {}
     deferred = {role: pair for pair in rest for role, name in ends.items() if pair[1] == name}
     _load(model, [pair for pair in rest if pair[1] not in ends.values()], transform)
@@ -211,31 +206,39 @@ def _plain_ends(model: nn.Module) -> dict[str, str]:
     return {"embed": names[id(embed.weight)], "head": names[id(head.weight)]}
 
 
-def _read_one(model: nn.Module, pair, transform) -> torch.Tensor:
-    """One deferred tensor, read now, in the dtype of its slot in the model."""
+# Output-head rows multiplied at once: the logits never need the whole head in the compute dtype
+# (in fp32 it is twice the size of the file's bf16).
+_HEAD_CHUNK_ELEMENTS = 1 << 22
+
+
+def _read_rows(model: nn.Module, pair, transform, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of a deferred tensor, read now, in the dtype of its slot in the model
+    (``transform`` sees the rows alone: it must act on rows, as casts do)."""
     entry, name = pair
     owner, _, leaf = name.rpartition(".")
-    (_, tensor), = iter_tensors([entry])
+    tensor = read_rows(entry, start, stop)
     tensor = transform(entry.name, tensor) if transform else tensor
     return tensor.to(getattr(model.get_submodule(owner), leaf).dtype)
 
 
 def streamed_logits(model_dir: str | Path, dtype: torch.dtype, input_ids: torch.Tensor, *,
                     trust_remote_code: bool = False, adapter_dir: str | Path | None = None,
-                    transform=None) -> torch.Tensor:
+                    transform=None, config_dir: str | Path | None = None) -> torch.Tensor:
     """fp32 logits (B, T, V) of ``input_ids`` (B, T), equal to ``from_pretrained(...)(input_ids).logits``.
 
-    One decoder block is in memory at a time (``streamed_model``); a plain untied embedding matrix is
-    read only for the rows of ``input_ids`` and dropped before the blocks run, and the output head is
-    read after the last block, so neither is held alongside a block (0.26 GB at 1.1B).
+    One decoder block is in memory at a time (``streamed_model``); of a plain untied embedding matrix
+    only the rows of ``input_ids`` are read, and the output head is read after the last block, a
+    chunk of rows at a time, so neither is ever held whole.
     """
     with streamed_model(model_dir, dtype, trust_remote_code, adapter_dir=adapter_dir, transform=transform,
-                        defer_ends=True) as model, torch.no_grad():
+                        defer_ends=True, config_dir=config_dir) as model, torch.no_grad():
         deferred = model.qlora_deferred
         if not deferred:
             return model(input_ids=input_ids).logits.float()
-        embeds = nn.functional.embedding(input_ids, _read_one(model, deferred["embed"], transform))
-        release_freed_memory()
-        hidden = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-        head = _read_one(model, deferred["head"], transform)
-        return nn.functional.linear(hidden, head).float()
+        tokens, positions = torch.unique(input_ids, return_inverse=True)
+        rows = torch.cat([_read_rows(model, deferred["embed"], transform, t, t + 1) for t in tokens.tolist()])
+        hidden = model.base_model(inputs_embeds=rows[positions], use_cache=False).last_hidden_state
+        head = deferred["head"][0]
+        step = max(1, _HEAD_CHUNK_ELEMENTS // max(1, hidden.shape[-1]))
+        return torch.cat([nn.functional.linear(hidden, _read_rows(model, deferred["head"], transform, s, s + step))
+                          .float() for s in range(0, head.shape[0], step)], dim=-1)

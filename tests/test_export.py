@@ -177,7 +177,11 @@ def test_cli_merge_fails_loudly_on_divergence(sharded, adapter4, tmp_path, monke
     result = CliRunner().invoke(main, ["merge", "--model", str(sharded), "--adapter", str(adapter4),
                                        "--output", str(out), "--quiet"])
     assert result.exit_code == 1
-    assert "FAILED" in result.output and re.search(r"deviate .* by up to [0-9.]+ \(tolerance", result.output)
+    message = " ".join(result.output.split())
+    assert "FAILED" in message and "tensor model.layers.1.mlp.down_proj.weight" in message
+    assert re.search(r"differs from W \+ scale \* B @ A .* by [0-9.e+-]+ at index \[\d+, \d+\], [0-9.e+]+ times the "
+                     "bound", message)
+    assert "report it with this message" in message and "--no-verify" in message  # the next step
     assert not out.exists()
     assert (tmp_path / "m.failed" / "MERGE_FAILED.txt").exists()
 

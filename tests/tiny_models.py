@@ -78,6 +78,10 @@ def tiny_config(arch: str, vocab_size: int):
     if arch == "gpt2":
         return AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=vocab_size,
                                     n_positions=256, bos_token_id=1, eos_token_id=2)
+    if arch == "gpt_neox":  # its own names; transformers 5 saves the head as embed_out
+        return AutoConfig.for_model("gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, vocab_size=vocab_size, max_position_embeddings=256,
+                                    bos_token_id=1, eos_token_id=2)
     if arch == "gemma":
         common["head_dim"] = 16
     if arch == "phi3":

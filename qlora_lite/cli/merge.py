@@ -6,6 +6,8 @@ import logging
 
 import click
 
+from ..merge_check import PROBE_TOLERANCE
+
 
 @click.command("merge")
 @click.option("--model", "model", required=True, metavar="DIR",
@@ -22,10 +24,15 @@ import click
 @click.option("--max-shard-size", default="2GB", show_default=True, metavar="SIZE",
               help="Largest output shard, e.g. 2GB, 500MB or 2G (GiB); a bare number is bytes.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Before reporting success, load the merged model once (memory: the output size) plus the "
-                   "quantized base+adapter one after the other, and compare logits on a probe input.")
+              help="Before reporting success, compare every merged tensor with W + scale * B @ A computed in fp64 "
+                   "from the base (a correct merge differs only by rounding to --dtype: half a unit in its last "
+                   "place, plus the merge's fp32 arithmetic; tensors without an adapter must be bit-identical), "
+                   "then run a probe input through the merged folder and the base in fp32, one decoder block "
+                   "in memory at a time. --no-verify skips both: only to inspect an output, not to ship it.")
 @click.option("--tolerance", type=float, default=None,
-              help="Largest allowed |logit difference| (default: 3% of the largest reference logit).")
+              help="Largest allowed |logit difference| of the probe forward, which runs in fp32 on the same "
+                   f"weights, so it only catches layout mistakes (default: {PROBE_TOLERANCE:g} times the largest "
+                   "reference logit). The per-tensor bound follows from the dtypes and has no option.")
 @click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None,
               help="Bits of the base the adapter was trained on. Read from qlora_lite.json beside the adapter; "
                    "needed only for PEFT adapters (default then 4).")
@@ -45,7 +52,7 @@ def command(model, adapter, output, merge_base, dtype, max_shard_size, verify, t
     no GPU needed). Each target weight becomes W + scale * B @ A computed in fp32, written as sharded
     safetensors with an index, config, tokenizer (chat template included) and generation config.
     The folder is written under a temporary name and renamed into place only after verification;
-    a merge that deviates is left as OUTPUT.failed and the command exits with status 1.
+    a merge that fails it is left as OUTPUT.failed and the command exits with status 1.
     """
     from ..export import merge_adapter
 
@@ -61,7 +68,9 @@ def command(model, adapter, output, merge_base, dtype, max_shard_size, verify, t
     if report.max_abs_logit_diff is None:
         click.echo("verification skipped (--no-verify)")
     else:
-        click.echo(f"verified: largest |logit difference| vs base+adapter = {report.max_abs_logit_diff:.4g} "
+        click.echo(f"verified: {report.tensors_checked} tensors equal W + scale * B @ A within {dtype} rounding "
+                   f"(closest: {report.worst_tensor} at {report.worst_ratio:.2g} of its bound); probe largest "
+                   f"|logit difference| vs base+adapter = {report.max_abs_logit_diff:.4g} "
                    f"(tolerance {report.tolerance:.4g})")
     click.echo(f"merged model ({report.merge_base} base, {dtype}, {report.shards} shard(s)) written to "
                f"{report.output_dir} in {report.seconds:.1f} s")
