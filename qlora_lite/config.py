@@ -17,11 +17,7 @@ from typing import Any, get_args, get_origin
 
 import yaml
 
-from .errors import QloraLiteError
-
-
-class ConfigError(QloraLiteError, ValueError):
-    """One or more configuration values are invalid; the message lists each of them."""
+from qlora_lite.errors import ConfigError, EstimateError
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, flag: str | None = None) -> Any:
@@ -327,3 +323,37 @@ def reference_markdown() -> str:
             lines.append(f"| `{option_name(f.name)}` | `{default}` | {meaning} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def parse_size(text: str | int, bare_unit: str = "b") -> int:
+    """A size in bytes: ``"8GiB"`` -> 8589934592, ``"2GB"`` -> 2000000000, ``"2G"`` -> 2147483648.
+
+    One reader for every size the CLI takes (``estimate --budget``, ``merge --max-shard-size``).
+    KB/MB/GB/TB are decimal (as transformers' ``max_shard_size``); KiB/MiB/GiB/TiB and the bare
+    letters K/M/G/T are binary; case and spaces do not matter. An int is bytes.
+
+    Args:
+        bare_unit: the unit of a number written without one ("gib" for a memory budget, where
+            8 bytes would never be meant; "b" for shard sizes, as transformers reads them).
+
+    Raises:
+        EstimateError: not a positive size.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value, unit = float(text), "b"
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = s[len(number):] or bare_unit
+        try:
+            value = float(number)
+        except ValueError:
+            value = -1.0
+    if unit not in SIZE_UNITS or not value > 0 or value == float("inf"):
+        raise EstimateError(f"{text!r} is not a memory size; write e.g. 8GiB, 6GB or 512MiB")
+    return int(value * SIZE_UNITS[unit])
+
+
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+              "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import statistics
 
-from qlora_lite.memory import estimate_memory, lora_targets, model_shape
+from qlora_lite.train.estimate import estimate_memory, lora_targets, model_shape
 
 GB = 1e9
 

@@ -61,7 +61,7 @@ def load_reference(job: dict):
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora_lite.quant import DTYPES
+    from qlora_lite.model.precision import DTYPES
 
     dtype = DTYPES[job.get("compute_dtype", "bf16")]  # what this device runs fast (benchmark.py decides)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -78,7 +78,7 @@ def load_reference(job: dict):
 
 
 def load_ours(job: dict):
-    from qlora_lite.model import build_model
+    from qlora_lite.model.build import build_model
 
     model = build_model(job["model"], bits=4, rank=job["rank"], alpha=2 * job["rank"], dropout=0.0,
                         adapter=job.get("init_adapter"), gradient_checkpointing=True, seed=0,
@@ -90,7 +90,7 @@ def load_ours(job: dict):
 def step_loss(side: str, model, ids: torch.Tensor) -> torch.Tensor:
     if side == "reference":
         return model(input_ids=ids, labels=ids).loss
-    from qlora_lite.fastpath import causal_lm_loss
+    from qlora_lite.kernels.chunked_loss import causal_lm_loss
 
     return causal_lm_loss(model, ids, ids)
 
@@ -135,7 +135,7 @@ def run_train(job: dict) -> dict:
         if side == "reference":
             model.save_pretrained(job["save_adapter"])
         else:
-            from qlora_lite.adapter import save_adapter
+            from qlora_lite.model.adapter import save_adapter
 
             save_adapter(model, job["save_adapter"])
     return out
@@ -188,7 +188,7 @@ def run_merge(job: dict) -> dict:
         merged = PeftModel.from_pretrained(base, job["adapter"]).merge_and_unload()
         merged.save_pretrained(job["output"])
     else:
-        from qlora_lite.export import merge_adapter
+        from qlora_lite.merge.write import merge_adapter
 
         merge_adapter(job["model"], job["adapter"], job["output"], verify=job.get("verify", True),
                       progress=False, overwrite=True, tolerance=job.get("tolerance"))

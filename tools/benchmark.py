@@ -2,7 +2,7 @@
 
 Every measurement runs in its own process (tools/bench_workers.py): load + train for each stack,
 ``qlora-lite train`` as a user runs it, the merge of each stack, and our side again on a second
-model size to check ``qlora_lite.memory.estimate_memory`` against the measured peak.
+model size to check ``qlora_lite.train.estimate.estimate_memory`` against the measured peak.
 
     python tools/benchmark.py                  # 1.1B LLaMA shape, 1x512 tokens, r=16 all-linear, NF4+DQ
     python tools/benchmark.py --small          # a quick check on a small model
@@ -91,7 +91,7 @@ def matmul_peak(compute_dtype: str, threads: int = 0, seconds: float = 3.0) -> d
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     repeat = 8 if cuda else 1
     best = {}
-    from qlora_lite.quant import DTYPES
+    from qlora_lite.model.precision import DTYPES
 
     for dtype in {DTYPES[compute_dtype], torch.float32}:
         device = "cuda" if cuda else "cpu"
@@ -146,8 +146,8 @@ def main(argv=None) -> dict:
     config = json.loads((model / "config.json").read_text())
     import torch
 
-    from qlora_lite.memory import available_memory, choose_checkpoint_policy
-    from qlora_lite.precision import choose_compute_dtype, cpu_features
+    from qlora_lite.model.precision import choose_compute_dtype, cpu_features
+    from qlora_lite.train.fit import available_memory, choose_checkpoint_policy
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # Both stacks run in the dtype this device is fast at: the reference at its best, not its worst.

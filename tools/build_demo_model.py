@@ -1,4 +1,4 @@
-"""Build the bundled demo model (qlora_lite/demo_model/) and the demo dataset (qlora_lite/demo_data/).
+"""Build the bundled demo model (qlora_lite/demo/model/) and the demo dataset (qlora_lite/demo/data/).
 
 Everything comes from text this script generates, so the result is ours to ship (Apache-2.0) and
 reproducible from a seed. The domain is a small toy world of coloured objects, places and number
@@ -18,8 +18,8 @@ steps); with them, at lr 1e-3: step 400 repeat 7/24, step 600 15/24 (last word 2
 match, from step 600 92%; the shipped model is step 800 (200 LoRA steps: 0% -> 100%), and running
 this script with its defaults rebuilt it byte for byte.
 
-Outputs: ``qlora_lite/demo_model/`` (bf16 safetensors, tokenizer with a chat template,
-generation_config) and ``qlora_lite/demo_data/{train,eval}.jsonl`` (chat-format JSONL), which are
+Outputs: ``qlora_lite/demo/model/`` (bf16 safetensors, tokenizer with a chat template,
+generation_config) and ``qlora_lite/demo/data/{train,eval}.jsonl`` (chat-format JSONL), which are
 also copied to ``examples/data/``.
 """
 
@@ -308,8 +308,8 @@ def smoke_test(out_dir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "qlora_lite" / "demo_model")
-    parser.add_argument("--data-out", type=Path, default=ROOT / "qlora_lite" / "demo_data")
+    parser.add_argument("--out", type=Path, default=ROOT / "qlora_lite" / "demo" / "model")
+    parser.add_argument("--data-out", type=Path, default=ROOT / "qlora_lite" / "demo" / "data")
     parser.add_argument("--examples", type=Path, default=ROOT / "examples" / "data")
     parser.add_argument("--steps", type=int, default=800, help="pretraining steps (16 x 128 tokens each)")
     parser.add_argument("--snapshot-every", type=int, default=0,

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
 
 
 def _tiny_llama(folder: Path) -> Path:
@@ -38,15 +37,15 @@ def _tiny_llama(folder: Path) -> Path:
 
 
 def _step(model, ids, device, fused: bool, chunked: bool = True):
-    from qlora_lite import fastpath
+    from qlora_lite.kernels import chunked_loss, lora_4bit
 
-    fastpath.ENABLED = fused
+    lora_4bit.ENABLED = fused
     try:
-        loss = (fastpath.causal_lm_loss(model, ids, ids, chunk=16) if chunked
+        loss = (chunked_loss.causal_lm_loss(model, ids, ids, chunk=16) if chunked
                 else model(input_ids=ids, labels=ids).loss)
         loss.backward()
     finally:
-        fastpath.ENABLED = True
+        lora_4bit.ENABLED = True
     grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return loss.item(), grads
@@ -59,7 +58,7 @@ def _close(a: dict, b: dict, rtol: float) -> float:
 
 
 def _model(path, device, compute="bf16", lora_dtype="bf16", policy="balanced", checkpointing=True):
-    from qlora_lite.model import build_model
+    from qlora_lite.model.build import build_model
 
     model = build_model(str(path), bits=4, rank=8, dropout=0.0, seed=0, compute_dtype=compute, lora_dtype=lora_dtype,
                         gradient_checkpointing=checkpointing, checkpoint_policy=policy).to(device)
@@ -72,9 +71,9 @@ def _model(path, device, compute="bf16", lora_dtype="bf16", policy="balanced", c
 
 
 def check_fused(path, device, ids) -> list[tuple[str, bool, str]]:
-    from qlora_lite.fastpath import fast_lora_applies
-    from qlora_lite.lora import lora_layers
-    from qlora_lite.quant import DTYPES
+    from qlora_lite.kernels.lora_4bit import fast_lora_applies
+    from qlora_lite.model.lora import lora_layers
+    from qlora_lite.model.precision import DTYPES
 
     rows = []
     for compute, lora_dtype, tol in (("bf16", "bf16", 0.05), ("fp16", "fp32", 0.05)):

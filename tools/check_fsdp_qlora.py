@@ -43,7 +43,6 @@ def make_data(path: Path, n: int) -> Path:
 
 
 def make_tiny_model(folder: Path) -> Path:
-    sys.path.insert(0, str(REPO / "tests"))
     from tiny_models import make_tiny_model as make
     from tiny_models import train_tiny_tokenizer
 

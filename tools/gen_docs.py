@@ -112,7 +112,7 @@ def expected_files() -> dict[Path, str]:
 
 
 def print_estimates() -> None:
-    from qlora_lite.memory import estimate_memory
+    from qlora_lite.train.estimate import estimate_memory
 
     for name, (_, _, quoted, s) in EXAMPLES.items():
         arch = ARCHS[name.rsplit("-", 1)[0]]

@@ -9,8 +9,8 @@ import importlib
 
 import click
 
-from .. import __version__
-from ..errors import QloraLiteError
+from qlora_lite import __version__
+from qlora_lite.errors import QloraLiteError
 
 # command name -> (module in qlora_lite.cli, one-line help shown in `qlora-lite --help`)
 COMMANDS: dict[str, tuple[str, str]] = {

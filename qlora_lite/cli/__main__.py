@@ -1,5 +1,5 @@
 """``python -m qlora_lite.cli``: the same command line as ``qlora-lite`` (what ``accelerate launch -m`` runs)."""
 
-from . import main
+from qlora_lite.cli import main
 
 main()

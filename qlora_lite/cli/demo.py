@@ -30,7 +30,7 @@ def command(output, max_steps, eval_limit, batch_size, lr, rank, seed, no_gguf, 
     with plain transformers to check it answers the same, writes a GGUF file, and prints a summary
     with the paths of everything it wrote.
     """
-    from ..demo import DemoSettings, run_demo
+    from qlora_lite.demo.run import DemoSettings, run_demo
 
     if max_steps < 1 or batch_size < 1 or rank < 1 or lr <= 0 or (eval_limit is not None and eval_limit < 1):
         raise click.BadParameter("--max-steps, --batch-size, --rank, --eval-limit must be at least 1 and --lr positive")

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .options import config_options
+from qlora_lite.cli.options import config_options
 
 
 @click.command("estimate")
@@ -33,13 +33,12 @@ def command(model, config_file, seq_len, fsdp, loss_chunk, device, budget, as_js
 
     Nothing but config.json is read, so this answers in a second for any model size.
     """
-    from ..config import load_config
-    from ..memory import (
+    from qlora_lite.config import load_config, parse_size
+    from qlora_lite.train.estimate import estimate_memory
+    from qlora_lite.train.fit import (
         available_memory,
         choose_checkpoint_policy,
-        estimate_memory,
         estimate_settings,
-        parse_size,
         suggest_settings,
     )
 

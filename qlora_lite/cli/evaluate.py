@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .options import config_options
+from qlora_lite.cli.options import config_options
 
 
 @click.command("eval")
@@ -31,9 +31,10 @@ def command(model, adapter, data, bits, limit, batch_size, no_exact, as_json, **
     answers (alpaca `output`, the last assistant turn of a chat), each prompt is also answered by
     greedy generation and compared, stripped, with the expected answer: the exact-match rate.
 
-    Example: qlora-lite eval --model demo --data qlora_lite/demo_data/eval.jsonl --json
+    Example: qlora-lite eval --model demo --data qlora_lite/demo/data/eval.jsonl --json
     """
-    from ..generation import evaluate_jsonl, load_for_inference
+    from qlora_lite.inference.evaluate import evaluate_jsonl
+    from qlora_lite.inference.generate import load_for_inference
 
     if (limit is not None and limit < 1) or batch_size < 1:
         raise click.BadParameter("--limit and --batch-size must be at least 1")

@@ -43,7 +43,7 @@ def command(model, adapter, output, out_type, modelfile, merge_base, bits, overw
     is right. For a verified path: `qlora-lite merge` (checks the merge), then export-gguf on the
     merged folder.
     """
-    from ..gguf_export import export_gguf
+    from qlora_lite.gguf.writer import export_gguf
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     path = export_gguf(model, output, adapter_dir=adapter, out_type=out_type, modelfile=modelfile,

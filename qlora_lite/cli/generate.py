@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .options import config_options
+from qlora_lite.cli.options import config_options
 
 EXIT_WORDS = ("exit", "quit", "/exit")
 
@@ -36,7 +36,7 @@ def command(model, adapter, bits, prompt, system, max_new_tokens, temperature, t
 
     Example: qlora-lite generate --model demo --prompt "Repeat the words: red cat"
     """
-    from ..generation import chat_prompt, generate_reply, load_for_inference, prompt_ids
+    from qlora_lite.inference.generate import chat_prompt, generate_reply, load_for_inference, prompt_ids
 
     # written so that nan fails too (nan < 0 is False)
     if not (temperature >= 0 and math.isfinite(temperature)) or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
@@ -90,7 +90,7 @@ def command(model, adapter, bits, prompt, system, max_new_tokens, temperature, t
 
 def _fit(tokenizer, messages: list[dict], model, max_new_tokens: int) -> list[dict]:
     """Drop the oldest turns (keeping a system message) until prompt + reply fit the model's context."""
-    from ..generation import chat_prompt
+    from qlora_lite.inference.generate import chat_prompt
 
     limit = getattr(model.config, "max_position_embeddings", None) or 10**9
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
@@ -105,10 +105,8 @@ def _fit(tokenizer, messages: list[dict], model, max_new_tokens: int) -> list[di
 
 def _context_length(model: str) -> int | None:
     """The model's context in tokens from its config.json alone (None when it does not say)."""
-    from ..generation import resolve_model_arg
-    from ..model_files import read_json_file
-    from ..quant import resolve_model_dir
+    from qlora_lite.model.folder import read_json_file, resolve_model_dir
 
-    config = read_json_file(resolve_model_dir(resolve_model_arg(model)) / "config.json")
+    config = read_json_file(resolve_model_dir(model) / "config.json")
     value = config.get("max_position_embeddings") or config.get("n_positions")
     return value if isinstance(value, int) and value > 0 else None

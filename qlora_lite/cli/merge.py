@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from ..merge_check import PROBE_TOLERANCE
+from qlora_lite.merge.verify import PROBE_TOLERANCE
 
 
 @click.command("merge")
@@ -54,7 +54,7 @@ def command(model, adapter, output, merge_base, dtype, max_shard_size, verify, t
     The folder is written under a temporary name and renamed into place only after verification;
     a merge that fails it is left as OUTPUT.failed and the command exits with status 1.
     """
-    from ..export import merge_adapter
+    from qlora_lite.merge.write import merge_adapter
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     report = merge_adapter(

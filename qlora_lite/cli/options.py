@@ -6,7 +6,7 @@ import dataclasses
 
 import click
 
-from ..config import SECTIONS, field_type, option_name
+from qlora_lite.config import SECTIONS, field_type, option_name
 
 # Folders and files are named alike in every command's --help (click would say TEXT).
 METAVARS = {"model": "DIR", "adapter": "DIR", "output": "DIR", "data": "FILE", "eval_data": "FILE"}

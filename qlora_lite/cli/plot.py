@@ -11,7 +11,7 @@ import click
               help="PNG file to write.  [default: RUN_DIR/loss.png]")
 def command(run_dir: str, output: str | None) -> None:
     """Draw training and eval loss from RUN_DIR/metrics.jsonl as a PNG."""
-    from ..plot import plot_loss
+    from qlora_lite.train.metrics import plot_loss
 
     path = plot_loss(run_dir, output)
     click.echo(f"wrote {path}")

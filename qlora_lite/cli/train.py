@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from .options import config_options
+from qlora_lite.cli.options import config_options
 
 # Every config field a training run reads, in --help order (num_processes belongs to the launcher).
 TRAIN_FIELDS = (
@@ -32,7 +32,7 @@ def _launch_processes(config) -> bool:
     import tempfile
     from pathlib import Path
 
-    from ..distributed import in_launched_process, relaunch
+    from qlora_lite.train.distributed import in_launched_process, relaunch
 
     n = config.train.num_processes
     if in_launched_process():
@@ -83,8 +83,8 @@ def command(config_file: str | None, **values) -> None:
     The adapter (PEFT layout), metrics.jsonl, loss.png, config.yaml and checkpoint-STEP/ folders are
     written to --output. --resume continues from the newest complete checkpoint there.
     """
-    from ..config import load_config
-    from ..train import train
+    from qlora_lite.config import load_config
+    from qlora_lite.train.loop import train
 
     setup_logging()
     config = load_config(config_file, values)

@@ -1,0 +1,233 @@
+"""Our LoRA layers: ``y = base(x) + scaling * B(A(dropout(x)))`` around a frozen linear layer.
+
+Everything trainable is named ``lora_*`` so freezing, saving and stripping are one name filter each;
+the wrapped layer is ``base_layer`` (the PEFT convention, so state-dict keys map one to one).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+
+import torch
+from torch import nn
+
+from qlora_lite.errors import LoRATargetError
+from qlora_lite.kernels.lora_4bit import fast_lora_applies, lora_4bit_forward
+from qlora_lite.model.bnb import _conv1d_class, dequantize_weight, is_linear_like, linear_shape
+
+
+def lora_scaling(rank: int, alpha: float, rslora: bool = False) -> float:
+    """The factor applied to ``B @ A``: alpha/r, or alpha/sqrt(r) for rank-stabilized LoRA."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def merge_weight(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, fan_in_fan_out: bool = False
+) -> torch.Tensor:
+    """``W + scaling * B @ A`` in fp32: the one merge used in memory, by the export and in tests.
+
+    Args:
+        weight: (out, in) base weight, or (in, out) when ``fan_in_fan_out`` (GPT-2's Conv1D layout).
+        lora_A: (r, in).
+        lora_B: (out, r).
+
+    Returns:
+        fp32 tensor in the same layout as ``weight``.
+    """
+    delta = scaling * (lora_B.float() @ lora_A.float())  # (out, in)
+    return weight.float() + (delta.t() if fan_in_fan_out else delta)
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear-like layer plus a trainable low-rank update.
+
+    Wraps nn.Linear, transformers' Conv1D, bitsandbytes Linear4bit and Linear8bitLt.
+
+    Args:
+        base_layer: the frozen layer; left untouched (its bytes never change).
+        rank, alpha, dropout, rslora: the LoRA hyper-parameters.
+        lora_dtype: dtype of A and B (bf16 by default).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        lora_dtype: torch.dtype = torch.bfloat16,
+    ):
+        super().__init__()
+        self.base_layer = base_layer
+        in_features, out_features = linear_shape(base_layer)
+        self.in_features, self.out_features = in_features, out_features
+        self.fan_in_fan_out = isinstance(base_layer, _conv1d_class())
+        self.rank, self.alpha, self.rslora = rank, alpha, rslora
+        self.scaling = lora_scaling(rank, alpha, rslora)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(in_features, rank, bias=False, dtype=lora_dtype)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, dtype=lora_dtype)
+        self.merged_weight: torch.Tensor | None = None
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A Kaiming-uniform, B zero: the first forward equals the base layer's exactly."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def merged(self) -> bool:
+        return self.merged_weight is not None
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` as fp32 (out, in)."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            bias = getattr(self.base_layer, "bias", None)
+            return nn.functional.linear(x.to(self.merged_weight.dtype), self.merged_weight, bias)
+        if fast_lora_applies(self, x):  # training over a 4-bit base: one fused autograd function
+            return lora_4bit_forward(self, x)
+        result = self.base_layer(x)
+        lora_x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        update = self.lora_B(self.lora_A(lora_x)) * self.scaling
+        return result + update.to(result.dtype)
+
+    def merge(self) -> None:
+        """Use ``dequantize(W) + scaling * B @ A`` as the weight; the base layer is kept for unmerge."""
+        if self.merged:
+            return
+        weight = merge_weight(dequantize_weight(self.base_layer), self.lora_A.weight, self.lora_B.weight, self.scaling)
+        bias = getattr(self.base_layer, "bias", None)
+        dtype = bias.dtype if bias is not None else self.lora_A.weight.dtype
+        self.merged_weight = weight.to(dtype)
+
+    def unmerge(self) -> None:
+        """Back to base + adapter; the base layer was never modified, so this is exact."""
+        self.merged_weight = None
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+
+
+def parse_targets(target_modules: str | list[str]) -> list[str] | str:
+    """``"q_proj, v_proj"`` -> ``["q_proj", "v_proj"]``; ``"all-linear"`` stays as it is."""
+    if isinstance(target_modules, str):
+        if target_modules.strip() == "all-linear":
+            return "all-linear"
+        target_modules = target_modules.split(",")
+    return [t.strip() for t in target_modules if t.strip()]
+
+
+def find_target_modules(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    """Names of the linear layers to wrap, in model order.
+
+    Args:
+        target_modules: module-name suffixes, a regex as PEFT stores one (full match), or "all-linear"
+            (every linear layer except the output head).
+
+    Raises:
+        LoRATargetError: nothing matched; the message lists the linear layer names the model has.
+    """
+    targets = parse_targets(target_modules)
+    head = model.get_output_embeddings()
+    candidates = [n for n, m in model.named_modules() if is_linear_like(m) and m is not head and "lora_" not in n]
+    if targets == "all-linear":
+        chosen = candidates
+    elif isinstance(targets, list) and len(targets) == 1 and any(c in targets[0] for c in "*()|[\\"):
+        chosen = [n for n in candidates if re.fullmatch(targets[0], n)]
+    else:
+        chosen = [n for n in candidates if any(_matches(n, t) for t in targets)]
+        # One typo in a list (q_proj,v_prj) would otherwise train the others and silently skip it.
+        unmatched = [t for t in targets if not any(_matches(n, t) for n in candidates)]
+        if chosen and unmatched:
+            suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+            hints = [f"{t!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(t, suffixes, 1))
+                                 else "") for t in unmatched]
+            raise LoRATargetError(
+                f"--target-modules: {', '.join(hints)} match(es) no linear layer of {type(model).__name__}; its "
+                f"linear layers are named: {', '.join(suffixes)} (fix or drop the name, or use all-linear)")
+    if not chosen:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        raise LoRATargetError(
+            f"target modules {target_modules!r} match no linear layer of {type(model).__name__}; "
+            f"its linear layers are named: {', '.join(suffixes)} (or use all-linear)"
+        )
+    return chosen
+
+
+def _matches(name: str, target: str) -> bool:
+    """A module name matches a target that is the whole name or its last dotted parts (PEFT's rule)."""
+    return name == target or name.endswith("." + target)
+
+
+def inject_lora(
+    model: nn.Module,
+    target_modules: str | list[str] = "all-linear",
+    rank: int = 16,
+    alpha: float = 32.0,
+    dropout: float = 0.0,
+    rslora: bool = False,
+    lora_dtype: torch.dtype = torch.bfloat16,
+) -> list[str]:
+    """Replace each target layer with a LoRALinear around it, in place; freeze everything else.
+
+    Returns:
+        The names of the wrapped layers.
+    """
+    names = find_target_modules(model, target_modules)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        setattr(parent, child, LoRALinear(base, rank, alpha, dropout, rslora, lora_dtype))
+    mark_only_lora_trainable(model)
+    return names
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors, keyed by module path (``...q_proj.lora_A.weight``)."""
+    return {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def set_merged(model: nn.Module, merged: bool) -> None:
+    """Merge or unmerge every LoRA layer in place."""
+    for layer in lora_layers(model).values():
+        layer.merge() if merged else layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by a plain 16-bit layer holding the merged weight; returns the model.
+
+    Quantized bases become dense ``nn.Linear`` (the merged weight is no longer on the 4-bit grid);
+    Conv1D stays Conv1D so the state-dict layout matches the original architecture.
+    """
+    conv1d = _conv1d_class()
+    for name, layer in lora_layers(model).items():
+        layer.merge()
+        base, weight = layer.base_layer, layer.merged_weight
+        bias = getattr(base, "bias", None)
+        if isinstance(base, conv1d):
+            plain = conv1d(layer.out_features, layer.in_features)
+            plain.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
+        else:
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
+            plain.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            plain.bias = nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    return model
