@@ -19,6 +19,10 @@ import yaml
 
 from qlora_lite.errors import ConfigError, EstimateError
 
+# The bundled demo (``--model demo``): a model and its data, shipped inside the package.
+DEMO_MODEL = Path(__file__).resolve().parent / "demo" / "model"
+DEMO_DATA = Path(__file__).resolve().parent / "demo" / "data"
+
 
 def _opt(default: Any, help: str, choices: tuple | None = None, flag: str | None = None) -> Any:
     """A dataclass field carrying its help text, allowed values and (optional) CLI flag spelling."""

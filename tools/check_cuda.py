@@ -72,8 +72,8 @@ def _model(path, device, compute="bf16", lora_dtype="bf16", policy="balanced", c
 
 def check_fused(path, device, ids) -> list[tuple[str, bool, str]]:
     from qlora_lite.kernels.lora_4bit import fast_lora_applies
+    from qlora_lite.model.loading import DTYPES
     from qlora_lite.model.lora import lora_layers
-    from qlora_lite.model.precision import DTYPES
 
     rows = []
     for compute, lora_dtype, tol in (("bf16", "bf16", 0.05), ("fp16", "fp32", 0.05)):

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from qlora_lite.config import load_config
+from qlora_lite.config import DEMO_DATA, DEMO_MODEL, load_config
 from qlora_lite.data.formats import read_jsonl
 from qlora_lite.data.tokenize import render_example
 from qlora_lite.errors import DemoError
@@ -30,8 +30,8 @@ from qlora_lite.gguf.writer import export_gguf
 from qlora_lite.inference.evaluate import evaluate_jsonl, exact_match
 from qlora_lite.inference.generate import load_for_inference
 from qlora_lite.merge.write import merge_adapter
-from qlora_lite.model.folder import DEMO_DATA, DEMO_MODEL
-from qlora_lite.model.precision import DTYPES, resolve_compute_dtype
+from qlora_lite.model.loading import DTYPES
+from qlora_lite.model.precision import resolve_compute_dtype
 from qlora_lite.storage.output_dir import check_writable
 from qlora_lite.train.loop import train
 

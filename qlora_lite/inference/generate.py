@@ -2,7 +2,7 @@
 
 Generation runs on the same model the training code builds (quantized base + LoRA layers), so an
 adapter can be tried without merging it. On the CPU, 4-bit layers run as dequantize + matmul
-(quant.py switches off bitsandbytes' CPU repack), which is fine for small models.
+(model.bnb switches off bitsandbytes' CPU repack), which is fine for small models.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def load_for_inference(model_path: str, *, adapter: str | None = None, bits: int
         ``(model, tokenizer)``.
 
     Raises:
-        quant.ModelLoadError, errors.AdapterError: with the folder and what is wrong.
+        errors.ModelLoadError, errors.AdapterError: with the folder and what is wrong.
     """
     if bits is None:
         bits = adapter_bits(adapter) or 16

@@ -46,8 +46,3 @@ def selective_checkpoint_context(policy: str = "balanced"):
         return CheckpointPolicy.PREFER_RECOMPUTE
 
     return create_selective_checkpoint_contexts(decide)
-
-
-# What ``checkpoint_policy: auto`` resolves to when checkpointing is not worth its recompute: a policy
-# name meaning "no checkpointing", accepted wherever a policy is.
-NO_CHECKPOINTING = "off"

@@ -31,8 +31,7 @@ import torch
 from qlora_lite.merge.plan import MergePlan, _roundtrip
 from qlora_lite.merge.stream_forward import streamed_logits
 from qlora_lite.model.folder import weight_files
-from qlora_lite.model.loading import release_freed_memory
-from qlora_lite.model.precision import DTYPES
+from qlora_lite.model.loading import DTYPES, release_freed_memory
 from qlora_lite.storage.safetensors_io import iter_tensors, read_headers, read_rows
 
 # Mantissa bits stored by each output dtype: round-to-nearest errs by at most 2**-(bits+1) relative.

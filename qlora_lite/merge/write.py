@@ -30,7 +30,7 @@ from qlora_lite.errors import (
 from qlora_lite.merge.plan import MergePlan, iter_merged_tensors, plan_merge, quant_record
 from qlora_lite.merge.verify import verify_merge
 from qlora_lite.model.folder import resolve_model_dir
-from qlora_lite.model.precision import DTYPES
+from qlora_lite.model.loading import DTYPES
 from qlora_lite.storage.durable import write_json_atomic
 from qlora_lite.storage.output_dir import check_writable, write_failure
 from qlora_lite.storage.safetensors_io import (

@@ -8,16 +8,13 @@ import logging
 import torch
 from torch import nn
 
-from qlora_lite.kernels.checkpoint_policy import NO_CHECKPOINTING, selective_checkpoint_context
+from qlora_lite.kernels.checkpoint_policy import selective_checkpoint_context
 from qlora_lite.kernels.cpu_attention import use_cpu_attention
+from qlora_lite.kernels.footprint import NO_CHECKPOINTING
 from qlora_lite.model.adapter import load_adapter
-from qlora_lite.model.loading import load_base_model
+from qlora_lite.model.loading import DTYPES, load_base_model
 from qlora_lite.model.lora import inject_lora
-from qlora_lite.model.precision import (
-    DTYPES,
-    lora_dtype_for,
-    resolve_compute_dtype,
-)
+from qlora_lite.model.precision import lora_dtype_for, resolve_compute_dtype
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 # ModelLoadError lives with the folder checks; every caller still imports it from here
+from qlora_lite.config import DEMO_MODEL
 from qlora_lite.errors import ModelLoadError, SafetensorsError
 from qlora_lite.storage.safetensors_io import iter_tensors, read_headers
 
@@ -18,11 +19,6 @@ from qlora_lite.storage.safetensors_io import iter_tensors, read_headers
 # one is reported with its line before minutes of loading.
 _FOLDER_JSON = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "model.safetensors.index.json")
-
-# The bundled demo (``--model demo``): a model and its data, shipped inside the package.
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo" / "model"
-DEMO_DATA = Path(__file__).resolve().parents[1] / "demo" / "data"
-
 
 def check_folder_json(model_dir: Path) -> None:
     """Parse each JSON file of ``model_dir`` that something reads; raise ModelLoadError on the first bad one."""

@@ -26,8 +26,11 @@ from qlora_lite.model.folder import (
     resolve_model_dir,
     weight_files,
 )
+from qlora_lite.model.precision import TORCH_NAMES
 
 log = logging.getLogger(__name__)
+
+DTYPES = {name: getattr(torch, torch_name) for name, torch_name in TORCH_NAMES.items()}
 
 
 def _transformers_renames(model: nn.Module, where) -> Callable[[str], str]:

@@ -9,8 +9,7 @@ from torch import nn
 
 from qlora_lite.data.packing import collate
 from qlora_lite.kernels.chunked_loss import causal_lm_loss
-
-IGNORE_INDEX = -100
+from qlora_lite.kernels.footprint import IGNORE_INDEX
 
 
 def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -21,14 +21,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-# ModelLoadError lives with the folder checks; every caller still imports it from here
-
 log = logging.getLogger(__name__)
 
 
 CHOICES = ("auto", "bf16", "fp16", "fp32")
+# The torch dtype of each name (``model.loading.DTYPES`` holds the dtypes themselves; this module stays
+# torch-free at import, for ``qlora-lite estimate``).
+TORCH_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -59,8 +58,6 @@ def matmul_speedup(dtype_name: str, size: int = 128, repeats: int = 5) -> float:
     fp32 on this CPU (best of ``repeats``; under 1 means slower). Takes milliseconds."""
     import torch
 
-    from qlora_lite.model.precision import DTYPES
-
     def best_seconds(dtype) -> float:
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
         a @ b  # first call: kernel selection and allocation
@@ -71,7 +68,7 @@ def matmul_speedup(dtype_name: str, size: int = 128, repeats: int = 5) -> float:
             times.append(time.perf_counter() - start)
         return max(min(times), 1e-9)
 
-    return best_seconds(torch.float32) / best_seconds(DTYPES[dtype_name])
+    return best_seconds(torch.float32) / best_seconds(getattr(torch, TORCH_NAMES[dtype_name]))
 
 
 def _cpu_choice(features: dict) -> DtypeChoice:
@@ -169,5 +166,3 @@ def resolve_compute_dtype(requested: str, device: str | None = None) -> str:
         log.warning("--compute-dtype %s: %s", choice.name, warning)
     return choice.name
 
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from qlora_lite.errors import LaunchError
+from qlora_lite.kernels.footprint import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def pad_to_equal_batches(examples: list[dict], batch_size: int, num_batches: int
     if len(examples) >= target:
         return examples
     ids = list(template["input_ids"][:8])
-    filler = {"input_ids": ids, "labels": [-100] * len(ids)}
+    filler = {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)}
     return examples + [filler] * (target - len(examples))
 
 

@@ -26,10 +26,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qlora_lite.config import DEMO_MODEL
 from qlora_lite.errors import EstimateError
-from qlora_lite.kernels.checkpoint_policy import NO_CHECKPOINTING
-from qlora_lite.kernels.chunked_loss import CHUNKED_LOSS_MODELS, loss_chunk_for
-from qlora_lite.model.folder import DEMO_MODEL
+from qlora_lite.kernels.footprint import CHUNKED_LOSS_MODELS, NO_CHECKPOINTING, loss_chunk_for
 
 GIB = 1024**3
 
@@ -301,7 +300,7 @@ def _activation_bytes(shape: ModelShape, targets, tokens: int, rank: int, bits: 
     A block's working set: norms, q/k/v/o and attention outputs (~12 values of width H per token),
     the MLP's gate, up, activation and product (4 of width I), and each adapter's rank-r input.
     With a 4-bit base and checkpointing, the recomputed block keeps its dequantized weights
-    until their backward (qlora_lite.fastpath: one dequantization per layer saved).
+    until their backward (``kernels.lora_4bit``: one dequantization per layer saved).
     """
     h, inter = shape.hidden, shape.intermediate
     lora_per_token = len(targets) * rank * value

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qlora_lite.kernels.checkpoint_policy import NO_CHECKPOINTING
+from qlora_lite.kernels.footprint import NO_CHECKPOINTING
 from qlora_lite.model.precision import estimated_compute_dtype
 from qlora_lite.train.estimate import MemoryEstimate, estimate_memory
 

@@ -35,7 +35,7 @@ from qlora_lite.data.packing import collate
 from qlora_lite.errors import MetricsError, TrainingError
 from qlora_lite.model.adapter import save_adapter
 from qlora_lite.model.folder import load_tokenizer, resolve_model_dir
-from qlora_lite.model.loss import IGNORE_INDEX, batch_loss_sum, eval_sums, evaluate, label_tokens
+from qlora_lite.model.loss import batch_loss_sum, eval_sums, label_tokens
 from qlora_lite.model.precision import lora_dtype_for, resolve_compute_dtype
 from qlora_lite.storage.durable import file_sha256
 from qlora_lite.storage.output_dir import check_writable, write_failure
@@ -53,7 +53,6 @@ from qlora_lite.train.optim import apply_current_settings, build_optimizer, buil
 
 log = logging.getLogger(__name__)
 STOP_ENV = "QLORA_LITE_STOP_AFTER_STEPS"
-__all__ = ["IGNORE_INDEX", "TrainResult", "TrainingError", "batch_loss_sum", "evaluate", "train"]
 
 
 @dataclass
@@ -116,7 +115,7 @@ def train(config: Config) -> TrainResult:
     """Fine-tune a LoRA adapter as ``config`` says; the adapter lands at the top of ``config.train.output``.
 
     Raises:
-        errors.ConfigError, data.DataError, quant.ModelLoadError, checkpoint.CheckpointError,
+        errors.ConfigError, errors.DataError, errors.ModelLoadError, errors.CheckpointError,
         TrainingError: with a message meant for the user.
     """
     from accelerate import Accelerator

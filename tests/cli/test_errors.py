@@ -119,13 +119,15 @@ def test_a_new_error_class_raised_in_any_command_reaches_the_user_as_a_message(t
     assert output == "Error: metrics.jsonl: something new went wrong; do this instead\n"
 
 
-def test_help_imports_no_torch():
-    code = "import sys; from qlora_lite.cli import main; main(['--help'], standalone_mode=False); " \
+@pytest.mark.parametrize(("args", "shown"), [(["--help"], "export-gguf"), (["estimate", "--model", "demo"], "total")])
+def test_help_and_estimate_import_no_torch(args, shown):
+    """``--help`` and ``estimate`` answer in a moment: neither imports torch."""
+    code = f"import sys; from qlora_lite.cli import main; main({args!r}, standalone_mode=False); " \
            "sys.exit('torch' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert run.returncode == 0, run.stderr
-    assert "export-gguf" in run.stdout
+    assert shown in run.stdout
 
 
 # ---------------------------------------------------------------- damaged model folders (item 11)

@@ -10,8 +10,8 @@ from qlora_lite.kernels import lora_4bit as fastpath
 from qlora_lite.kernels.chunked_loss import causal_lm_loss, chunked_causal_lm_loss
 from qlora_lite.model.bnb import dequantize_weight, quantize_linear
 from qlora_lite.model.build import build_model
+from qlora_lite.model.loading import DTYPES
 from qlora_lite.model.lora import LoRALinear
-from qlora_lite.model.precision import DTYPES
 
 
 def _layer(dropout=0.0, bias=False, dtype=torch.bfloat16):
