@@ -7,7 +7,6 @@ was trained against, or the original 16-bit weight); every other tensor is copie
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,10 +14,10 @@ import torch
 
 from qlora_lite.errors import MergeError
 from qlora_lite.kernels.lora_4bit import dequantize_4bit_computed
-from qlora_lite.model.adapter import check_compatible, read_adapter
+from qlora_lite.model.adapter import check_compatible, layer_alpha, read_adapter
 from qlora_lite.model.bnb import _conv1d_class, dequantize_weight, quantize_linear, quantized_layer_names
 from qlora_lite.model.folder import read_model_config, resolve_model_dir, weight_files
-from qlora_lite.model.loading import checkpoint_key_map, release_freed_memory
+from qlora_lite.model.loading import checkpoint_key_map, meta_model, release_freed_memory
 from qlora_lite.model.lora import lora_scaling, merge_weight
 from qlora_lite.storage.safetensors_io import (
     TensorEntry,
@@ -73,23 +72,6 @@ def quant_record(quant: dict) -> dict:
     return {**quant, "compute_dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
 
 
-def _meta_model(base_dir: Path, trust_remote_code: bool):
-    """The model skeleton on the meta device: names, layer kinds and the output head, for free."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    config = read_model_config(base_dir, trust_remote_code)
-    with init_empty_weights(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-
-
-def _alpha_for(name: str, config: dict, rank: int) -> float:
-    pattern = config.get("alpha_pattern") or {}
-    hit = next((a for p, a in pattern.items() if name == p or name.endswith("." + p)), None)
-    return float(hit if hit is not None else config.get("lora_alpha", rank))
-
-
 def plan_merge(
     base_path: str | Path,
     adapter_dir: str | Path | None = None,
@@ -113,7 +95,7 @@ def plan_merge(
     if any(f.suffix != ".safetensors" for f in files):
         raise MergeError(f"{base_dir}: the streaming merge reads safetensors only; convert the .bin weights first")
     entries = read_headers(files)
-    model = _meta_model(base_dir, trust_remote_code)
+    model = meta_model(read_model_config(base_dir, trust_remote_code), trust_remote_code=trust_remote_code)
     notes: list[str] = []
     lora, quant = {}, {"bits": 16, "compute_dtype": None}
     resolve = checkpoint_key_map(model, base_dir)
@@ -131,7 +113,7 @@ def plan_merge(
                              f"does not have, e.g. {', '.join(missing[:3])}; is it the right base model?")
         for module, parts in modules.items():
             rank = parts["lora_A"].shape[0]
-            scaling = lora_scaling(rank, _alpha_for(module, config, rank), bool(config.get("use_rslora")))
+            scaling = lora_scaling(rank, layer_alpha(config, module, rank), bool(config.get("use_rslora")))
             lora[owners[module]] = (parts["lora_A"], parts["lora_B"], scaling)
         if merge_base == "dequantized":
             quant = _quant_settings(record, bits, quant_type, double_quant, notes)

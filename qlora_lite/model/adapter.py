@@ -186,6 +186,14 @@ def check_compatible(record: dict | None, model: nn.Module, adapter_dir: str | P
         )
 
 
+def layer_alpha(config: dict, name: str, rank: int) -> float:
+    """The alpha of layer ``name`` in a PEFT ``adapter_config.json``: its ``alpha_pattern`` entry (a
+    pattern names the layer or a suffix of it), else ``lora_alpha``, else the rank (PEFT's default)."""
+    pattern = config.get("alpha_pattern") or {}
+    hit = next((a for p, a in pattern.items() if name == p or name.endswith("." + p)), None)
+    return float(hit if hit is not None else config.get("lora_alpha", rank))
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False,
                  dtype: torch.dtype | None = None) -> list[str]:
     """Wrap the layers named in the adapter with LoRALinear and load its weights, in place.
@@ -203,15 +211,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     config, modules, record = read_adapter(adapter_dir)
     check_compatible(record, model, adapter_dir)
     known = dict(model.named_modules())
-    alpha_pattern = config.get("alpha_pattern") or {}
     new_dtype = dtype or next(iter(modules.values()))["lora_A"].dtype
     for name, parts in modules.items():
         base = known.get(name)
         if base is None:
             raise AdapterError(f"{adapter_dir}: the adapter targets {name}, which the base model does not have")
         rank = parts["lora_A"].shape[0]
-        alpha = next((a for pattern, a in alpha_pattern.items() if name == pattern or name.endswith("." + pattern)),
-                     config.get("lora_alpha", rank))
+        alpha = layer_alpha(config, name, rank)
         layer = base if isinstance(base, LoRALinear) else LoRALinear(
             base, rank, alpha, config.get("lora_dropout", 0.0), config.get("use_rslora", False), new_dtype)
         if (layer.lora_A.weight.shape, layer.lora_B.weight.shape) != (parts["lora_A"].shape, parts["lora_B"].shape):

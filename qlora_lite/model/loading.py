@@ -15,7 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 # ModelLoadError lives with the folder checks; every caller still imports it from here
 from qlora_lite.errors import ModelLoadError
@@ -129,6 +132,33 @@ def check_causal_lm(config, model_dir) -> None:
                              "models such as Llama, Mistral, Qwen2, Gemma, Phi-3 or GPT-2")
 
 
+def meta_model(config, *, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model ``config`` describes, its parameters on the meta device: every name, shape and layer
+    kind, and no memory; loaders then put real tensors in place one at a time. Buffers (rotary tables,
+    which no checkpoint holds) are built normally, on the CPU.
+
+    Args:
+        dtype: the dtype of the floating-point slots (None: transformers' default).
+    """
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # settings a skeleton never uses (generation, attention backends)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder layers: the model's largest ``nn.ModuleList`` (``model.layers``, ``transformer.h``), as
+    ``(its name, the list)``; streaming and FSDP both work block by block over them.
+
+    Raises:
+        ModelLoadError: the model has no ``nn.ModuleList`` (not a stacked decoder).
+    """
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ModelLoadError(f"{type(model).__name__} has no list of decoder layers; cannot stream it block by block")
+    return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+
+
 def load_base_model(
     model_path: str | Path,
     *,
@@ -151,16 +181,10 @@ def load_base_model(
     Raises:
         ModelLoadError: missing folder, missing or unreadable weights, or tensors the model lacks.
     """
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoModelForCausalLM
-
     model_dir = resolve_model_dir(model_path)
     config = read_model_config(model_dir, trust_remote_code)
     check_causal_lm(config, model_dir)
-    with init_empty_weights(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=compute_dtype)
+    model = meta_model(config, trust_remote_code=trust_remote_code, dtype=compute_dtype)
 
     to_quantize = set(quantized_layer_names(model)) if bits in (4, 8) else set()
     conv1d = _conv1d_class()

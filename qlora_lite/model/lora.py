@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import difflib
 import math
-import re
 
 import torch
 from torch import nn
 
+from qlora_lite.config import select_targets
 from qlora_lite.errors import LoRATargetError
 from qlora_lite.kernels.lora_4bit import fast_lora_applies, lora_4bit_forward
 from qlora_lite.model.bnb import _conv1d_class, dequantize_weight, is_linear_like, linear_shape
@@ -114,15 +114,6 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
 
 
-def parse_targets(target_modules: str | list[str]) -> list[str] | str:
-    """``"q_proj, v_proj"`` -> ``["q_proj", "v_proj"]``; ``"all-linear"`` stays as it is."""
-    if isinstance(target_modules, str):
-        if target_modules.strip() == "all-linear":
-            return "all-linear"
-        target_modules = target_modules.split(",")
-    return [t.strip() for t in target_modules if t.strip()]
-
-
 def find_target_modules(model: nn.Module, target_modules: str | list[str]) -> list[str]:
     """Names of the linear layers to wrap, in model order.
 
@@ -133,24 +124,17 @@ def find_target_modules(model: nn.Module, target_modules: str | list[str]) -> li
     Raises:
         LoRATargetError: nothing matched; the message lists the linear layer names the model has.
     """
-    targets = parse_targets(target_modules)
     head = model.get_output_embeddings()
     candidates = [n for n, m in model.named_modules() if is_linear_like(m) and m is not head and "lora_" not in n]
-    if targets == "all-linear":
-        chosen = candidates
-    elif isinstance(targets, list) and len(targets) == 1 and any(c in targets[0] for c in "*()|[\\"):
-        chosen = [n for n in candidates if re.fullmatch(targets[0], n)]
-    else:
-        chosen = [n for n in candidates if any(_matches(n, t) for t in targets)]
-        # One typo in a list (q_proj,v_prj) would otherwise train the others and silently skip it.
-        unmatched = [t for t in targets if not any(_matches(n, t) for n in candidates)]
-        if chosen and unmatched:
-            suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
-            hints = [f"{t!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(t, suffixes, 1))
-                                 else "") for t in unmatched]
-            raise LoRATargetError(
-                f"--target-modules: {', '.join(hints)} match(es) no linear layer of {type(model).__name__}; its "
-                f"linear layers are named: {', '.join(suffixes)} (fix or drop the name, or use all-linear)")
+    chosen, unmatched = select_targets(candidates, target_modules)
+    # One typo in a list (q_proj,v_prj) would otherwise train the others and silently skip it.
+    if chosen and unmatched:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        hints = [f"{t!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(t, suffixes, 1))
+                             else "") for t in unmatched]
+        raise LoRATargetError(
+            f"--target-modules: {', '.join(hints)} match(es) no linear layer of {type(model).__name__}; its "
+            f"linear layers are named: {', '.join(suffixes)} (fix or drop the name, or use all-linear)")
     if not chosen:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
         raise LoRATargetError(
@@ -158,11 +142,6 @@ def find_target_modules(model: nn.Module, target_modules: str | list[str]) -> li
             f"its linear layers are named: {', '.join(suffixes)} (or use all-linear)"
         )
     return chosen
-
-
-def _matches(name: str, target: str) -> bool:
-    """A module name matches a target that is the whole name or its last dotted parts (PEFT's rule)."""
-    return name == target or name.endswith("." + target)
 
 
 def inject_lora(

@@ -28,8 +28,9 @@ import sys
 import torch
 from torch import nn
 
-from qlora_lite.errors import LaunchError
+from qlora_lite.errors import LaunchError, ModelLoadError
 from qlora_lite.kernels.footprint import IGNORE_INDEX
+from qlora_lite.model.loading import decoder_blocks
 
 log = logging.getLogger(__name__)
 
@@ -230,20 +231,6 @@ def store_4bit_as(model: nn.Module, dtype: torch.dtype) -> int:
     return count
 
 
-def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks (``LlamaDecoderLayer`` ...) that FSDP gathers one at a time.
-
-    Raises:
-        LaunchError: the model names no block class (transformers' ``_no_split_modules``).
-    """
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise LaunchError(f"--fsdp: cannot find the decoder blocks of {type(model).__name__} (it lists no "
-                          "_no_split_modules); train it without --fsdp")
-    return blocks
-
-
 def base_bytes(model: nn.Module, exclude: set[nn.Parameter]) -> tuple[int, int]:
     """``(bytes this process holds, bytes of the whole tensors)`` over the parameters not in ``exclude``."""
     local = total = 0
@@ -289,7 +276,11 @@ def shard_frozen_base(model: nn.Module, accelerator, trainable: list[nn.Paramete
         p.data = p.data.to(device)
         torch.distributed.broadcast(p.data, src=0)
     mesh = init_device_mesh(device.type, (accelerator.num_processes,))
-    for block in decoder_blocks(model):
+    try:
+        _, blocks = decoder_blocks(model)
+    except ModelLoadError as e:
+        raise LaunchError(f"--fsdp: {e}; train it without --fsdp") from None
+    for block in blocks:
         fully_shard(block, mesh=mesh, ignored_params=keep & set(block.parameters()))
     fully_shard(model, mesh=mesh, ignored_params=keep)
     local, total = base_bytes(model, keep)

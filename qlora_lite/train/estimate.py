@@ -26,7 +26,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qlora_lite.config import DEMO_MODEL
+from qlora_lite.config import DEMO_MODEL, select_targets
 from qlora_lite.errors import EstimateError
 from qlora_lite.kernels.footprint import CHUNKED_LOSS_MODELS, NO_CHECKPOINTING, loss_chunk_for
 
@@ -174,13 +174,9 @@ def model_shape(config: dict, where: str = "config") -> ModelShape:
 
 
 def lora_targets(shape: ModelShape, target_modules: str | list[str]) -> list[tuple[str, int, int]]:
-    """The block's linear layers LoRA wraps: ``all-linear`` or name suffixes (``q_proj,v_proj``)."""
-    if isinstance(target_modules, str):
-        if target_modules.strip() == "all-linear":
-            return list(shape.linears)
-        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
-    chosen = [lin for lin in shape.linears if any(lin[0] == t or lin[0].endswith("." + t) or
-                                                   lin[0].split(".")[-1] == t for t in target_modules)]
+    """The block's linear layers LoRA wraps, chosen by the rule training uses (``config.select_targets``)."""
+    names, _ = select_targets([name for name, _, _ in shape.linears], target_modules)
+    chosen = [lin for lin in shape.linears if lin[0] in names]
     if not chosen:
         names = ", ".join(name for name, _, _ in shape.linears)
         raise EstimateError(f"target modules {target_modules!r} match no linear layer; this model has: {names}")

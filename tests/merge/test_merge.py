@@ -344,7 +344,8 @@ def test_streamed_model_gives_from_pretrained_logits_exactly(tiny_model_factory,
     """verify_merge runs the merged side block by block; its logits must be from_pretrained's, bit for bit."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_lite.merge.stream_forward import decoder_blocks, streamed_logits, streamed_model
+    from qlora_lite.merge.stream_forward import streamed_logits, streamed_model
+    from qlora_lite.model.loading import decoder_blocks
 
     folder = tiny_model_factory(arch, shards=shards)
     ids = probe()
