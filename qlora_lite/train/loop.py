@@ -4,10 +4,6 @@ Reading order: ``train`` (the entry point) prepares everything, ``_Loop`` runs t
 Data order is a pure function of (seed, epoch) and dropout masks of (seed, step, process), so a
 resumed run replays exactly the batches and masks the uninterrupted run would have seen; with the
 restored adapter, optimizer and scheduler its losses equal the uninterrupted ones.
-
-Testing hook: the environment variable ``QLORA_LITE_STOP_AFTER_STEPS=k`` stops the run right after
-optimizer step ``k`` (an absolute step number; checkpoints due at ``k`` are written, nothing else),
-as a crash would, without changing the schedule. Then ``--resume`` continues it.
 """
 
 from __future__ import annotations
@@ -15,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +47,6 @@ from qlora_lite.train.model_setup import build_model_from_config
 from qlora_lite.train.optim import apply_current_settings, build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
-STOP_ENV = "QLORA_LITE_STOP_AFTER_STEPS"
 
 
 @dataclass
@@ -67,7 +61,6 @@ class TrainResult:
     eval_metrics: dict[str, float] = field(default_factory=dict)
     train_loss: float | None = None
     resumed_from: Path | None = None
-    stopped_early: bool = False
     main_process: bool = True  # False in the other processes of a multi-process launch (they write nothing)
 
 
@@ -221,8 +214,6 @@ class _Loop:
         self.last_loss: float | None = None
         if self.t.eval_steps and not eval_examples:
             log.warning("--eval-steps %d does nothing without --eval-data or --eval-fraction", self.t.eval_steps)
-        stop = os.environ.get(STOP_ENV, "").strip()
-        self.stop_after = int(stop) if stop else None
 
     def _epoch_chunks(self, epoch: int) -> list[list[int]]:
         return epoch_batches(len(self.train_examples), self.t.batch_size, self.t.seed, epoch, self.acc.num_processes)
@@ -267,21 +258,17 @@ class _Loop:
 
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not self.acc.is_main_process)
-        stopped = False
         # Log lines go above the progress bar instead of through it.
         with bar, logging_redirect_tqdm(loggers=[logging.getLogger("qlora_lite")]):
             try:
-                while self.step < self.total_steps and not stopped:
+                while self.step < self.total_steps:
                     self._next_step(bar)
-                    stopped = self.stop_after is not None and self.stop_after <= self.step < self.total_steps
             except KeyboardInterrupt:
                 where = self.last_checkpoint or "none yet"
                 log.warning("interrupted during step %d; last complete checkpoint: %s (continue with --resume)",
                             self.step + 1, where)
                 raise
-        if stopped:
-            log.warning("stopped after step %d (%s is set)", self.step, STOP_ENV)
-        return self._finish(stopped)
+        return self._finish()
 
     def _next_step(self, bar) -> None:
         """One optimizer step on the next ``grad_accum`` micro-batches of the current epoch."""
@@ -391,11 +378,9 @@ class _Loop:
                                                    scaler=self.acc.scaler)
         self.acc.wait_for_everyone()
 
-    def _finish(self, stopped: bool) -> TrainResult:
+    def _finish(self) -> TrainResult:
         result = TrainResult(self.output_dir, None, self.metrics.path, None, self.step, dict(self.last_eval),
-                             self.last_loss, self.resumed_from, stopped, self.acc.is_main_process)
-        if stopped:
-            return result
+                             self.last_loss, self.resumed_from, self.acc.is_main_process)
         if self.acc.is_main_process:
             try:
                 result.adapter_dir = save_adapter(self.acc.unwrap_model(self.model), self.output_dir,
