@@ -38,14 +38,15 @@ def _tiny_llama(folder: Path) -> Path:
 
 def _step(model, ids, device, fused: bool, chunked: bool = True):
     from qlora_lite.kernels import chunked_loss, lora_4bit
+    from qlora_lite.model import lora
 
-    lora_4bit.ENABLED = fused
+    lora.fast_lora_applies = lora_4bit.fast_lora_applies if fused else (lambda layer, x: False)
     try:
         loss = (chunked_loss.causal_lm_loss(model, ids, ids, chunk=16) if chunked
                 else model(input_ids=ids, labels=ids).loss)
         loss.backward()
     finally:
-        lora_4bit.ENABLED = True
+        lora.fast_lora_applies = lora_4bit.fast_lora_applies
     grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return loss.item(), grads

@@ -117,5 +117,6 @@ def add_tokenizer(writer, tok_dir: Path, vocab_size: int) -> dict[str, int]:
     return dict(special.special_token_ids)
 
 
-def _token_text(token) -> str | None:
+def token_text(token) -> str | None:
+    """The text of a special token as tokenizer_config.json writes it (a string, or a dict with "content")."""
     return token.get("content") if isinstance(token, dict) else token

@@ -18,9 +18,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Switch for comparisons (tests, profiling): False sends every LoRA layer through the plain path.
-ENABLED = True
-
 
 def _in_checkpoint() -> bool:
     """True inside a non-reentrant checkpointed block (its forward or its recompute).
@@ -86,8 +83,6 @@ class Lora4bitLinear(torch.autograd.Function):
 def fast_lora_applies(layer, x: torch.Tensor) -> bool:
     """Whether ``lora_4bit_forward`` computes ``layer(x)``: a trainable, unmerged LoRA over a bnb
     4-bit layer in canonical layout, with x, A, B and the compute dtype all the same float type."""
-    if not ENABLED:
-        return False
     weight = getattr(layer.base_layer, "weight", None)
     state = getattr(weight, "quant_state", None)
     if state is None or getattr(state, "packing_format_for_cpu", False) or layer.merged:

@@ -15,7 +15,7 @@ import torch
 from qlora_lite.errors import MergeError
 from qlora_lite.kernels.lora_4bit import dequantize_4bit_computed
 from qlora_lite.model.adapter import check_compatible, layer_alpha, read_adapter
-from qlora_lite.model.bnb import _conv1d_class, dequantize_weight, quantize_linear, quantized_layer_names
+from qlora_lite.model.bnb import conv1d_class, dequantize_weight, quantize_linear, quantized_layer_names
 from qlora_lite.model.folder import read_model_config, resolve_model_dir, weight_files
 from qlora_lite.model.loading import checkpoint_key_map, meta_model, release_freed_memory
 from qlora_lite.model.lora import lora_scaling, merge_weight
@@ -119,12 +119,12 @@ def plan_merge(
             quant = _quant_settings(record, bits, quant_type, double_quant, notes)
     layers = [n for n in quantized_layer_names(model) if n in owners]
     quantized = {owners[n] for n in layers} if quant["bits"] in (4, 8) else set()
-    conv1d = {owners[n] for n in owners if isinstance(model.get_submodule(n), _conv1d_class())}
+    conv1d = {owners[n] for n in owners if isinstance(model.get_submodule(n), conv1d_class())}
     return MergePlan(base_dir, entries, json.loads((base_dir / "config.json").read_text()), lora, quantized,
                      conv1d, merge_base, quant, Path(adapter_dir) if adapter_dir else None, notes)
 
 
-def _roundtrip(weight: torch.Tensor, conv1d: bool, quant: dict, as_computed: bool = False) -> torch.Tensor:
+def as_trained_weight(weight: torch.Tensor, conv1d: bool, quant: dict, as_computed: bool = False) -> torch.Tensor:
     """dequantize(quantize(W)), exactly as ``model.loading.load_base_model`` quantizes it for training.
 
     Returns fp32, or with ``as_computed`` (4-bit only) the compute-dtype weight a 4-bit layer
@@ -151,7 +151,7 @@ def merged_tensor(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tens
     training model held it.
     """
     if key in plan.quantized:
-        tensor = _roundtrip(tensor, key in plan.conv1d, plan.quant)
+        tensor = as_trained_weight(tensor, key in plan.conv1d, plan.quant)
     elif plan.quant.get("compute_dtype") is not None and tensor.is_floating_point():
         tensor = tensor.to(plan.quant["compute_dtype"])
     if key in plan.lora:

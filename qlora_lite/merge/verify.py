@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_lite.merge.plan import MergePlan, _roundtrip
+from qlora_lite.merge.plan import MergePlan, as_trained_weight
 from qlora_lite.merge.stream_forward import streamed_logits
 from qlora_lite.model.folder import weight_files
 from qlora_lite.model.loading import DTYPES, release_freed_memory
@@ -71,13 +71,13 @@ def probe_ids(vocab_size: int, length: int = 32) -> torch.Tensor:
 
 def as_trained(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tensor:
     """A base tensor as the 4-bit training model multiplied by it: quantized, dequantized to the compute dtype."""
-    return _roundtrip(tensor, key in plan.conv1d, plan.quant, as_computed=True) if key in plan.quantized else tensor
+    return as_trained_weight(tensor, key in plan.conv1d, plan.quant, as_computed=True) if key in plan.quantized else tensor
 
 
 def _merge_base(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tensor:
     """The weight the adapter adds to, as training held it (8-bit: the int8 codes times their scales)."""
     if key in plan.quantized:
-        return as_trained(plan, key, tensor) if plan.quant["bits"] == 4 else _roundtrip(
+        return as_trained(plan, key, tensor) if plan.quant["bits"] == 4 else as_trained_weight(
             tensor, key in plan.conv1d, plan.quant)
     if plan.quant.get("compute_dtype") is not None and tensor.is_floating_point():
         return tensor.to(plan.quant["compute_dtype"])  # the dequantized policy: as training held it

@@ -18,7 +18,8 @@ def _bnb():
     return bitsandbytes
 
 
-def _conv1d_class():
+def conv1d_class():
+    """GPT-2's ``Conv1D`` (a linear layer with the weight stored transposed)."""
     from transformers.pytorch_utils import Conv1D
 
     return Conv1D
@@ -26,12 +27,12 @@ def _conv1d_class():
 
 def is_linear_like(module: nn.Module) -> bool:
     """True for every layer kind LoRA can wrap: nn.Linear (incl. bitsandbytes subclasses) and Conv1D."""
-    return isinstance(module, (nn.Linear, _conv1d_class()))
+    return isinstance(module, (nn.Linear, conv1d_class()))
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of any linear-like layer (Conv1D stores its weight as [in, out])."""
-    if isinstance(module, _conv1d_class()):
+    if isinstance(module, conv1d_class()):
         in_features, out_features = module.weight.shape
         return in_features, out_features
     return module.in_features, module.out_features
@@ -58,7 +59,7 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
         if scales is None:
             scales = module.state.SCB
         return weight.data.float() * (scales.float().unsqueeze(1) / 127.0)
-    if isinstance(module, _conv1d_class()):
+    if isinstance(module, conv1d_class()):
         return weight.detach().float().t()
     return weight.detach().float()
 

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 # ModelLoadError lives with the folder checks; every caller still imports it from here
 from qlora_lite.errors import ModelLoadError
-from qlora_lite.model.bnb import _conv1d_class, quantize_linear, quantized_layer_names
+from qlora_lite.model.bnb import conv1d_class, quantize_linear, quantized_layer_names
 from qlora_lite.model.folder import (
     iter_checkpoint_tensors,
     read_model_config,
@@ -187,7 +187,7 @@ def load_base_model(
     model = meta_model(config, trust_remote_code=trust_remote_code, dtype=compute_dtype)
 
     to_quantize = set(quantized_layer_names(model)) if bits in (4, 8) else set()
-    conv1d = _conv1d_class()
+    conv1d = conv1d_class()
     resolve = checkpoint_key_map(model, model_dir)
     loaded, pending_bias = set(), {}
     for key, tensor in iter_checkpoint_tensors(weight_files(model_dir, allow_bin_weights)):

@@ -108,12 +108,6 @@ def relaunch(num_processes: int, args: list[str]) -> int:
     return subprocess.run(argv, env=env, check=False).returncode
 
 
-def configure_process_logging() -> None:
-    """Processes other than the main one log only warnings (one copy of each progress line)."""
-    if in_launched_process() and not is_main_process():
-        logging.getLogger("qlora_lite").setLevel(logging.WARNING)
-
-
 def check_same_checkpoint(accelerator, checkpoint, output_dir) -> None:
     """Refuse to start when the processes found different checkpoints to resume (a collective: all call it).
 
