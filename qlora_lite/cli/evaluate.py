@@ -6,7 +6,7 @@ import json
 
 import click
 
-from qlora_lite.cli.options import config_options
+from qlora_lite.cli.options import config_options, with_defaults
 
 
 @click.command("eval")
@@ -33,19 +33,20 @@ def command(model, adapter, data, bits, limit, batch_size, no_exact, as_json, **
 
     Example: qlora-lite eval --model demo --data qlora_lite/demo/data/eval.jsonl --json
     """
+    flags = with_defaults(flags)
     from qlora_lite.inference.evaluate import evaluate_jsonl
     from qlora_lite.inference.generate import load_for_inference
 
     if (limit is not None and limit < 1) or batch_size < 1:
         raise click.BadParameter("--limit and --batch-size must be at least 1")
     lm, tokenizer = load_for_inference(
-        model, adapter=adapter, bits=int(bits) if bits else None, quant_type=flags["quant_type"] or "nf4",
-        double_quant=True if flags["double_quant"] is None else flags["double_quant"],
-        trust_remote_code=bool(flags["trust_remote_code"]), allow_bin_weights=bool(flags["allow_bin_weights"]),
+        model, adapter=adapter, bits=int(bits) if bits else None, quant_type=flags["quant_type"],
+        double_quant=flags["double_quant"],
+        trust_remote_code=flags["trust_remote_code"], allow_bin_weights=flags["allow_bin_weights"],
     )
-    result = evaluate_jsonl(lm, tokenizer, data, fmt=flags["format"] or "auto",
-                            max_seq_len=flags["max_seq_len"] or 512, limit=limit, batch_size=batch_size,
-                            exact=not no_exact, skip_bad_lines=bool(flags["skip_bad_lines"]))
+    result = evaluate_jsonl(lm, tokenizer, data, fmt=flags["format"],
+                            max_seq_len=flags["max_seq_len"], limit=limit, batch_size=batch_size,
+                            exact=not no_exact, skip_bad_lines=flags["skip_bad_lines"])
     result.update(model=model, adapter=adapter)
     if as_json:
         click.echo(json.dumps(result))

@@ -8,6 +8,7 @@ import logging
 import torch
 from torch import nn
 
+from qlora_lite.config import LoraConfig, ModelConfig, TrainConfig
 from qlora_lite.kernels.checkpoint_policy import selective_checkpoint_context
 from qlora_lite.kernels.cpu_attention import use_cpu_attention
 from qlora_lite.kernels.footprint import NO_CHECKPOINTING
@@ -61,21 +62,21 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True,
 def build_model(
     model_path: str,
     *,
-    bits: int = 4,
-    quant_type: str = "nf4",
-    double_quant: bool = True,
-    compute_dtype: str = "auto",
+    bits: int = ModelConfig.bits,
+    quant_type: str = ModelConfig.quant_type,
+    double_quant: bool = ModelConfig.double_quant,
+    compute_dtype: str = ModelConfig.compute_dtype,
     trust_remote_code: bool = False,
     allow_bin_weights: bool = False,
     adapter: str | None = None,
-    target_modules: str = "all-linear",
-    rank: int = 16,
-    alpha: float = 32.0,
-    dropout: float = 0.0,
-    rslora: bool = False,
-    lora_dtype: str = "auto",
+    target_modules: str = LoraConfig.target_modules,
+    rank: int = LoraConfig.rank,
+    alpha: float = LoraConfig.alpha,
+    dropout: float = LoraConfig.dropout,
+    rslora: bool = LoraConfig.rslora,
+    lora_dtype: str = LoraConfig.lora_dtype,
     trainable: bool = True,
-    gradient_checkpointing: bool = True,
+    gradient_checkpointing: bool = TrainConfig.gradient_checkpointing,
     checkpoint_policy: str = "balanced",
     seed: int | None = None,
 ) -> nn.Module:

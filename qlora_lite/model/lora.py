@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from qlora_lite.config import select_targets
+from qlora_lite.config import LoraConfig, select_targets
 from qlora_lite.errors import LoRATargetError
 from qlora_lite.kernels.lora_4bit import fast_lora_applies, lora_4bit_forward
 from qlora_lite.model.bnb import conv1d_class, dequantize_weight, is_linear_like, linear_shape
@@ -146,11 +146,11 @@ def find_target_modules(model: nn.Module, target_modules: str | list[str]) -> li
 
 def inject_lora(
     model: nn.Module,
-    target_modules: str | list[str] = "all-linear",
-    rank: int = 16,
-    alpha: float = 32.0,
-    dropout: float = 0.0,
-    rslora: bool = False,
+    target_modules: str | list[str] = LoraConfig.target_modules,
+    rank: int = LoraConfig.rank,
+    alpha: float = LoraConfig.alpha,
+    dropout: float = LoraConfig.dropout,
+    rslora: bool = LoraConfig.rslora,
     lora_dtype: torch.dtype = torch.bfloat16,
 ) -> list[str]:
     """Replace each target layer with a LoRALinear around it, in place; freeze everything else.
