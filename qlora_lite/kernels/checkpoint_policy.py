@@ -22,8 +22,8 @@ def selective_checkpoint_context(policy: str = "balanced"):
     recompute, recompute the rest of the block.
 
     ``policy="speed"`` keeps every projection output too (all matmuls whose weight is at least 64
-    wide, i.e. not the thin LoRA ones): the recomputed forward then does no big matmul. On the 1.1B
-    benchmark (CPU, 512 tokens) steps took 15% less time than balanced for 0.36 GB more peak memory.
+    wide, i.e. not the thin LoRA ones): the recomputed forward then does no big matmul, for more peak
+    memory (BENCHMARKS.md, "Checkpoint policies").
 
     Kept: attention outputs (the fused attention kernel was a tenth of a CPU step; (B, T, H) per
     block) and the outputs of down-projections, matmuls whose input is at least twice as wide as

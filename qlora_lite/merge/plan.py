@@ -135,7 +135,7 @@ def as_trained_weight(weight: torch.Tensor, conv1d: bool, quant: dict, as_comput
                             compute_dtype=quant["compute_dtype"])
     deq = dequantize_4bit_computed(layer.weight) if as_computed else dequantize_weight(layer)  # (out, in)
     # Params4bit and its layer reference each other: unless the cycle is cut, every quantized copy
-    # lives until the next automatic gc (a full gc.collect() costs ~1 s here), and the heap fragments.
+    # lives until the next automatic gc (a full gc.collect() per tensor is slow), and the heap fragments.
     if hasattr(layer.weight, "module"):
         layer.weight.module = None
         layer.weight.quant_state = None

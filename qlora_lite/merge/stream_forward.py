@@ -53,8 +53,8 @@ def _to_meta(module: nn.Module, leaf: str) -> None:
 
 def _drop_block(model: nn.Module, pairs: list, trim: bool = True) -> None:
     """Free the tensors a block read (its adapter, loaded up front, stays). glibc keeps the freed
-    buffers in its heap (measured: RSS grew ~60 MB a block on a 1.1B model, 2.0 GB in all); trimming
-    after each block keeps RSS at one block."""
+    buffers in its heap, so RSS would grow by a block's weights per block; trimming after each block
+    keeps it at one block."""
     for _, name in pairs:
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner)

@@ -35,7 +35,7 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True,
     gradient_checkpointing = gradient_checkpointing and checkpoint_policy != NO_CHECKPOINTING
     model.config.use_cache = False
     model.qlora_checkpoint_policy = checkpoint_policy if gradient_checkpointing else None
-    use_cpu_attention(model)  # CPU + SDPA only: blocked bf16 matmuls, ~2.8x faster than the fused kernel there
+    use_cpu_attention(model)  # CPU + SDPA only: blocked matmuls, faster than the fused kernel there (BENCHMARKS.md)
     # Beyond "memory", the policy keeps some block outputs instead of recomputing them
     # (kernels.checkpoint_policy.selective_checkpoint_context).
     kwargs = {"use_reentrant": False}

@@ -209,7 +209,7 @@ def load_base_model(
                 setattr(model.get_submodule(parent), child, layer)
                 loaded.update(f"{owner}.{p}" for p in parts)
                 del pending_bias[owner], parts, weight
-                release_freed_memory()  # else glibc keeps each freed 16-bit weight (0.9 GB at 1.1B)
+                release_freed_memory()  # else glibc keeps each freed 16-bit weight (BENCHMARKS.md)
             continue
         value = tensor.to(compute_dtype) if tensor.is_floating_point() else tensor
         set_module_tensor_to_device(model, name, "cpu", value=value)
@@ -234,7 +234,7 @@ def load_base_model(
 
 
 def release_freed_memory() -> None:
-    """Return freed heap pages to the OS (glibc keeps ~1 GB after tensor-by-tensor quantization)."""
+    """Return freed heap pages to the OS: glibc keeps the freed buffers of tensor-by-tensor quantization."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

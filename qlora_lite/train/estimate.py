@@ -14,8 +14,8 @@ The model is described by its shapes; each part of the peak is counted in bytes:
   computed chunk by chunk.
 - ``runtime``: what the process holds before any model (torch, libraries, allocator).
 - ``heap``: on the CPU, freed buffers glibc keeps for reuse (dequantized weights, matmul outputs):
-  measured as about three blocks of dequantized weights (0.26 GB at 1.1B in bf16). Returning every large buffer to
-  the OS (``MALLOC_MMAP_THRESHOLD_=1048576``) removed it but made steps 1.9x slower (page faults).
+  measured as about three blocks of dequantized weights. Returning every large buffer to the OS
+  (``MALLOC_MMAP_THRESHOLD_``) removes it but makes steps much slower (page faults; BENCHMARKS.md).
 
 The constants were checked against measured peaks (tools/benchmark.py compares the two).
 """
@@ -42,15 +42,14 @@ NO_DQ_CONST_BYTES = 4 / 64
 OPTIMIZER_BYTES = {"paged_adamw_8bit": 2.0, "adamw_8bit": 2.0, "paged_adamw_32bit": 8.0, "adamw": 8.0}
 
 
-# Process memory besides the model. CPU: torch + transformers + bitsandbytes imported hold 0.44 GB
-# of RSS, and the first training step pages in another ~0.12 GB (autograd and oneDNN kernels, thread
-# stacks), measured by tools/benchmark.py. CUDA: the allocator's peak excludes the context.
+# Process memory besides the model. CPU: torch + transformers + bitsandbytes imported, plus what the
+# first training step pages in (autograd and oneDNN kernels, thread stacks), measured by
+# tools/benchmark.py (BENCHMARKS.md). CUDA: the allocator's peak excludes the context.
 RUNTIME_BYTES = {"cpu": int(0.56e9), "cuda": int(0.05e9)}
 
 
-# Freed-but-kept glibc heap during CPU training, in blocks of bf16 linear weights. Measured on the 1.1B
-# benchmark model: peaks 1.91-2.11 GB (balanced) and 1.91 GB (memory) against 1.66-1.76 GB without it;
-# the 0.12B model is small enough that it hardly shows.
+# Freed-but-kept glibc heap during CPU training, in blocks of linear weights, fitted to the measured
+# 1.1B peaks (BENCHMARKS.md, "Where the memory goes"); small models hardly show it.
 HEAP_BLOCKS = 3
 
 
