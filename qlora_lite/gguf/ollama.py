@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from qlora_lite.data.tokenize import DEFAULT_CHAT_TEMPLATE
 from qlora_lite.gguf.vocab import token_text
 
@@ -13,8 +15,6 @@ log = logging.getLogger(__name__)
 
 
 def _render(template: str, messages: list[dict], generation: bool, specials: dict) -> str:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def raise_exception(message):
         raise ValueError(message)
 

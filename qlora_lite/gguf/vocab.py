@@ -14,6 +14,8 @@ import logging
 import re
 from pathlib import Path
 
+import gguf
+
 from qlora_lite.data.tokenize import DEFAULT_CHAT_TEMPLATE
 from qlora_lite.errors import GGUFExportError
 
@@ -28,8 +30,6 @@ _KNOWN_PRE = (
 
 
 def _gguf():
-    import gguf
-
     return gguf
 
 

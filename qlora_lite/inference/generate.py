@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import TextStreamer
 
 from qlora_lite.data.tokenize import DEFAULT_CHAT_TEMPLATE, encode_prompt
 from qlora_lite.model.adapter import read_adapter
@@ -86,8 +87,6 @@ def generate_reply(model: nn.Module, tokenizer, ids: list[int], *, max_new_token
     Returns:
         The reply text, special tokens removed.
     """
-    from transformers import TextStreamer
-
     if seed is not None:
         torch.manual_seed(seed)
     input_ids = torch.tensor([ids], dtype=torch.long, device=model_device(model))  # (1, T)

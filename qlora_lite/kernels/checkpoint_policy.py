@@ -7,6 +7,7 @@ outputs), speed (every projection output: no big matmul is recomputed).
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 
 def _attention_ops() -> set:
@@ -30,8 +31,6 @@ def selective_checkpoint_context(policy: str = "balanced"):
     their output (the MLP's down_proj: 5632 -> 2048 at 1.1B, a quarter of the block's FLOPs for one
     (B, T, H) tensor). Policy is by op and shape, so it holds for every architecture.
     """
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
     keep = _attention_ops()
     matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
 

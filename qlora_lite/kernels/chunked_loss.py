@@ -78,7 +78,7 @@ def chunked_causal_lm_loss(
 
 def _is_fsdp_root(model: nn.Module) -> bool:
     try:
-        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415 (torch builds without FSDP2)
     except ImportError:
         return False
     return isinstance(model, FSDPModule)

@@ -20,6 +20,9 @@ anything else goes to transformers' SDPA path unchanged.
 from __future__ import annotations
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 NAME = "qlora_lite_cpu"  # the attention implementation name registered with transformers
 
@@ -156,8 +159,6 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     Returns:
         ``(attn_output (B, T, Hq, D), None)``.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if not _applies(module, query, key, attention_mask, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -173,9 +174,6 @@ def use_cpu_attention(model) -> bool:
     Registered under ``NAME`` with transformers' attention and mask registries (the masks are SDPA's,
     so padding and packed examples arrive as the boolean masks this kernel reads).
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False

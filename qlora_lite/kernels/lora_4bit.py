@@ -15,6 +15,7 @@ sequence (4*T*V bytes, more than the activations of all checkpointed blocks toge
 
 from __future__ import annotations
 
+import bitsandbytes.functional as F
 import torch
 from torch import nn
 
@@ -36,8 +37,6 @@ def _in_checkpoint() -> bool:
 def dequantize_4bit_computed(weight) -> torch.Tensor:
     """A ``bnb.nn.Params4bit`` as a (out, in) tensor in its compute dtype (bf16 or fp32: straight from
     the 4-bit codes, no intermediate copy)."""
-    import bitsandbytes.functional as F
-
     return F.dequantize_4bit(weight.data, weight.quant_state)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from qlora_lite.errors import MergeError
 from qlora_lite.kernels.lora_4bit import dequantize_4bit_computed
@@ -162,8 +163,6 @@ def merged_tensor(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tens
 
 def iter_merged_tensors(plan: MergePlan, progress: bool = False):
     """Yield ``(checkpoint_key, merged_tensor)`` in checkpoint order, one tensor in memory at a time."""
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(plan.entries), unit="tensor", desc="merge", disable=not progress)
     for entry, tensor in iter_tensors(plan.entries):
         yield entry.name, merged_tensor(plan, entry.name, tensor)

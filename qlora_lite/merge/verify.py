@@ -23,10 +23,12 @@ Both steps hold a few tensors (the reconstruction in row chunks) or one decoder 
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from qlora_lite.merge.plan import MergePlan, as_trained_weight
 from qlora_lite.merge.stream_forward import streamed_logits
@@ -184,8 +186,6 @@ def check_weights(plan: MergePlan, merged_dir: Path, dtype: str) -> MergeCheck:
 
 
 def _vocab_size(plan: MergePlan) -> int:
-    from transformers import AutoConfig
-
     return int(AutoConfig.from_pretrained(plan.base_dir).get_text_config().vocab_size)
 
 
@@ -200,8 +200,6 @@ def verify_merge(plan: MergePlan, merged_dir: Path, dtype: str, tolerance: float
     Returns:
         MergeCheck; ``problem`` says what failed first (the probe runs only after the weights pass).
     """
-    import gc
-
 
     result = check_weights(plan, merged_dir, dtype)
     if result.problem is not None:

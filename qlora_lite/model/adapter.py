@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from qlora_lite.errors import AdapterError
@@ -99,8 +100,6 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, dict[str, tor
     Raises:
         AdapterError: missing files, unsupported PEFT features, damaged files (naming the file).
     """
-    from safetensors.torch import load_file
-
     adapter_dir = Path(adapter_dir)
     config_path, weights_path = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
     for path in (config_path, weights_path):

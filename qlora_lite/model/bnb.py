@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 
+import bitsandbytes
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 # ModelLoadError lives with the folder checks; every caller still imports it from here
 
@@ -13,15 +15,12 @@ from torch import nn
 def _bnb():
     """Import bitsandbytes lazily (it is slow to import and noisy about optional kernels)."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import bitsandbytes
 
     return bitsandbytes
 
 
 def conv1d_class():
     """GPT-2's ``Conv1D`` (a linear layer with the weight stored transposed)."""
-    from transformers.pytorch_utils import Conv1D
-
     return Conv1D
 
 
@@ -50,7 +49,7 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
         state = weight.quant_state
         data = weight.data
         if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' CPU inference layout
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # noqa: PLC0415 (only bitsandbytes releases with the CPU layout have it)
 
             data, state = _convert_weight_packed_for_cpu_inverse(data, state)
         return bnb.functional.dequantize_4bit(data, state).float()

@@ -5,10 +5,15 @@ weight files read tensor by tensor, and its tokenizer."""
 from __future__ import annotations
 
 import json
+import pickle
 import warnings
 from pathlib import Path
 
 import torch
+import transformers
+from huggingface_hub import snapshot_download
+from transformers import AutoConfig, AutoTokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 # ModelLoadError lives with the folder checks; every caller still imports it from here
 from qlora_lite.config import DEMO_MODEL
@@ -52,9 +57,6 @@ def read_model_config(model_dir: Path, trust_remote_code: bool = False):
     Raises:
         ModelLoadError: invalid JSON, an unknown model type, or custom code without --trust-remote-code.
     """
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     path = model_dir / "config.json"
     raw = read_json_file(path)
     model_type = raw.get("model_type")
@@ -68,8 +70,6 @@ def read_model_config(model_dir: Path, trust_remote_code: bool = False):
             raise ModelLoadError(f"{path} has no model_type (e.g. \"llama\"); copy config.json from the original "
                                  "model again")
         if not raw.get("auto_map"):
-            import transformers
-
             raise ModelLoadError(
                 f"{path}: model type {model_type!r} is unknown to transformers {transformers.__version__}; check "
                 "model_type in that file, or upgrade transformers (pip install -U transformers)")
@@ -94,8 +94,6 @@ def load_bin(path: Path) -> dict:
         ModelLoadError: the file holds more than tensors. torch's own message advises retrying with
             weights_only=False, which would run whatever code the file carries; it is never repeated.
     """
-    import pickle
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "pickle protocol 4 detected": noise beside the refusal
@@ -170,8 +168,6 @@ def resolve_model_dir(model_path: str | Path) -> Path:
     if path.exists():
         raise ModelLoadError(f"{path} is a file; pass the model folder that holds config.json")
     if str(model_path).count("/") == 1 and not str(model_path).startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
-
         try:
             return Path(snapshot_download(str(model_path), allow_patterns=["*.json", "*.safetensors", "*.model",
                                                                         "*.txt", "*.jinja"]))
@@ -182,8 +178,6 @@ def resolve_model_dir(model_path: str | Path) -> Path:
 
 def load_tokenizer(model_path: str | Path, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token guaranteed (the EOS token when the model has none)."""
-    from transformers import AutoTokenizer
-
     model_dir = resolve_model_dir(model_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)

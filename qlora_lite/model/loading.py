@@ -19,6 +19,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 from transformers import AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 # ModelLoadError lives with the folder checks; every caller still imports it from here
 from qlora_lite.errors import ModelLoadError
@@ -46,8 +47,8 @@ def _transformers_renames(model: nn.Module, where) -> Callable[[str], str]:
     match is refused by name.
     """
     try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming
+        from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: PLC0415 (transformers 5 only)
+        from transformers.core_model_loading import WeightConverter, WeightRenaming  # noqa: PLC0415 (transformers 5 only)
     except ImportError:
         mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
         legacy = getattr(model, "_fix_state_dict_key_on_load", None)  # LayerNorm.gamma -> .weight and the like
@@ -119,8 +120,6 @@ def check_causal_lm(config, model_dir) -> None:
     Raises:
         ModelLoadError: naming the architecture and what to use instead.
     """
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
     archs = list(getattr(config, "architectures", None) or [])
     named = ", ".join(archs) or config.model_type
     remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})

@@ -40,7 +40,7 @@ class DtypeChoice:
 
 def cpu_features() -> dict:
     """What torch reports about this CPU's low-precision matmul support."""
-    import torch
+    import torch  # noqa: PLC0415 (torch-free at import, for qlora-lite estimate)
 
     def flag(name: str) -> bool:
         probe = getattr(torch.cpu, name, None)
@@ -56,7 +56,7 @@ def cpu_features() -> dict:
 def matmul_speedup(dtype_name: str, size: int = 128, repeats: int = 5) -> float:
     """How many times faster a (size x size) @ (size x size) matmul runs in ``dtype_name`` than in
     fp32 on this CPU (best of ``repeats``; under 1 means slower). Takes milliseconds."""
-    import torch
+    import torch  # noqa: PLC0415 (torch-free at import, for qlora-lite estimate)
 
     def best_seconds(dtype) -> float:
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
@@ -96,7 +96,7 @@ def choose_compute_dtype(requested: str = "auto", device: str = "cpu") -> DtypeC
     if requested != "auto":
         return DtypeChoice(requested, "as requested")
     if device == "cuda":
-        import torch
+        import torch  # noqa: PLC0415 (torch-free at import, for qlora-lite estimate)
 
         if torch.cuda.is_bf16_supported():
             return DtypeChoice("bf16", f"{torch.cuda.get_device_name()} supports bf16")
@@ -113,7 +113,7 @@ def lora_dtype_for(requested: str, compute_dtype: str) -> str:
 
 
 def default_device() -> str:
-    import torch
+    import torch  # noqa: PLC0415 (torch-free at import, for qlora-lite estimate)
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -15,6 +15,8 @@ import struct
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save, save_file
 
 from qlora_lite.errors import CheckpointError
 
@@ -35,8 +37,6 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     """safetensors ``save_file`` through a temporary file, fsync, rename."""
-    from safetensors.torch import save_file
-
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -94,15 +94,11 @@ def json_bytes(obj) -> bytes:
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     """A safetensors file's bytes for ``tensors`` (built in memory, written later with ``write_bytes``)."""
-    from safetensors.torch import save
-
     return save(tensors, metadata={"format": "pt"})
 
 
 def safetensors_error() -> type:
     """safetensors' own exception class (imported on first use, like the other safetensors imports here)."""
-    from safetensors import SafetensorError
-
     return SafetensorError
 
 
@@ -119,8 +115,6 @@ def read_json(path: Path):
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file. Raises CheckpointError naming the file when it cannot be read."""
-    from safetensors.torch import load
-
     try:
         return load(path.read_bytes())  # bytes, not a mapping: nothing keeps the file open
     except Exception as e:  # safetensors raises its own error types for damaged files

@@ -19,14 +19,19 @@ micro-batch, and the loss is divided by the label tokens of all processes togeth
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import subprocess
 import sys
 
+import bitsandbytes as bnb
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 from qlora_lite.errors import LaunchError, ModelLoadError
 from qlora_lite.kernels.footprint import IGNORE_INDEX
@@ -170,8 +175,6 @@ def all_reduce_grads(params: list[nn.Parameter], bucket_elements: int = 1 << 24)
     Gradients travel in fp32 buckets of about ``bucket_elements`` values: few collectives, and a
     bounded extra buffer (64 MB) instead of a second copy of every gradient.
     """
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return
     grads = [p.grad for p in params if p.grad is not None]
@@ -204,8 +207,6 @@ def store_4bit_as(model: nn.Module, dtype: torch.dtype) -> int:
     Raises:
         ValueError: a layer whose packed size is not a multiple of ``dtype``'s size.
     """
-    import bitsandbytes as bnb
-
     count = 0
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
@@ -254,11 +255,6 @@ def shard_frozen_base(model: nn.Module, accelerator, trainable: list[nn.Paramete
     Returns:
         The same model object, sharded; its forward runs under the accelerator's autocast.
     """
-    import functools
-
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     device = accelerator.device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     store_4bit_as(model, dtype)

@@ -67,7 +67,7 @@ def available_memory(device: str) -> int | None:
     Returns None where it cannot be read (e.g. macOS has no /proc/meminfo).
     """
     if device == "cuda":
-        import torch
+        import torch  # noqa: PLC0415 (torch-free at import, for qlora-lite estimate)
 
         return int(torch.cuda.mem_get_info()[0])
     try:

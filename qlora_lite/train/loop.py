@@ -11,11 +11,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from qlora_lite.checkpoint.folder import (
     latest_checkpoint,
@@ -90,7 +96,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory so far: allocated CUDA memory on a GPU, else the process's peak RSS."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
@@ -111,10 +116,6 @@ def train(config: Config) -> TrainResult:
         errors.ConfigError, errors.DataError, errors.ModelLoadError, errors.CheckpointError,
         TrainingError: with a message meant for the user.
     """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-
     config.validate(required=("model.model", "data.data", "train.output"))
     t = config.train
     output_dir = Path(t.output)
@@ -149,8 +150,6 @@ def _train(config: Config, accelerator, output_dir: Path, model_dir: Path, lock,
            saved_state: dict | None) -> TrainResult:
     """``train`` once the output folder is checked (and locked, if it exists); ``resume_from`` is the
     checkpoint to continue (None: from step 0) and ``saved_state`` its trainer state."""
-    from accelerate.utils import set_seed
-
 
     t = config.train
     tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
@@ -253,9 +252,6 @@ class _Loop:
             self.model, self.optimizer = self.acc.prepare(model, optimizer)
 
     def run(self) -> TrainResult:
-        from tqdm import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not self.acc.is_main_process)
         # Log lines go above the progress bar instead of through it.

@@ -154,7 +154,9 @@ def cpu_fp16_amp(monkeypatch):
             self.native_amp = True
             self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=2)
 
-    monkeypatch.setattr(accelerate, "Accelerator", CpuFp16Accelerator)
+    from qlora_lite.train import loop
+
+    monkeypatch.setattr(loop, "Accelerator", CpuFp16Accelerator)
 
 
 def test_resumed_fp16_run_continues_the_loss_scale_exactly(tiny_llama, tmp_path, monkeypatch, cpu_fp16_amp,
