@@ -7,7 +7,6 @@ type, vocabulary) goes into ``qlora_lite.json`` beside them, a file PEFT ignores
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from torch import nn
 
 from qlora_lite.errors import AdapterError
 from qlora_lite.model.lora import LoRALinear, lora_layers, mark_only_lora_trainable
-from qlora_lite.storage.durable import save_safetensors_atomic, write_json_atomic
+from qlora_lite.storage.durable import read_json_object, save_safetensors_atomic, write_json_atomic
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -142,16 +141,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, dict[str, tor
 
 def _read_json(path: Path) -> dict:
     """A JSON object from an adapter file, or AdapterError naming FILE:LINE:COLUMN."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); fix the file, or copy the "
-                           "adapter folder again from where it was trained") from None
-    except UnicodeDecodeError:
-        raise AdapterError(f"{path}: not a text file (not UTF-8); copy the adapter folder again") from None
-    if not isinstance(value, dict):
-        raise AdapterError(f"{path}: expected a JSON object, found {type(value).__name__}")
-    return value
+    return read_json_object(path, AdapterError, "fix the file, or copy the adapter folder again from where it was trained")
 
 
 def _check_rank(name: str, parts: dict[str, torch.Tensor], config: dict, config_path: Path) -> None:

@@ -4,7 +4,6 @@ weight files read tensor by tensor, and its tokenizer."""
 
 from __future__ import annotations
 
-import json
 import pickle
 import warnings
 from pathlib import Path
@@ -18,6 +17,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 # ModelLoadError lives with the folder checks; every caller still imports it from here
 from qlora_lite.config import DEMO_MODEL
 from qlora_lite.errors import ModelLoadError, SafetensorsError
+from qlora_lite.storage.durable import read_json_object
 from qlora_lite.storage.safetensors_io import iter_tensors, read_headers
 
 # The JSON files of a model folder that something here reads; each is parsed up front, so a damaged
@@ -38,17 +38,7 @@ def read_json_file(path: Path) -> dict:
     Raises:
         ModelLoadError: the file is not valid JSON (with FILE:LINE:COLUMN) or not an object.
     """
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); fix the file or copy it "
-                             "from the original model again") from None
-    except UnicodeDecodeError:
-        raise ModelLoadError(f"{path}: not a text file (not UTF-8); copy it from the original model again") from None
-    if not isinstance(value, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, found {type(value).__name__}; copy it from the "
-                             "original model again")
-    return value
+    return read_json_object(path, ModelLoadError, "fix the file, or copy it from the original model again")
 
 
 def read_model_config(model_dir: Path, trust_remote_code: bool = False):

@@ -113,6 +113,20 @@ def read_json(path: Path):
         raise CheckpointError(f"{path}: {what}") from None
 
 
+def read_json_object(path: Path, error: type[Exception], remedy: str) -> dict:
+    """A JSON object from a file the user gave (a model or adapter folder's), or ``error`` naming
+    FILE:LINE:COLUMN and ending with ``remedy`` (what to do)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); {remedy}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text file (not UTF-8); {remedy}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, found {type(value).__name__}; {remedy}")
+    return value
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file. Raises CheckpointError naming the file when it cannot be read."""
     try:
