@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from qlora_lite.errors import MergeError
 from qlora_lite.kernels.lora_4bit import dequantize_4bit_computed
 from qlora_lite.model.adapter import check_compatible, layer_alpha, read_adapter
-from qlora_lite.model.bnb import conv1d_class, dequantize_weight, quantize_linear, quantized_layer_names
+from qlora_lite.model.bnb import dequantize_weight, quantize_linear, quantized_layer_names
 from qlora_lite.model.folder import read_model_config, resolve_model_dir, weight_files
 from qlora_lite.model.loading import checkpoint_key_map, meta_model, release_freed_memory
 from qlora_lite.model.lora import lora_scaling, merge_weight
@@ -120,7 +121,7 @@ def plan_merge(
             quant = _quant_settings(record, bits, quant_type, double_quant, notes)
     layers = [n for n in quantized_layer_names(model) if n in owners]
     quantized = {owners[n] for n in layers} if quant["bits"] in (4, 8) else set()
-    conv1d = {owners[n] for n in owners if isinstance(model.get_submodule(n), conv1d_class())}
+    conv1d = {owners[n] for n in owners if isinstance(model.get_submodule(n), Conv1D)}
     return MergePlan(base_dir, entries, json.loads((base_dir / "config.json").read_text()), lora, quantized,
                      conv1d, merge_base, quant, Path(adapter_dir) if adapter_dir else None, notes)
 

@@ -4,34 +4,26 @@ from __future__ import annotations
 
 import logging
 
-import bitsandbytes
+import bitsandbytes as bnb
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-# ModelLoadError lives with the folder checks; every caller still imports it from here
+from qlora_lite.kernels.quantize_4bit import quantize_blocks
 
-
-def _bnb():
-    """Import bitsandbytes lazily (it is slow to import and noisy about optional kernels)."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-    return bitsandbytes
-
-
-def conv1d_class():
-    """GPT-2's ``Conv1D`` (a linear layer with the weight stored transposed)."""
-    return Conv1D
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns about optional kernels at import
+BLOCKSIZE = 64  # weights per 4-bit block (one absmax each), bitsandbytes' default
+DQ_BLOCKSIZE = 256  # absmax values per block of the double quantization
 
 
 def is_linear_like(module: nn.Module) -> bool:
     """True for every layer kind LoRA can wrap: nn.Linear (incl. bitsandbytes subclasses) and Conv1D."""
-    return isinstance(module, (nn.Linear, conv1d_class()))
+    return isinstance(module, (nn.Linear, Conv1D))
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of any linear-like layer (Conv1D stores its weight as [in, out])."""
-    if isinstance(module, conv1d_class()):
+    if isinstance(module, Conv1D):
         in_features, out_features = module.weight.shape
         return in_features, out_features
     return module.in_features, module.out_features
@@ -43,7 +35,6 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     Works for nn.Linear, transformers' Conv1D (stored transposed), bitsandbytes Linear4bit
     (NF4/FP4, with or without double quantization) and Linear8bitLt.
     """
-    bnb = _bnb()
     weight = module.weight
     if isinstance(weight, bnb.nn.Params4bit):
         state = weight.quant_state
@@ -58,9 +49,35 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
         if scales is None:
             scales = module.state.SCB
         return weight.data.float() * (scales.float().unsqueeze(1) / 127.0)
-    if isinstance(module, conv1d_class()):
+    if isinstance(module, Conv1D):
         return weight.detach().float().t()
     return weight.detach().float()
+
+
+def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", double_quant: bool = True):
+    """``bitsandbytes.functional.quantize_4bit`` in blocks of ``BLOCKSIZE``, with the same bytes and
+    quant state; on the CPU the codes come from ``kernels.quantize_4bit`` (much faster).
+
+    Returns:
+        ``(packed, QuantState)``.
+
+    Raises:
+        ValueError: the weight holds NaN or infinite values.
+    """
+    if weight.device.type != "cpu":
+        if not torch.isfinite(weight).all():
+            raise ValueError("non-finite values (NaN or inf) in the weight")
+        return bnb.functional.quantize_4bit(weight, blocksize=BLOCKSIZE, quant_type=quant_type,
+                                            compress_statistics=double_quant)
+    code = bnb.functional.get_4bit_type(quant_type, device=weight.device)
+    order = torch.argsort(code)  # bitsandbytes rounds to the nearest code: midpoints of the sorted codes
+    packed, absmax = quantize_blocks(weight, (code[order[:-1]] + code[order[1:]]) / 2, order, BLOCKSIZE)
+    common = dict(shape=weight.shape, dtype=weight.dtype, blocksize=BLOCKSIZE, code=code, quant_type=quant_type)
+    if not double_quant:
+        return packed, bnb.functional.QuantState(absmax=absmax, **common)
+    offset = absmax.mean()
+    qabsmax, state2 = bnb.functional.quantize_blockwise(absmax - offset, blocksize=DQ_BLOCKSIZE)
+    return packed, bnb.functional.QuantState(absmax=qabsmax, offset=offset, state2=state2, **common)
 
 
 def quantize_linear(
@@ -82,7 +99,6 @@ def quantize_linear(
     Returns:
         ``bnb.nn.Linear4bit`` or ``bnb.nn.Linear8bitLt`` whose weight requires no grad.
     """
-    bnb = _bnb()
     out_features, in_features = weight.shape
     if bits == 4:
         layer = bnb.nn.Linear4bit(
@@ -92,13 +108,10 @@ def quantize_linear(
         # bitsandbytes repacks CPU weights in place for eval-mode inference and changes the quant
         # state; our merge/save code reads the canonical layout, so the repack is switched off.
         layer.support_avx512bf16_for_cpu = False
-        packed, state = bnb.functional.quantize_4bit(
-            weight.to(compute_dtype).contiguous(), blocksize=64, quant_type=quant_type,
-            compress_statistics=double_quant,
-        )
+        packed, state = quantize_4bit(weight.to(compute_dtype).contiguous(), quant_type, double_quant)
         layer.weight = bnb.nn.Params4bit(
             packed, requires_grad=False, quant_state=state, quant_type=quant_type,
-            compress_statistics=double_quant, blocksize=64, bnb_quantized=True, module=layer,
+            compress_statistics=double_quant, blocksize=BLOCKSIZE, bnb_quantized=True, module=layer,
         )
     elif bits == 8:
         layer = bnb.nn.Linear8bitLt(

@@ -22,8 +22,10 @@ from transformers import AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 # ModelLoadError lives with the folder checks; every caller still imports it from here
+from transformers.pytorch_utils import Conv1D
+
 from qlora_lite.errors import ModelLoadError
-from qlora_lite.model.bnb import conv1d_class, quantize_linear, quantized_layer_names
+from qlora_lite.model.bnb import quantize_linear, quantized_layer_names
 from qlora_lite.model.folder import (
     iter_checkpoint_tensors,
     read_model_config,
@@ -186,7 +188,7 @@ def load_base_model(
     model = meta_model(config, trust_remote_code=trust_remote_code, dtype=compute_dtype)
 
     to_quantize = set(quantized_layer_names(model)) if bits in (4, 8) else set()
-    conv1d = conv1d_class()
+    conv1d = Conv1D
     resolve = checkpoint_key_map(model, model_dir)
     loaded, pending_bias = set(), {}
     for key, tensor in iter_checkpoint_tensors(weight_files(model_dir, allow_bin_weights)):

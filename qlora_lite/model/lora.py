@@ -11,11 +11,12 @@ import math
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from qlora_lite.config import LoraConfig, select_targets
 from qlora_lite.errors import LoRATargetError
 from qlora_lite.kernels.lora_4bit import fast_lora_applies, lora_4bit_forward
-from qlora_lite.model.bnb import conv1d_class, dequantize_weight, is_linear_like, linear_shape
+from qlora_lite.model.bnb import dequantize_weight, is_linear_like, linear_shape
 
 
 def lora_scaling(rank: int, alpha: float, rslora: bool = False) -> float:
@@ -64,7 +65,7 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         in_features, out_features = linear_shape(base_layer)
         self.in_features, self.out_features = in_features, out_features
-        self.fan_in_fan_out = isinstance(base_layer, conv1d_class())
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
         self.scaling = lora_scaling(rank, alpha, rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -189,7 +190,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     Quantized bases become dense ``nn.Linear`` (the merged weight is no longer on the 4-bit grid);
     Conv1D stays Conv1D so the state-dict layout matches the original architecture.
     """
-    conv1d = conv1d_class()
+    conv1d = Conv1D
     for name, layer in lora_layers(model).items():
         layer.merge()
         base, weight = layer.base_layer, layer.merged_weight
