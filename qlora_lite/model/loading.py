@@ -204,8 +204,12 @@ def load_base_model(
             module = model.get_submodule(owner)
             if "weight" in parts and ("bias" in parts or module.bias is None):
                 weight = parts["weight"].t() if isinstance(module, conv1d) else parts["weight"]
-                layer = quantize_linear(weight, parts.get("bias"), bits=bits, quant_type=quant_type,
-                                        double_quant=double_quant, compute_dtype=compute_dtype)
+                try:
+                    layer = quantize_linear(weight, parts.get("bias"), bits=bits, quant_type=quant_type,
+                                            double_quant=double_quant, compute_dtype=compute_dtype)
+                except ValueError as e:  # NaN or inf: no code stands for them, and the model is damaged
+                    raise ModelLoadError(f"{model_dir}: {key}: {e}; the checkpoint is damaged (re-download or "
+                                         "re-export it)") from None
                 parent, _, child = owner.rpartition(".")
                 setattr(model.get_submodule(parent), child, layer)
                 loaded.update(f"{owner}.{p}" for p in parts)

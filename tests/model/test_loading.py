@@ -108,3 +108,20 @@ def test_encoder_model_is_refused_naming_its_architecture(tmp_path):
     BertForMaskedLM(config).save_pretrained(tmp_path / "bert")
     with pytest.raises(ModelLoadError, match=r"config.json: BertForMaskedLM is not a causal language model"):
         load_base_model(tmp_path / "bert", bits=16)
+
+
+def test_a_nan_in_the_checkpoint_is_a_message_naming_the_tensor(tiny_llama, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qlora_lite.errors import ModelLoadError
+    from qlora_lite.model.loading import load_base_model
+
+    folder = shutil.copytree(tiny_llama, tmp_path / "model")
+    weights = load_file(folder / "model.safetensors")
+    key = next(k for k in weights if k.endswith("layers.0.mlp.up_proj.weight"))
+    weights[key][3, 7] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=rf"{key}: non-finite values .*damaged"):
+        load_base_model(str(folder), bits=4)
