@@ -94,6 +94,9 @@ class TrainConfig:
     grad_accum: int = _opt(1, "Micro-batches accumulated before each optimizer step.")
     lr: float = _opt(2e-4, "Peak learning rate.")
     weight_decay: float = _opt(0.0, "AdamW weight decay on the adapter weights.")
+    lora_plus_ratio: float = _opt(
+        1.0, "LoRA+: train the B matrices at this many times --lr (A and the rest at --lr); 1 is plain LoRA, "
+             "the LoRA+ paper uses 16 (then a smaller --lr).")
     max_grad_norm: float = _opt(1.0, "Clip the gradient norm to this value (0 disables clipping).")
     max_steps: int = _opt(0, "Optimizer steps to run; 0 means run --epochs epochs.")
     epochs: float = _opt(1.0, "Passes over the training data (used when --max-steps is 0).")
@@ -182,6 +185,7 @@ class Config:
             (unfit(self.train.epochs) or self.train.epochs > 0, "--epochs must be positive"),
             (self.train.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
             (unfit(self.train.max_grad_norm) or self.train.max_grad_norm >= 0, "--max-grad-norm must be 0 or more"),
+            (unfit(self.train.lora_plus_ratio) or self.train.lora_plus_ratio > 0, "--lora-plus-ratio must be positive"),
             (min(self.train.save_steps, self.train.eval_steps, self.train.save_total_limit) >= 0,
              "--save-steps, --eval-steps and --save-total-limit must be 0 or more"),
             (self.train.logging_steps >= 1, "--logging-steps must be at least 1"),

@@ -201,7 +201,7 @@ def run_baseline(job: dict) -> dict:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    import qlora_lite.model  # noqa: F401
+    import qlora_lite.model.build  # noqa: F401
 
     return {"runtime_peak_bytes": peak_bytes()}
 

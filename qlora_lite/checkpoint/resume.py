@@ -36,7 +36,7 @@ FINGERPRINT_KEYS: dict[str, tuple[str, bool]] = {
     "rslora": ("rsLoRA", True), "target_modules": ("target modules", True), "lora_dtype": ("LoRA dtype", True),
     "adapter": ("starting adapter", True), "optimizer": ("optimizer", True),
     "lr": ("learning rate", False), "lr_scheduler": ("lr scheduler", False), "warmup_steps": ("warmup steps", False),
-    "weight_decay": ("weight decay", False), "max_grad_norm": ("max grad norm", False),
+    "weight_decay": ("weight decay", False), "lora_plus_ratio": ("LoRA+ ratio", True), "max_grad_norm": ("max grad norm", False),
     "max_steps": ("max steps", False), "epochs": ("epochs", False), "save_steps": ("save steps", False),
     "eval_steps": ("eval steps", False), "save_total_limit": ("save total limit", False),
     "logging_steps": ("logging steps", False), "dropout": ("LoRA dropout", False),

@@ -50,7 +50,7 @@ from qlora_lite.train.distributed import (
 )
 from qlora_lite.train.metrics import METRICS_NAME, MetricsLog, plot_loss
 from qlora_lite.train.model_setup import build_model_from_config
-from qlora_lite.train.optim import apply_current_settings, build_optimizer, build_scheduler
+from qlora_lite.train.optim import apply_current_settings, build_optimizer, build_scheduler, lora_plus_groups
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +221,10 @@ class _Loop:
         """Build model, optimizer and schedule; restore them (and the RNG) from ``resume_from`` if given."""
         t = self.t
         model = build_model_from_config(self.config, trainable=True)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(self.params, t.optimizer, t.lr, t.weight_decay, self.acc.device.type)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in trainable]
+        optimizer = build_optimizer(lora_plus_groups(trainable, t.lora_plus_ratio), t.optimizer, t.lr,
+                                    t.weight_decay, self.acc.device.type)
         # The schedule always spans the planned total, so a resumed run gets the same learning rates.
         self.scheduler = build_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, self.total_steps)
         if resume_from is not None:

@@ -33,19 +33,36 @@ def resolve_optimizer_name(name: str, device_type: str) -> str:
     return name
 
 
+def lora_plus_groups(named_params: list[tuple[str, torch.nn.Parameter]], ratio: float) -> list[dict]:
+    """Parameter groups for LoRA+ (Hayou et al., 2024): the B matrices at ``ratio`` times the learning
+    rate of everything else. ``lr_scale`` is each group's factor on ``--lr`` (kept in the optimizer state,
+    so a resumed run scales the same way). One group when ``ratio`` is 1, as plain LoRA trains."""
+    params = [p for _, p in named_params]
+    if ratio == 1.0:
+        return [{"params": params, "lr_scale": 1.0}]
+    is_b = ["lora_B" in name for name, _ in named_params]
+    groups = [{"params": [p for p, b in zip(params, is_b) if not b], "lr_scale": 1.0},
+              {"params": [p for p, b in zip(params, is_b) if b], "lr_scale": ratio}]
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(
-    params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float = 0.0, device_type: str = "cpu"
+    params: list[torch.nn.Parameter] | list[dict], name: str, lr: float, weight_decay: float = 0.0,
+    device_type: str = "cpu",
 ) -> torch.optim.Optimizer:
     """Build the optimizer for the trainable (LoRA) parameters.
 
     Args:
-        params: the parameters to train (non-empty).
+        params: the parameters to train (non-empty), or groups of them (``lora_plus_groups``), each group
+            at ``lr * group["lr_scale"]``.
         name: one of OPTIMIZERS.
         device_type: "cuda", "cpu", ...: decides whether paged optimizers are possible.
 
     Raises:
         ValueError: unknown optimizer name or no trainable parameter.
     """
+    if params and isinstance(params[0], dict):
+        params = [{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in params if g["params"]]
     if not params:
         raise ValueError("the model has no trainable parameter (no LoRA layer was added?)")
     name = resolve_optimizer_name(name, device_type)
@@ -69,10 +86,10 @@ def apply_current_settings(optimizer: torch.optim.Optimizer, scheduler, lr: floa
     resume allows both to change, so they are set again here. The schedule's shape already comes
     from the rebuilt LambdaLR; only its restored step count is kept.
     """
-    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
-    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group["initial_lr"] = lr
-        group["lr"] = lr * factor(scheduler.last_epoch)  # as LambdaLR computes it
+    scheduler.base_lrs = [lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)  # as LambdaLR computes it
         group["weight_decay"] = weight_decay
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() returns
 
