@@ -63,6 +63,8 @@ class LoraConfig:
         "all-linear", "Layers to adapt: comma-separated module-name suffixes (q_proj,v_proj) or all-linear."
     )
     rslora: bool = _opt(False, "Rank-stabilized scaling alpha/sqrt(r) instead of alpha/r.")
+    dora: bool = _opt(False, "DoRA: also learn a magnitude per output channel of each adapted layer (PEFT's "
+                             "use_dora); often closer to full fine-tuning at the same rank, for a slower step.")
     lora_dtype: str = _opt(
         "auto", "Dtype of the adapter weights A and B while training; auto: the compute dtype (fp32 under fp16).",
         ("auto", "bf16", "fp16", "fp32"),

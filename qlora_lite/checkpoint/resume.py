@@ -33,7 +33,7 @@ FINGERPRINT_KEYS: dict[str, tuple[str, bool]] = {
     "num_processes": ("number of processes", True), "model": ("base model", True), "bits": ("bits", True),
     "quant_type": ("quant type", True), "double_quant": ("double quant", True),
     "compute_dtype": ("compute dtype", False), "rank": ("LoRA rank", True), "alpha": ("LoRA alpha", True),
-    "rslora": ("rsLoRA", True), "target_modules": ("target modules", True), "lora_dtype": ("LoRA dtype", True),
+    "rslora": ("rsLoRA", True), "dora": ("DoRA", True), "target_modules": ("target modules", True), "lora_dtype": ("LoRA dtype", True),
     "adapter": ("starting adapter", True), "optimizer": ("optimizer", True),
     "lr": ("learning rate", False), "lr_scheduler": ("lr scheduler", False), "warmup_steps": ("warmup steps", False),
     "weight_decay": ("weight decay", False), "lora_plus_ratio": ("LoRA+ ratio", True), "max_grad_norm": ("max grad norm", False),

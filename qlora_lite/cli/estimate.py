@@ -16,7 +16,7 @@ from qlora_lite.cli.options import config_options
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="A training YAML file whose settings are used (flags override it).")
 @click.option("--seq-len", "seq_len", type=int, default=None, help="Tokens per sequence  [default: max_seq_len of the --config file, else 512]")
-@config_options("bits", "compute_dtype", "batch_size", "rank", "target_modules", "gradient_checkpointing",
+@config_options("bits", "compute_dtype", "batch_size", "rank", "dora", "target_modules", "gradient_checkpointing",
                 "checkpoint_policy", "optimizer", "num_processes")
 @click.option("--fsdp", is_flag=True, help="Shard the frozen weights over --num-processes (FSDP); adapters stay whole.")
 @click.option("--loss-chunk", type=int, default=None,

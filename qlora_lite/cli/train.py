@@ -12,9 +12,9 @@ from qlora_lite.cli.options import config_options
 TRAIN_FIELDS = (
     "model", "data", "output", "eval_data", "eval_fraction", "format",
     "bits", "quant_type", "double_quant", "compute_dtype",
-    "rank", "alpha", "dropout", "target_modules", "rslora", "lora_dtype", "adapter",
+    "rank", "alpha", "dropout", "target_modules", "rslora", "dora", "lora_dtype", "adapter",
     "max_seq_len", "drop_long", "packing", "train_on_inputs", "skip_bad_lines",
-    "batch_size", "grad_accum", "lr", "weight_decay", "max_grad_norm", "max_steps", "epochs", "warmup_steps",
+    "batch_size", "grad_accum", "lr", "weight_decay", "lora_plus_ratio", "max_grad_norm", "max_steps", "epochs", "warmup_steps",
     "lr_scheduler", "optimizer", "gradient_checkpointing", "checkpoint_policy",
     "save_steps", "eval_steps", "save_total_limit", "logging_steps", "seed", "resume",
     "trust_remote_code", "allow_bin_weights", "num_processes", "fsdp",

@@ -88,6 +88,8 @@ def fast_lora_applies(layer, x: torch.Tensor) -> bool:
         return False
     if not (layer.training and torch.is_grad_enabled()):
         return False
+    if getattr(layer, "use_dora", False) and not isinstance(layer.lora_dropout, nn.Identity):
+        return False  # DoRA's base term sees the dropped input: the plain path computes it
     return x.dtype == layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == state.dtype
 
 

@@ -37,7 +37,8 @@ class MergePlan:
     base_dir: Path
     entries: list[TensorEntry]
     config: dict
-    lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # checkpoint key -> (A, B, scaling)
+    # checkpoint key -> (A, B, scaling, DoRA magnitudes or None)
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]]
     quantized: set[str]  # checkpoint keys of the weights the training base held quantized
     conv1d: set[str]  # checkpoint keys of GPT-2 Conv1D weights, stored (in, out)
     merge_base: str
@@ -114,9 +115,12 @@ def plan_merge(
             raise MergeError(f"{adapter_dir}: the adapter targets {len(missing)} layer(s) the base in {base_dir} "
                              f"does not have, e.g. {', '.join(missing[:3])}; is it the right base model?")
         for module, parts in modules.items():
+            if "lora_magnitude_vector" in parts and isinstance(model.get_submodule(module), Conv1D):
+                raise MergeError(f"{adapter_dir}: {module} is a Conv1D layer (GPT-2 style) with DoRA magnitudes; "
+                                 "merging DoRA into such layers is not supported yet (run base + adapter instead)")
             rank = parts["lora_A"].shape[0]
             scaling = lora_scaling(rank, layer_alpha(config, module, rank), bool(config.get("use_rslora")))
-            lora[owners[module]] = (parts["lora_A"], parts["lora_B"], scaling)
+            lora[owners[module]] = (parts["lora_A"], parts["lora_B"], scaling, parts.get("lora_magnitude_vector"))
         if merge_base == "dequantized":
             quant = _quant_settings(record, bits, quant_type, double_quant, notes)
     layers = [n for n in quantized_layer_names(model) if n in owners]
@@ -157,8 +161,8 @@ def merged_tensor(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tens
     elif plan.quant.get("compute_dtype") is not None and tensor.is_floating_point():
         tensor = tensor.to(plan.quant["compute_dtype"])
     if key in plan.lora:
-        lora_A, lora_B, scaling = plan.lora[key]
-        tensor = merge_weight(tensor, lora_A, lora_B, scaling, fan_in_fan_out=key in plan.conv1d)
+        lora_A, lora_B, scaling, magnitude = plan.lora[key]
+        tensor = merge_weight(tensor, lora_A, lora_B, scaling, fan_in_fan_out=key in plan.conv1d, magnitude=magnitude)
     return tensor
 
 

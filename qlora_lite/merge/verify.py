@@ -106,7 +106,7 @@ def _chunk_ratio(plan: MergePlan, key: str, start: int, base: torch.Tensor, stor
     w = base.double()
     exact, magnitude, rank = w, w.abs(), 0
     if key in plan.lora:
-        lora_A, lora_B, scaling = plan.lora[key]
+        lora_A, lora_B, scaling, dora = plan.lora[key]
         a, b = lora_A.double(), lora_B.double()  # (r, in), (out, r)
         rows = slice(start, start + w.shape[0])
         if key in plan.conv1d:  # stored rows are inputs: delta^T[rows] = (B @ A[:, rows])^T
@@ -114,6 +114,10 @@ def _chunk_ratio(plan: MergePlan, key: str, start: int, base: torch.Tensor, stor
         else:
             delta, size = b[rows] @ a, b[rows].abs() @ a.abs()
         exact, magnitude, rank = w + scaling * delta, magnitude + abs(scaling) * size, a.shape[0]
+        if dora is not None:  # rows are output channels (plan_merge refuses DoRA on Conv1D)
+            scale = (dora.double()[rows] / torch.linalg.norm(exact, dim=1)).unsqueeze(1)
+            # the merge computes the row norm in fp32 over the whole row: a few roundoffs per element
+            exact, magnitude, rank = exact * scale, (magnitude * scale.abs()), rank + exact.shape[1]
     bound = _half_ulp(exact, out) + (rank + 2) * FP32_UNIT_ROUNDOFF * magnitude
     error = (stored.double() - exact).abs()
     return torch.where(torch.isfinite(error), error / bound, torch.full_like(error, float("inf"))), error

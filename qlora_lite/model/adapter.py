@@ -22,7 +22,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 RECORD_NAME = "qlora_lite.json"
 PEFT_PREFIX = "base_model.model."
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_[AB])(?:\.[^.]+)?\.weight$")
+# lora_A/lora_B weights (PEFT may put the adapter name before ``.weight``) and DoRA's magnitudes
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?:(?P<part>lora_[AB])(?:\.[^.]+)?\.weight"
+                  r"|(?P<magnitude>lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?)$")
 
 
 def training_record(model: nn.Module) -> dict:
@@ -55,12 +57,16 @@ def save_adapter(model: nn.Module, output_dir: str | Path, base_model_name: str 
     for name, layer in layers.items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+        if layer.use_dora:
+            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
         if layer.rank != first.rank:
             rank_pattern[name] = layer.rank
         if layer.alpha != first.alpha:
             alpha_pattern[name] = layer.alpha
     if len({layer.rslora for layer in layers.values()}) > 1:
         raise AdapterError("LoRA layers mix rsLoRA and plain scaling; PEFT's format holds one setting")
+    if len({layer.use_dora for layer in layers.values()}) > 1:
+        raise AdapterError("LoRA layers mix DoRA and plain LoRA; PEFT's format holds one setting")
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     record = training_record(model)
     config = {
@@ -79,7 +85,7 @@ def save_adapter(model: nn.Module, output_dir: str | Path, base_model_name: str 
         "alpha_pattern": alpha_pattern,
         "init_lora_weights": True,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": first.use_dora,
         "layers_to_transform": None,
         "layers_pattern": None,
         "revision": None,
@@ -109,7 +115,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, dict[str, tor
     config = _read_json(config_path)
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{config_path}: peft_type {config.get('peft_type')} is not supported (only LORA)")
-    unsupported = [k for k in ("use_dora", "modules_to_save") if config.get(k)]
+    unsupported = [k for k in ("modules_to_save",) if config.get(k)]
     if config.get("bias", "none") != "none":
         unsupported.append(f"bias={config['bias']}")
     if unsupported:
@@ -124,10 +130,15 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, dict[str, tor
         if match is None:
             raise AdapterError(f"{weights_path}: tensor {key!r} is not a LoRA linear weight (embedding LoRA and "
                                "trained biases are not supported)")
-        modules.setdefault(match["module"], {})[match["part"]] = tensor
+        modules.setdefault(match["module"], {})[match["part"] or match["magnitude"]] = tensor
+    dora = bool(config.get("use_dora"))
+    expected = {"lora_A", "lora_B", "lora_magnitude_vector"} if dora else {"lora_A", "lora_B"}
     for name, parts in modules.items():
-        if set(parts) != {"lora_A", "lora_B"}:
-            raise AdapterError(f"{weights_path}: module {name} lacks lora_A or lora_B")
+        if set(parts) != expected:
+            missing = ", ".join(sorted(expected - set(parts))) or "nothing"
+            extra = ", ".join(sorted(set(parts) - expected)) or "nothing"
+            raise AdapterError(f"{weights_path}: module {name} lacks {missing} and has {extra} extra "
+                               f"(use_dora is {str(dora).lower()} in {CONFIG_NAME})")
         _check_rank(name, parts, config, config_path)
         for part, tensor in parts.items():  # a NaN adapter would score nan and exit 0
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -207,8 +218,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
             raise AdapterError(f"{adapter_dir}: the adapter targets {name}, which the base model does not have")
         rank = parts["lora_A"].shape[0]
         alpha = layer_alpha(config, name, rank)
+        dora = bool(config.get("use_dora"))
         layer = base if isinstance(base, LoRALinear) else LoRALinear(
-            base, rank, alpha, config.get("lora_dropout", 0.0), config.get("use_rslora", False), new_dtype)
+            base, rank, alpha, config.get("lora_dropout", 0.0), config.get("use_rslora", False), new_dtype, dora)
+        if dora and parts["lora_magnitude_vector"].shape != (layer.out_features,):
+            raise AdapterError(f"{adapter_dir}: the DoRA magnitudes of {name} have shape "
+                               f"{tuple(parts['lora_magnitude_vector'].shape)}, the layer {layer.out_features} outputs")
         if (layer.lora_A.weight.shape, layer.lora_B.weight.shape) != (parts["lora_A"].shape, parts["lora_B"].shape):
             raise AdapterError(f"{adapter_dir}: shapes of {name} do not fit the base layer "
                                f"({tuple(parts['lora_B'].shape)} x {tuple(parts['lora_A'].shape)})")
@@ -218,6 +233,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
         with torch.no_grad():
             layer.lora_A.weight.copy_(parts["lora_A"])
             layer.lora_B.weight.copy_(parts["lora_B"])
+            if dora:  # the file's dtype unless one is asked for, like A and B
+                magnitude = parts["lora_magnitude_vector"]
+                layer.lora_magnitude_vector = nn.Parameter(magnitude.to(dtype or magnitude.dtype).clone())
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     if trainable:

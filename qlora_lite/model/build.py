@@ -74,6 +74,7 @@ def build_model(
     alpha: float = LoraConfig.alpha,
     dropout: float = LoraConfig.dropout,
     rslora: bool = LoraConfig.rslora,
+    dora: bool = LoraConfig.dora,
     lora_dtype: str = LoraConfig.lora_dtype,
     trainable: bool = True,
     gradient_checkpointing: bool = TrainConfig.gradient_checkpointing,
@@ -105,7 +106,7 @@ def build_model(
     elif trainable:
         if seed is not None:
             torch.manual_seed(seed)
-        inject_lora(model, target_modules, rank, alpha, dropout, rslora, DTYPES[lora_dtype])
+        inject_lora(model, target_modules, rank, alpha, dropout, rslora, DTYPES[lora_dtype], dora)
     if trainable:
         prepare_for_training(model, gradient_checkpointing, checkpoint_policy)
     else:

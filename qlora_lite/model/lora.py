@@ -1,5 +1,10 @@
 """Our LoRA layers: ``y = base(x) + scaling * B(A(dropout(x)))`` around a frozen linear layer.
 
+With DoRA (weight-decomposed LoRA, Liu et al. 2024) the layer also learns a magnitude per output
+channel, ``lora_magnitude_vector`` = m: the effective weight is ``m * (W + s*B@A) / ||W + s*B@A||``
+(row norms). The norm is recomputed from the dequantized base at every forward and treated as a
+constant in the backward pass, as the paper and PEFT do, so no second copy of the base is ever kept.
+
 Everything trainable is named ``lora_*`` so freezing, saving and stripping are one name filter each;
 the wrapped layer is ``base_layer`` (the PEFT convention, so state-dict keys map one to one).
 """
@@ -25,20 +30,28 @@ def lora_scaling(rank: int, alpha: float, rslora: bool = False) -> float:
 
 
 def merge_weight(
-    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, fan_in_fan_out: bool = False
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, fan_in_fan_out: bool = False,
+    magnitude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``W + scaling * B @ A`` in fp32: the one merge used in memory, by the export and in tests.
+    """``W + scaling * B @ A`` in fp32, each output row rescaled to ``magnitude`` for DoRA: the one merge
+    used in memory, by the export and in tests.
 
     Args:
         weight: (out, in) base weight, or (in, out) when ``fan_in_fan_out`` (GPT-2's Conv1D layout).
         lora_A: (r, in).
         lora_B: (out, r).
+        magnitude: (out,) DoRA magnitudes, or None for plain LoRA.
 
     Returns:
         fp32 tensor in the same layout as ``weight``.
     """
     delta = scaling * (lora_B.float() @ lora_A.float())  # (out, in)
-    return weight.float() + (delta.t() if fan_in_fan_out else delta)
+    merged = weight.float() + (delta.t() if fan_in_fan_out else delta)
+    if magnitude is None:
+        return merged
+    rows = merged.t() if fan_in_fan_out else merged  # (out, in) view
+    rows.mul_((magnitude.float() / torch.linalg.norm(rows, dim=1)).unsqueeze(1))
+    return merged
 
 
 class LoRALinear(nn.Module):
@@ -60,6 +73,7 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         rslora: bool = False,
         lora_dtype: torch.dtype = torch.bfloat16,
+        use_dora: bool = False,
     ):
         super().__init__()
         self.base_layer = base_layer
@@ -72,7 +86,12 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(in_features, rank, bias=False, dtype=lora_dtype)
         self.lora_B = nn.Linear(rank, out_features, bias=False, dtype=lora_dtype)
         self.merged_weight: torch.Tensor | None = None
+        self.use_dora = use_dora
         self.reset_lora_parameters()
+        if use_dora:  # B is zero: the magnitudes start as the base's row norms, so step 0 is the base
+            with torch.no_grad():
+                norms = torch.linalg.norm(dequantize_weight(base_layer), dim=1)
+            self.lora_magnitude_vector = nn.Parameter(norms.to(lora_dtype))
 
     def reset_lora_parameters(self) -> None:
         """A Kaiming-uniform, B zero: the first forward equals the base layer's exactly."""
@@ -92,17 +111,48 @@ class LoRALinear(nn.Module):
             bias = getattr(self.base_layer, "bias", None)
             return nn.functional.linear(x.to(self.merged_weight.dtype), self.merged_weight, bias)
         if fast_lora_applies(self, x):  # training over a 4-bit base: one fused autograd function
-            return lora_4bit_forward(self, x)
+            fused = lora_4bit_forward(self, x)
+            return self._dora_rescale(fused) if self.use_dora else fused
         result = self.base_layer(x)
         lora_x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
         update = self.lora_B(self.lora_A(lora_x)) * self.scaling
+        if self.use_dora:
+            return result + self._dora_term(result, lora_x, update).to(result.dtype)
         return result + update.to(result.dtype)
+
+    def _dora_rescale(self, fused: torch.Tensor) -> torch.Tensor:
+        """DoRA without dropout from the fused ``W x + b + s*B A x``: ``(m/n) * (fused - b) + b``."""
+        with torch.no_grad():
+            norm = torch.linalg.norm(dequantize_weight(self.base_layer) + self.delta_weight(), dim=1)
+        scale = self.lora_magnitude_vector.float() / norm
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is None:
+            return (fused.float() * scale).to(fused.dtype)
+        return ((fused.float() - bias.float()) * scale + bias.float()).to(fused.dtype)
+
+    def _dora_term(self, result: torch.Tensor, lora_x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to ``base(x)``: ``(m/n - 1) * W x + (m/n) * s*B A x``, n the row norms of
+        ``W + s*B@A`` (no gradient). With dropout active the ``W x`` part sees the dropped input, as in PEFT.
+
+        Shapes: result (..., out), lora_x (..., in), update (..., out).
+        """
+        with torch.no_grad():
+            weight = dequantize_weight(self.base_layer)  # fp32 (out, in), dropped after this forward
+            norm = torch.linalg.norm(weight + self.delta_weight(), dim=1)
+        scale = self.lora_magnitude_vector.float() / norm  # (out,): the magnitudes get their gradient here
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            bias = getattr(self.base_layer, "bias", None)
+            base = result if bias is None else result - bias
+        else:
+            base = nn.functional.linear(lora_x.float(), weight)
+        return (scale - 1) * base.float() + scale * update.float()
 
     def merge(self) -> None:
         """Use ``dequantize(W) + scaling * B @ A`` as the weight; the base layer is kept for unmerge."""
         if self.merged:
             return
-        weight = merge_weight(dequantize_weight(self.base_layer), self.lora_A.weight, self.lora_B.weight, self.scaling)
+        weight = merge_weight(dequantize_weight(self.base_layer), self.lora_A.weight, self.lora_B.weight, self.scaling,
+                              magnitude=self.lora_magnitude_vector if self.use_dora else None)
         bias = getattr(self.base_layer, "bias", None)
         dtype = bias.dtype if bias is not None else self.lora_A.weight.dtype
         self.merged_weight = weight.to(dtype)
@@ -112,7 +162,8 @@ class LoRALinear(nn.Module):
         self.merged_weight = None
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+        return (f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:.4g}, dora={self.use_dora}, "
+                f"merged={self.merged}")
 
 
 def find_target_modules(model: nn.Module, target_modules: str | list[str]) -> list[str]:
@@ -153,6 +204,7 @@ def inject_lora(
     dropout: float = LoraConfig.dropout,
     rslora: bool = LoraConfig.rslora,
     lora_dtype: torch.dtype = torch.bfloat16,
+    use_dora: bool = LoraConfig.dora,
 ) -> list[str]:
     """Replace each target layer with a LoRALinear around it, in place; freeze everything else.
 
@@ -164,7 +216,7 @@ def inject_lora(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
-        setattr(parent, child, LoRALinear(base, rank, alpha, dropout, rslora, lora_dtype))
+        setattr(parent, child, LoRALinear(base, rank, alpha, dropout, rslora, lora_dtype, use_dora))
     mark_only_lora_trainable(model)
     return names
 

@@ -208,6 +208,7 @@ def estimate_memory(
     loss_chunk: int | str | None = "auto",
     device: str = "cpu",
     compute_dtype: str = "bf16",
+    dora: bool = False,
 ) -> MemoryEstimate:
     """Predict the peak memory of one training process from the model's config alone.
 
@@ -228,6 +229,8 @@ def estimate_memory(
         device: "cpu" (process RSS) or "cuda" (``torch.cuda.max_memory_allocated``).
         compute_dtype: bf16, fp16 or fp32 (``model.precision.estimated_compute_dtype`` resolves auto): the
             size of activations, dequantized weights, unquantized layers and adapters.
+        dora: DoRA adapters: one more trainable value per output channel of each adapted layer, and
+            the fp32 dequantized weight each DoRA layer's norm needs for a moment.
 
     Returns:
         MemoryEstimate for one process.
@@ -257,7 +260,7 @@ def estimate_memory(
     constants = shape.linear_params * const_per_param + (4 * rows if bits == 8 else 0)
 
     targets = lora_targets(shape, target_modules)
-    lora_params = shape.layers * sum(rank * (i + o) for _, i, o in targets)
+    lora_params = shape.layers * sum(rank * (i + o) + (o if dora else 0) for _, i, o in targets)
     lora_value = 4 if compute_dtype == "fp16" else value  # fp16 trains fp32 master weights (loss scaler)
     lora = lora_params * 2 * lora_value  # weight + gradient
     optim = lora_params * OPTIMIZER_BYTES[optimizer]
@@ -267,6 +270,8 @@ def estimate_memory(
     weights, constants = weights / shard, constants / shard  # LoRA and its optimizer state are replicated
     activations = _activation_bytes(shape, targets, tokens, rank, bits,
                                     checkpoint_policy if gradient_checkpointing else None, value)
+    if dora:  # each DoRA layer's norm: its weight dequantized to fp32 for a moment (when it is the largest)
+        activations += 4 * max(i * o for _, i, o in targets)
     if shard > 1:
         activations += 2 * block_bytes  # the gathered block and the next one being prefetched
     if num_processes > 1 and not fsdp:
@@ -281,7 +286,8 @@ def estimate_memory(
     settings = dict(bits=bits, seq_len=seq_len, batch_size=batch_size, rank=rank,
                     target_modules=target_modules, gradient_checkpointing=gradient_checkpointing,
                     checkpoint_policy=checkpoint_policy, optimizer=optimizer, num_processes=num_processes, fsdp=fsdp,
-                    double_quant=double_quant, loss_chunk=loss_chunk, device=device, compute_dtype=compute_dtype)
+                    double_quant=double_quant, loss_chunk=loss_chunk, device=device, compute_dtype=compute_dtype,
+                    dora=dora)
     return MemoryEstimate({k: int(v) for k, v in breakdown.items()}, settings, lora_params, shape.params)
 
 

@@ -54,7 +54,7 @@ def estimate_settings(config, device: str) -> dict:
     ``qlora-lite estimate`` read a config the same way)."""
     t = config.train
     return dict(bits=config.model.bits, seq_len=config.data.max_seq_len, batch_size=t.batch_size,
-                rank=config.lora.rank, target_modules=config.lora.target_modules,
+                rank=config.lora.rank, target_modules=config.lora.target_modules, dora=config.lora.dora,
                 gradient_checkpointing=t.gradient_checkpointing, checkpoint_policy=t.checkpoint_policy,
                 optimizer=t.optimizer, num_processes=t.num_processes, fsdp=t.fsdp,
                 double_quant=config.model.double_quant, device=device,

@@ -49,7 +49,7 @@ def build_model_from_config(config, trainable: bool = True) -> nn.Module:
         m.model, bits=m.bits, quant_type=m.quant_type, double_quant=m.double_quant,
         compute_dtype=m.compute_dtype, trust_remote_code=m.trust_remote_code,
         allow_bin_weights=m.allow_bin_weights, adapter=lo.adapter, target_modules=lo.target_modules,
-        rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, rslora=lo.rslora, lora_dtype=lo.lora_dtype,
+        rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, rslora=lo.rslora, dora=lo.dora, lora_dtype=lo.lora_dtype,
         trainable=trainable, gradient_checkpointing=config.train.gradient_checkpointing,
         checkpoint_policy=checkpoint_policy_for(config) if trainable else "balanced", seed=config.train.seed,
     )
