@@ -131,3 +131,17 @@ def test_orpo_trains_without_a_reference_and_logs_the_sft_plus_odds_ratio_loss(t
 def test_settings_that_would_do_nothing_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, dict(model="m", data="d", output="o", **overrides)).validate()
+
+
+def test_the_memory_estimate_counts_both_sequences_of_a_pair(tiny_llama):
+    from qlora_lite.train.estimate import estimate_memory
+    from qlora_lite.train.fit import estimate_settings
+
+    def estimate(method, batch_size):
+        config = load_config(None, dict(model=str(tiny_llama), method=method, batch_size=batch_size,
+                                        checkpoint_policy="balanced"))
+        return estimate_memory(tiny_llama, **estimate_settings(config, "cpu")).breakdown
+
+    pairs, sequences = estimate("dpo", 2), estimate("sft", 4)
+    assert pairs["activations"] == sequences["activations"] > estimate("sft", 2)["activations"]
+    assert pairs["logits"] == sequences["logits"]
