@@ -18,7 +18,7 @@ from qlora_lite.cli.options import config_options
 @click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None,
               help="Load the base in 4, 8 or 16 bits.  [default: the adapter's training bits, else 16]")
 @config_options("format", "max_seq_len", "skip_bad_lines", "quant_type", "double_quant", "trust_remote_code",
-                "allow_bin_weights")
+                "allow_bin_weights", "beta")
 @click.option("--limit", type=int, default=None, help="Score only the first N examples.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per forward pass.")
 @click.option("--no-exact-match", "no_exact", is_flag=True,
@@ -31,9 +31,13 @@ def command(model, adapter, data, bits, limit, batch_size, no_exact, as_json, **
     answers (alpaca `output`, the last assistant turn of a chat), each prompt is also answered by
     greedy generation and compared, stripped, with the expected answer: the exact-match rate.
 
+    A file of preference pairs (prompt/chosen/rejected) reports the preference accuracy instead: how
+    often the model gives the chosen response the higher log-probability, and DPO's reward accuracy
+    and margin against the base with the adapter switched off (--beta scales the rewards).
+
     Example: qlora-lite eval --model demo --data qlora_lite/demo/data/eval.jsonl --json
     """
-    from qlora_lite.inference.evaluate import evaluate_jsonl
+    from qlora_lite.inference.evaluate import evaluate_jsonl, evaluate_preference_jsonl, is_preference_file
     from qlora_lite.inference.generate import load_for_inference
 
     if (limit is not None and limit < 1) or batch_size < 1:
@@ -43,9 +47,17 @@ def command(model, adapter, data, bits, limit, batch_size, no_exact, as_json, **
         double_quant=True if flags["double_quant"] is None else flags["double_quant"],
         trust_remote_code=bool(flags["trust_remote_code"]), allow_bin_weights=bool(flags["allow_bin_weights"]),
     )
-    result = evaluate_jsonl(lm, tokenizer, data, fmt=flags["format"] or "auto",
-                            max_seq_len=flags["max_seq_len"] or 512, limit=limit, batch_size=batch_size,
-                            exact=not no_exact, skip_bad_lines=bool(flags["skip_bad_lines"]))
+    if is_preference_file(data, flags["format"] or "auto"):
+        beta = 0.1 if flags["beta"] is None else flags["beta"]
+        if not beta > 0:
+            raise click.BadParameter("--beta must be positive")
+        result = evaluate_preference_jsonl(lm, tokenizer, data, max_seq_len=flags["max_seq_len"] or 512, limit=limit,
+                                           batch_size=batch_size, beta=beta,
+                                           skip_bad_lines=bool(flags["skip_bad_lines"]))
+    else:
+        result = evaluate_jsonl(lm, tokenizer, data, fmt=flags["format"] or "auto",
+                                max_seq_len=flags["max_seq_len"] or 512, limit=limit, batch_size=batch_size,
+                                exact=not no_exact, skip_bad_lines=bool(flags["skip_bad_lines"]))
     result.update(model=model, adapter=adapter)
     if as_json:
         click.echo(json.dumps(result))
@@ -55,8 +67,14 @@ def command(model, adapter, data, bits, limit, batch_size, no_exact, as_json, **
 
 def format_result(result: dict) -> str:
     """A short human-readable report of ``evaluate_jsonl``'s result."""
-    lines = [f"data        {result['data']} ({result['examples']} examples, format {result['format']})",
-             f"eval loss   {result['eval_loss']:.4f}",
+    lines = [f"data        {result['data']} ({result['examples']} examples, format {result['format']})"]
+    if result["format"] == "preference":
+        return "\n".join(lines + [
+            f"preference accuracy  {result['preference_accuracy']:.1%} (chosen response more likely than rejected)",
+            f"reward accuracy      {result['eval_rewards/accuracies']:.1%} (against the base, adapter off)",
+            f"reward margin        {result['eval_rewards/margins']:.4f} (beta {result['beta']:g})",
+            f"DPO loss             {result['eval_loss']:.4f}"])
+    lines += [f"eval loss   {result['eval_loss']:.4f}",
              f"perplexity  {result['eval_ppl']:.3f}"]
     if "exact_match" in result:
         lines.append(f"exact match {result['exact_match']:.1%} ({result['correct']}/{result['total']})")

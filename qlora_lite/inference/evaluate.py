@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from qlora_lite.data.dataset import load_dataset
-from qlora_lite.data.formats import detect_format, read_jsonl
+from qlora_lite.data.formats import detect_format, read_jsonl, read_lines
+from qlora_lite.data.preference import load_preference_dataset
 from qlora_lite.data.tokenize import render_example
-from qlora_lite.inference.generate import greedy_answers, prompt_ids
+from qlora_lite.inference.generate import greedy_answers, model_device, prompt_ids
 from qlora_lite.model.loss import evaluate
+from qlora_lite.model.preference import (
+    PreferenceLoss,
+    collate_pairs,
+    metrics_from_sums,
+    pair_statistics,
+    reference_logps,
+    sequence_logps,
+)
 
 
 def expected_answer(response_text: str, tokenizer) -> str:
@@ -79,3 +89,42 @@ def evaluate_jsonl(model: nn.Module, tokenizer, path: str | Path, *, fmt: str = 
         if not keep_answers:
             del result["answers"]
     return result
+
+
+def is_preference_file(path: str | Path, fmt: str = "auto") -> bool:
+    """Whether ``eval`` scores ``path`` as preference pairs (``--format preference``, or detected)."""
+    if fmt != "auto":
+        return fmt == "preference"
+    records, _ = read_lines(str(path))
+    return bool(records) and detect_format(records, str(path)) == "preference"
+
+
+@torch.no_grad()
+def evaluate_preference_jsonl(model: nn.Module, tokenizer, path: str | Path, *, max_seq_len: int = 512,
+                              limit: int | None = None, batch_size: int = 8, beta: float = 0.1,
+                              skip_bad_lines: bool = False) -> dict:
+    """Preference accuracy of ``model`` on a file of prompt/chosen/rejected pairs.
+
+    Two numbers: ``preference_accuracy``, how often the model gives the chosen response the higher
+    log-probability; and DPO's implicit-reward metrics against the base with the adapters off (the
+    reference of a DPO run from a fresh adapter): ``eval_rewards/accuracies`` (chosen reward above
+    rejected), ``eval_rewards/margins`` (beta times the log-prob ratios), ``eval_loss`` (the DPO loss).
+    Without an adapter every reward is 0, so only ``preference_accuracy`` says anything.
+
+    Raises:
+        data.DataError: unreadable file or pairs, with FILE:LINE.
+    """
+    pairs, stats = load_preference_dataset(str(path), tokenizer, max_seq_len=max_seq_len,
+                                           skip_bad_lines=skip_bad_lines)
+    pairs = pairs[:limit] if limit else pairs
+    objective, device = PreferenceLoss("dpo", beta=beta), model_device(model)
+    sums, wins = torch.zeros(5, dtype=torch.float64), 0
+    for start in range(0, len(pairs), batch_size):
+        batch = {k: v.to(device) for k, v in collate_pairs(pairs[start:start + batch_size],
+                                                           tokenizer.pad_token_id).items()}
+        logps, n_tokens = sequence_logps(model, batch)
+        chosen, rejected = logps.chunk(2)
+        wins += int((chosen > rejected).sum())
+        sums += pair_statistics(objective.pair_terms(logps, n_tokens, reference_logps(model, batch))).double().cpu()
+    return {"data": str(path), "format": "preference", "examples": len(pairs), "truncated": stats.truncated,
+            "preference_accuracy": wins / len(pairs), "beta": beta, **metrics_from_sums(sums, prefix="eval_")}
