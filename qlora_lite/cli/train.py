@@ -102,7 +102,7 @@ def command(config_file: str | None, **values) -> None:
     if "eval_ppl" in metrics:
         click.echo(f"eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_ppl']:.2f}")
     elif "eval_rewards/accuracies" in metrics:
-        click.echo(f"eval loss {metrics['eval_loss']:.4f}, preference accuracy {metrics['eval_rewards/accuracies']:.1%}, "
+        click.echo(f"eval loss {metrics['eval_loss']:.4f}, reward accuracy {metrics['eval_rewards/accuracies']:.1%}, "
                    f"reward margin {metrics['eval_rewards/margins']:.4f}")
     click.echo(f"metrics: {result.metrics_path}" + (f"; loss curve: {result.plot_path}" if result.plot_path else ""))
     click.echo(f"try it: qlora-lite generate --model {config.model.model} --adapter {result.adapter_dir} "

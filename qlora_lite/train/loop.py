@@ -393,7 +393,7 @@ class _Loop:
                 log.info("step %d: eval loss %.4f, perplexity %.2f", self.step, self.last_eval["eval_loss"],
                          self.last_eval["eval_ppl"])
             else:
-                log.info("step %d: eval loss %.4f, preference accuracy %.1f%%, reward margin %.4f", self.step,
+                log.info("step %d: eval loss %.4f, reward accuracy %.1f%%, reward margin %.4f", self.step,
                          self.last_eval["eval_loss"], 100 * self.last_eval["eval_rewards/accuracies"],
                          self.last_eval["eval_rewards/margins"])
         if self.step % t.logging_steps == 0 or last or "eval_loss" in record:

@@ -24,7 +24,7 @@ def test_train_dpo_then_eval_reports_the_held_out_preference_accuracy(tiny_llama
                     "--batch-size", 8, "--lr", 3e-3, "--max-steps", 60, "--optimizer", "adamw",
                     "--lr-scheduler", "constant", "--seed", 0)
     assert result.exit_code == 0, result.output
-    assert "preference accuracy" in result.output
+    assert "reward accuracy" in result.output
     trained = read_metrics(out)[-1]
     assert trained["eval_rewards/accuracies"] >= 0.9
 
