@@ -145,3 +145,43 @@ def test_the_memory_estimate_counts_both_sequences_of_a_pair(tiny_llama):
     pairs, sequences = estimate("dpo", 2), estimate("sft", 4)
     assert pairs["activations"] == sequences["activations"] > estimate("sft", 2)["activations"]
     assert pairs["logits"] == sequences["logits"]
+
+
+@pytest.mark.parametrize("start", ["fresh", "adapter"])
+def test_two_processes_train_the_same_dpo_run_as_one(tiny_llama, tmp_path, monkeypatch, capfd, start):
+    """DDP on the CPU (gloo): per-step loss and rewards, the eval pairs (5: split 3 and 2, one process
+    padded) and the adapter equal one process's with the same global batch; with --adapter each
+    process scores its share of the reference log-probs and all get every value."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from qlora_lite.cli.train import command as train_command
+
+    data = write_preference_jsonl(tmp_path / "pairs.jsonl", 24, seed=2)
+    settings = dict(model=str(tiny_llama), data=str(data), method="dpo", bits=4, compute_dtype="fp32",
+                    lora_dtype="fp32", dropout=0.0, rank=4, alpha=8.0, max_seq_len=48, grad_accum=2, lr=1e-2,
+                    max_steps=3, eval_fraction=0.2, eval_steps=3, seed=3, optimizer="adamw")
+    if start == "adapter":
+        settings["adapter"] = str(make_adapter(tiny_llama, tmp_path / "sft", bits=4, scale=0.2, dtype="fp32"))
+    one = train(load_config(None, {**settings, "output": str(tmp_path / "one"), "batch_size": 4}))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in {**settings, "batch_size": 2, "num_processes": 2}.items()]
+    result = CliRunner().invoke(train_command, args + ["--output", str(tmp_path / "two")])
+    assert result.exit_code == 0, result.output + capfd.readouterr().err[-3000:]
+    a, b = read_metrics(one.output_dir), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for key in ("loss", "rewards/chosen", "rewards/margins"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], abs=1e-5), key
+    # From an adapter, step 1's rewards are rounding noise around 0 (policy = reference): their signs,
+    # and so the accuracy, depend on how the pairs were batched; later steps have real margins.
+    assert [r["rewards/accuracies"] for r in b[1:]] == [r["rewards/accuracies"] for r in a[1:]]
+    for key in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"):
+        assert b[-1][key] == pytest.approx(a[-1][key], abs=1e-5), key
+    wa, wb = (load_file(p / "adapter_model.safetensors") for p in (one.output_dir, tmp_path / "two"))
+    # Adam turns last-bit differences of a near-zero gradient (summed in another order over processes)
+    # into steps of up to lr: single elements may differ, the adapters as a whole may not.
+    for key in wa:
+        assert float((wb[key] - wa[key]).norm()) <= 1e-2 * float(wa[key].norm()), key
+    if start == "adapter":
+        ra, rb = (load_tensors(p / REFERENCE_NAME) for p in (one.output_dir, tmp_path / "two"))
+        torch.testing.assert_close(rb["train"], ra["train"], atol=1e-5, rtol=0)
