@@ -6,7 +6,7 @@ import json
 
 import click
 
-from qlora_lite.cli.options import config_options
+from qlora_lite.cli.options import config_options, with_defaults
 
 
 @click.command("eval")
@@ -37,27 +37,27 @@ def command(model, adapter, data, bits, limit, batch_size, no_exact, as_json, **
 
     Example: qlora-lite eval --model demo --data qlora_lite/demo/data/eval.jsonl --json
     """
+    flags = with_defaults(flags)
     from qlora_lite.inference.evaluate import evaluate_jsonl, evaluate_preference_jsonl, is_preference_file
     from qlora_lite.inference.generate import load_for_inference
 
     if (limit is not None and limit < 1) or batch_size < 1:
         raise click.BadParameter("--limit and --batch-size must be at least 1")
+    if not flags["beta"] > 0:  # before the model is loaded
+        raise click.BadParameter("--beta must be positive")
     lm, tokenizer = load_for_inference(
-        model, adapter=adapter, bits=int(bits) if bits else None, quant_type=flags["quant_type"] or "nf4",
-        double_quant=True if flags["double_quant"] is None else flags["double_quant"],
-        trust_remote_code=bool(flags["trust_remote_code"]), allow_bin_weights=bool(flags["allow_bin_weights"]),
+        model, adapter=adapter, bits=int(bits) if bits else None, quant_type=flags["quant_type"],
+        double_quant=flags["double_quant"],
+        trust_remote_code=flags["trust_remote_code"], allow_bin_weights=flags["allow_bin_weights"],
     )
-    if is_preference_file(data, flags["format"] or "auto"):
-        beta = 0.1 if flags["beta"] is None else flags["beta"]
-        if not beta > 0:
-            raise click.BadParameter("--beta must be positive")
-        result = evaluate_preference_jsonl(lm, tokenizer, data, max_seq_len=flags["max_seq_len"] or 512, limit=limit,
-                                           batch_size=batch_size, beta=beta,
-                                           skip_bad_lines=bool(flags["skip_bad_lines"]))
+    if is_preference_file(data, flags["format"]):
+        result = evaluate_preference_jsonl(lm, tokenizer, data, max_seq_len=flags["max_seq_len"], limit=limit,
+                                           batch_size=batch_size, beta=flags["beta"],
+                                           skip_bad_lines=flags["skip_bad_lines"])
     else:
-        result = evaluate_jsonl(lm, tokenizer, data, fmt=flags["format"] or "auto",
-                                max_seq_len=flags["max_seq_len"] or 512, limit=limit, batch_size=batch_size,
-                                exact=not no_exact, skip_bad_lines=bool(flags["skip_bad_lines"]))
+        result = evaluate_jsonl(lm, tokenizer, data, fmt=flags["format"],
+                                max_seq_len=flags["max_seq_len"], limit=limit, batch_size=batch_size,
+                                exact=not no_exact, skip_bad_lines=flags["skip_bad_lines"])
     result.update(model=model, adapter=adapter)
     if as_json:
         click.echo(json.dumps(result))

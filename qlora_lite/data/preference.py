@@ -20,7 +20,6 @@ from jinja2 import TemplateError
 from qlora_lite.data.dataset import DataStats
 from qlora_lite.data.formats import detect_format, problem_message, read_lines, validate_record
 from qlora_lite.data.tokenize import (
-    IGNORE_INDEX,
     _bos_prefix,
     _encode,
     _render_chat,
@@ -28,6 +27,7 @@ from qlora_lite.data.tokenize import (
     char_bound,
 )
 from qlora_lite.errors import DataError
+from qlora_lite.kernels.footprint import IGNORE_INDEX
 
 FIELDS = ("prompt", "chosen", "rejected")
 

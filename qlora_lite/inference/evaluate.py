@@ -71,7 +71,7 @@ def evaluate_jsonl(model: nn.Module, tokenizer, path: str | Path, *, fmt: str = 
         ``"exact_match", "correct", "total", "samples"`` when answers exist.
 
     Raises:
-        data.DataError: unreadable file or records, with FILE:LINE.
+        errors.DataError: unreadable file or records, with FILE:LINE.
     """
     examples, _ = load_dataset(str(path), tokenizer, format=fmt, max_seq_len=max_seq_len, drop_long=False,
                                train_on_inputs=False, skip_bad_lines=skip_bad_lines)

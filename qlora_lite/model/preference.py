@@ -18,8 +18,8 @@ from torch import nn
 
 from qlora_lite.data.packing import collate
 from qlora_lite.kernels.chunked_loss import causal_lm_loss
+from qlora_lite.kernels.footprint import IGNORE_INDEX
 from qlora_lite.model.lora import adapters_disabled, lora_dropout_off
-from qlora_lite.model.loss import IGNORE_INDEX
 
 
 def collate_pairs(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
