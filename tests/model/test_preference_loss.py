@@ -13,8 +13,10 @@ from qlora_lite.model.preference import PreferenceLoss, collate_pairs
 def test_adapters_disabled_is_the_base_and_switches_back(tiny_llama):
     from tiny_models import probe
 
-    model = build_model(str(tiny_llama), bits=4, rank=4, trainable=True, gradient_checkpointing=False, seed=0)
-    base = build_model(str(tiny_llama), bits=4, rank=4, trainable=True, gradient_checkpointing=False, seed=0)
+    model = build_model(str(tiny_llama), bits=4, rank=4, dropout=0.0, trainable=True, gradient_checkpointing=False,
+                        seed=0)
+    base = build_model(str(tiny_llama), bits=4, rank=4, dropout=0.0, trainable=True, gradient_checkpointing=False,
+                       seed=0)
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.weight.normal_(0, 0.1)
@@ -36,7 +38,7 @@ def test_lora_dropout_off_only_touches_the_adapter_dropout(tiny_llama):
 
 
 def test_per_token_chunked_loss_and_its_gradient_match_the_summed_one(tiny_llama):
-    model = build_model(str(tiny_llama), bits=16, compute_dtype="fp32", lora_dtype="fp32", rank=4,
+    model = build_model(str(tiny_llama), bits=16, compute_dtype="fp32", lora_dtype="fp32", rank=4, dropout=0.0,
                         trainable=True, gradient_checkpointing=False, seed=0)
     ids = torch.randint(3, 300, (3, 20), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()

@@ -3,6 +3,8 @@ the reference, logs the preference metrics, and refuses settings that would do n
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tiny_models import make_adapter, write_preference_jsonl
@@ -15,9 +17,18 @@ from qlora_lite.model.folder import load_tokenizer
 from qlora_lite.model.lora import adapters_disabled
 from qlora_lite.model.preference import collate_pairs, sequence_logps
 from qlora_lite.storage.durable import load_tensors
-from qlora_lite.train.loop import STOP_ENV, train
+from qlora_lite.train.loop import train
 from qlora_lite.train.metrics import read_metrics
 from qlora_lite.train.preference import REFERENCE_NAME
+
+
+def start_adapter(base, folder, bits=4):
+    """An SFT-like adapter (random lora_B) saved without dropout: a run from it uses the adapter's own
+    dropout, and without any the policy of step 1 is exactly the start adapter."""
+    make_adapter(base, folder, bits=bits, scale=0.2, dtype="fp32")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "lora_dropout": 0.0}))
+    return folder
 
 
 def dpo_config(model, data, output, **overrides):
@@ -61,15 +72,13 @@ def test_dpo_learns_held_out_preferences_the_base_gets_half_right(tiny_llama, pa
     assert result.plot_path is not None and result.plot_path.stat().st_size > 0
 
 
-def test_dpo_resume_continues_the_same_run(tiny_llama, pairs_files, tmp_path, monkeypatch, one_thread):
+def test_dpo_resume_continues_the_same_run(tiny_llama, pairs_files, tmp_path, one_thread, ctrl_c_after):
     train_file, _ = pairs_files
     settings = dict(max_steps=6, save_steps=2, grad_accum=2, batch_size=4, dropout=0.1, eval_fraction=0.25,
                     eval_steps=3)
     full = train(dpo_config(tiny_llama, train_file, tmp_path / "full", **settings))
-    monkeypatch.setenv(STOP_ENV, "3")
-    stopped = train(dpo_config(tiny_llama, train_file, tmp_path / "part", **settings))
-    assert stopped.stopped_early and stopped.steps == 3
-    monkeypatch.delenv(STOP_ENV)
+    with ctrl_c_after(3), pytest.raises(KeyboardInterrupt):  # after checkpoint-2, mid-way to the next
+        train(dpo_config(tiny_llama, train_file, tmp_path / "part", **settings))
     resumed = train(dpo_config(tiny_llama, train_file, tmp_path / "part", resume=True, **settings))
     assert resumed.resumed_from is not None and resumed.steps == 6
     a, b = read_metrics(full.metrics_path), read_metrics(resumed.metrics_path)
@@ -79,9 +88,9 @@ def test_dpo_resume_continues_the_same_run(tiny_llama, pairs_files, tmp_path, mo
 
 
 def test_a_start_adapter_is_the_reference_and_its_log_probs_survive_resume(tiny_llama, pairs_files, tmp_path,
-                                                                           monkeypatch, one_thread):
+                                                                           monkeypatch, one_thread, ctrl_c_after):
     train_file, _ = pairs_files
-    start = make_adapter(tiny_llama, tmp_path / "sft", bits=16, scale=0.2, dtype="fp32")
+    start = start_adapter(tiny_llama, tmp_path / "sft", bits=16)
     settings = dict(bits=16, compute_dtype="fp32", lora_dtype="fp32", adapter=str(start), rank=4, alpha=8,
                     max_steps=4, save_steps=2, batch_size=8)
     full = train(dpo_config(tiny_llama, train_file, tmp_path / "full", **settings))
@@ -91,9 +100,8 @@ def test_a_start_adapter_is_the_reference_and_its_log_probs_survive_resume(tiny_
     stored = load_tensors(full.output_dir / REFERENCE_NAME)
     assert stored["train"].shape == (64, 2) and bool((stored["train"] < 0).all())
 
-    monkeypatch.setenv(STOP_ENV, "2")
-    train(dpo_config(tiny_llama, train_file, tmp_path / "part", **settings))
-    monkeypatch.delenv(STOP_ENV)
+    with ctrl_c_after(3), pytest.raises(KeyboardInterrupt):
+        train(dpo_config(tiny_llama, train_file, tmp_path / "part", **settings))
     # the resumed run reads the stored values; make sure it does not score the pairs again
     monkeypatch.setattr("qlora_lite.train.preference.reference_logps", _not_called)
     resumed = train(dpo_config(tiny_llama, train_file, tmp_path / "part", resume=True, **settings))
@@ -162,7 +170,7 @@ def test_two_processes_train_the_same_dpo_run_as_one(tiny_llama, tmp_path, monke
                     lora_dtype="fp32", dropout=0.0, rank=4, alpha=8.0, max_seq_len=48, grad_accum=2, lr=1e-2,
                     max_steps=3, eval_fraction=0.2, eval_steps=3, seed=3, optimizer="adamw")
     if start == "adapter":
-        settings["adapter"] = str(make_adapter(tiny_llama, tmp_path / "sft", bits=4, scale=0.2, dtype="fp32"))
+        settings["adapter"] = str(start_adapter(tiny_llama, tmp_path / "sft"))
     one = train(load_config(None, {**settings, "output": str(tmp_path / "one"), "batch_size": 4}))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = [f"--{k.replace('_', '-')}={v}" for k, v in {**settings, "batch_size": 2, "num_processes": 2}.items()]
