@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from click.testing import CliRunner
-from tiny_models import write_preference_jsonl
+from tiny_models import write_chat_jsonl, write_preference_jsonl
 
 from qlora_lite.cli import main
 from qlora_lite.train.metrics import read_metrics
@@ -37,4 +37,12 @@ def test_train_dpo_then_eval_reports_the_held_out_preference_accuracy(tiny_llama
     assert abs(tuned["eval_rewards/accuracies"] - trained["eval_rewards/accuracies"]) < 1e-6
     assert abs(tuned["eval_rewards/margins"] - trained["eval_rewards/margins"]) < 1e-3
     table = invoke("eval", "--model", tiny_llama, "--adapter", out, "--data", eval_file).output
-    assert "preference accuracy" in table and "reward margin" in table
+    assert "preference accuracy" in table and "reward margin" in table and "base (adapter off)" in table
+    # against itself as the reference (as a DPO run from an SFT adapter is scored): no reward at all
+    itself = json.loads(invoke("eval", "--model", tiny_llama, "--adapter", out, "--reference-adapter", out,
+                               "--data", eval_file, "--json").output)
+    assert itself["eval_rewards/margins"] == 0.0 and itself["eval_rewards/accuracies"] == 0.0
+    assert itself["preference_accuracy"] == tuned["preference_accuracy"] and itself["reference"] == f"adapter {out}"
+    refused = CliRunner().invoke(main, ["eval", "--model", str(tiny_llama), "--reference-adapter", str(out),
+                                        "--data", str(write_chat_jsonl(tmp_path / "chat.jsonl"))])
+    assert refused.exit_code != 0 and "--reference-adapter is for files of preference pairs" in refused.output
