@@ -14,7 +14,7 @@ from qlora_lite.cli.options import config_options, with_defaults
               help="Base model folder (a merged model works too); `demo` is the bundled demo model.")
 @click.option("--adapter", default=None, metavar="DIR", help="LoRA adapter folder (ours or PEFT's) to apply.")
 @click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
-              help="JSONL file to score (alpaca, chat messages or raw text).")
+              help="JSONL file to score (alpaca, chat messages or raw text; or prompt/chosen/rejected pairs).")
 @click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None,
               help="Load the base in 4, 8 or 16 bits.  [default: the adapter's training bits, else 16]")
 @config_options("format", "max_seq_len", "skip_bad_lines", "quant_type", "double_quant", "trust_remote_code",

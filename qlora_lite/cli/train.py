@@ -80,6 +80,10 @@ def command(config_file: str | None, **values) -> None:
     \b
     Example:
       qlora-lite train --model ./my-model --data train.jsonl --output runs/first --max-steps 200
+      qlora-lite train --model ./my-model --adapter runs/first --method dpo --data pairs.jsonl --output runs/dpo
+
+    --method dpo|orpo trains on preference pairs ({"prompt", "chosen", "rejected"} per line):
+    DPO against the base with the adapters off, or against the --adapter it starts from.
 
     The adapter (PEFT layout), metrics.jsonl, loss.png, config.yaml and checkpoint-STEP/ folders are
     written to --output. --resume continues from the newest complete checkpoint there.
