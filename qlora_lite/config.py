@@ -76,12 +76,17 @@ class LoraConfig:
 class DataConfig:
     """Training and evaluation data."""
 
-    data: str | None = _opt(None, "Training data: a JSONL file (alpaca, chat messages or raw text).")
+    data: str | None = _opt(None, "Training data: a JSONL file (alpaca, chat messages or raw text; preference "
+                                  "pairs prompt/chosen/rejected for --method dpo or orpo).")
     eval_data: str | None = _opt(None, "Held-out JSONL file for evaluation.")
     eval_fraction: float = _opt(0.0, "Hold out this fraction of --data for evaluation when --eval-data is not given.")
-    format: str = _opt("auto", "Data format; auto detects it from the fields.", ("auto", "alpaca", "chat", "text"))
-    max_seq_len: int = _opt(512, "Longest sequence in tokens; longer examples are truncated or dropped.")
-    drop_long: bool = _opt(False, "Drop examples longer than --max-seq-len instead of truncating them.")
+    format: str = _opt("auto", "Data format; auto detects it from the fields.",
+                       ("auto", "alpaca", "chat", "text", "preference"))
+    max_seq_len: int = _opt(512, "Longest sequence in tokens; longer examples are truncated or dropped. Preference "
+                                 "pairs: prompt plus each response; the prompt is kept whole and the response cut "
+                                 "(a prompt of --max-seq-len tokens or more is a bad line).")
+    drop_long: bool = _opt(False, "Drop examples longer than --max-seq-len instead of truncating them (a preference "
+                                  "pair is dropped when either response would be cut).")
     packing: bool = _opt(False, "Pack several examples into each sequence (no attention across examples).")
     train_on_inputs: bool = _opt(False, "Also compute the loss on the prompt, not only on the response.")
     skip_bad_lines: bool = _opt(False, "Skip malformed JSONL lines (and report them) instead of stopping.")
@@ -92,6 +97,21 @@ class TrainConfig:
     """The optimization loop, checkpoints and logging."""
 
     output: str | None = _opt(None, "Output folder: adapter, checkpoints, metrics.jsonl and loss plot.")
+    method: str = _opt(
+        "sft",
+        "Training objective: sft (next-token loss on the responses), dpo (direct preference optimization on "
+        "prompt/chosen/rejected pairs, against the base with the adapters off, or the --adapter you start from, "
+        "as the reference) or orpo (odds-ratio preference term plus the SFT loss on chosen; no reference).",
+        ("sft", "dpo", "orpo"),
+    )
+    beta: float = _opt(0.1, "DPO: strength of the pull towards the reference (TRL's beta); lower lets the "
+                            "policy move further. The rewards logged are beta * (log-prob - reference log-prob).")
+    dpo_loss: str = _opt("sigmoid", "DPO loss (TRL's loss_type): sigmoid (the DPO paper) or ipo (squared, on "
+                                    "per-token log-prob ratios; beta is IPO's tau).", ("sigmoid", "ipo"))
+    label_smoothing: float = _opt(0.0, "DPO sigmoid: assumed fraction of pairs whose labels are flipped "
+                                       "(conservative DPO), in [0, 0.5).")
+    orpo_lambda: float = _opt(0.1, "ORPO: weight of the odds-ratio term added to the SFT loss on chosen (TRL's "
+                                   "beta of ORPOConfig, the paper's lambda).")
     batch_size: int = _opt(1, "Sequences per micro-batch (per process).")
     grad_accum: int = _opt(1, "Micro-batches accumulated before each optimizer step.")
     lr: float = _opt(2e-4, "Peak learning rate.")
@@ -192,6 +212,20 @@ class Config:
              "--save-steps, --eval-steps and --save-total-limit must be 0 or more"),
             (self.train.logging_steps >= 1, "--logging-steps must be at least 1"),
             (self.train.num_processes >= 1, "--num-processes must be at least 1"),
+            (unfit(self.train.beta) or self.train.beta > 0, "--beta must be positive (0.1 is usual)"),
+            (unfit(self.train.label_smoothing) or 0.0 <= self.train.label_smoothing < 0.5,
+             "--label-smoothing must be in [0, 0.5)"),
+            (self.train.label_smoothing == 0 or self.train.dpo_loss == "sigmoid",
+             "--label-smoothing applies to --dpo-loss sigmoid only"),
+            (unfit(self.train.orpo_lambda) or self.train.orpo_lambda >= 0, "--orpo-lambda must be 0 or more"),
+            (not (self.train.method != "sft" and self.data.packing),
+             f"--packing packs SFT examples; --method {self.train.method} trains on whole pairs: drop --packing"),
+            (self.train.method == "sft" or not self.data.train_on_inputs,
+             f"--train-on-inputs is for SFT; --method {self.train.method} scores the responses only"),
+            (self.train.method != "sft" or self.data.format != "preference",
+             "--format preference holds pairs for preference tuning: add --method dpo or --method orpo"),
+            (self.train.method == "sft" or self.data.format in ("auto", "preference"),
+             f"--method {self.train.method} trains on preference pairs: use --format preference (or auto)"),
             (not (self.train.fsdp and self.model.bits == 8),
              "--fsdp shards 4-bit or 16-bit bases; 8-bit (LLM.int8) weights cannot be sharded: use --bits 4"),
         ]

@@ -147,3 +147,19 @@ def probe(vocab=320, length=24, seed=3):
 def logits(model, ids):
     with torch.no_grad():
         return model.eval()(input_ids=ids).logits.float()
+
+
+def write_preference_jsonl(path, n=64, seed=0, chat=True):
+    """Preference pairs a base gets right about half the time: "is 7 even" -> chosen "no", rejected
+    "yes" (the answer is the parity of the number), after a few random filler words so held-out
+    prompts are new text; ``chat``: the prompt as messages, else as a string."""
+    rng = random.Random(seed)
+    words = ["the", "quick", "brown", "fox", "lazy", "dog", "hello", "how", "are", "you", "fine"]
+    with open(path, "w") as f:
+        for _ in range(n):
+            a = rng.randint(0, 9)
+            question = " ".join(rng.sample(words, 3)) + f": is {a} even"
+            right, wrong = ("yes", "no") if a % 2 == 0 else ("no", "yes")
+            prompt = [{"role": "user", "content": question}] if chat else question + "\nanswer: "
+            f.write(json.dumps({"prompt": prompt, "chosen": right, "rejected": wrong}) + "\n")
+    return path

@@ -42,6 +42,8 @@ FINGERPRINT_KEYS: dict[str, tuple[str, bool]] = {
     "logging_steps": ("logging steps", False), "dropout": ("LoRA dropout", False),
     "gradient_checkpointing": ("gradient checkpointing", False), "eval_data": ("eval data", False),
     "examples_per_epoch": ("examples per epoch", True),
+    "method": ("training method", True), "dpo_loss": ("DPO loss", True), "beta": ("beta", False),
+    "label_smoothing": ("label smoothing", False), "orpo_lambda": ("ORPO lambda", False),
 }
 
 
@@ -120,7 +122,7 @@ def check_resume_compatible(saved_state: dict, fingerprint: dict) -> list[str]:
 # Names a qlora-lite run may write at the top of its output folder (guard_output_dir accepts them).
 RUN_FILES = {CONFIG_NAME, WEIGHTS_NAME, RECORD_NAME, "metrics.jsonl", "config.yaml", "loss.png", "README.md",
              "train.log", "eval.json", "eval_results.json", TRAINER_STATE, "run.json", "fingerprint.json",
-             RUN_MARKER, LOCK_NAME}
+             RUN_MARKER, LOCK_NAME, "reference_logps.safetensors"}
 
 
 def _is_run_entry(path: Path) -> bool:

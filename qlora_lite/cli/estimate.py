@@ -17,7 +17,7 @@ from qlora_lite.cli.options import config_options
               help="A training YAML file whose settings are used (flags override it).")
 @click.option("--seq-len", "seq_len", type=int, default=None, help="Tokens per sequence  [default: max_seq_len of the --config file, else 512]")
 @config_options("bits", "compute_dtype", "batch_size", "rank", "dora", "target_modules", "gradient_checkpointing",
-                "checkpoint_policy", "optimizer", "num_processes")
+                "checkpoint_policy", "optimizer", "num_processes", "method")
 @click.option("--fsdp", is_flag=True, help="Shard the frozen weights over --num-processes (FSDP); adapters stay whole.")
 @click.option("--loss-chunk", type=int, default=None,
               help="Tokens per chunk of the loss, 0 for full logits  [default: what training uses: chunks of "
@@ -69,7 +69,8 @@ def _report(model, estimate, limit, suggestion) -> str:
     s = estimate.settings
     lines = [f"Peak memory estimate for {model}",
              f"  {count(estimate.base_params)} parameters, {s['bits']}-bit base, LoRA r={s['rank']} "
-             f"({count(estimate.lora_params)} trainable), {s['batch_size']}x{s['seq_len']} tokens, "
+             f"({count(estimate.lora_params)} trainable), {s['batch_size']}x{s['seq_len']} tokens"
+             f"{' x2 (chosen and rejected of each pair)' if s.get('sequences_per_example', 1) > 1 else ''}, "
              f"checkpointing {s['checkpoint_policy'] if s['gradient_checkpointing'] else 'off'}, "
              f"{_optimizer_run(s['optimizer'], s['device'])}, {s['compute_dtype']} compute",
              estimate.table()]

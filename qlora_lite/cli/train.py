@@ -11,6 +11,7 @@ from qlora_lite.cli.options import config_options
 # Every config field a training run reads, in --help order (num_processes belongs to the launcher).
 TRAIN_FIELDS = (
     "model", "data", "output", "eval_data", "eval_fraction", "format",
+    "method", "beta", "dpo_loss", "label_smoothing", "orpo_lambda",
     "bits", "quant_type", "double_quant", "compute_dtype",
     "rank", "alpha", "dropout", "target_modules", "rslora", "dora", "lora_dtype", "adapter",
     "max_seq_len", "drop_long", "packing", "train_on_inputs", "skip_bad_lines",
@@ -79,6 +80,10 @@ def command(config_file: str | None, **values) -> None:
     \b
     Example:
       qlora-lite train --model ./my-model --data train.jsonl --output runs/first --max-steps 200
+      qlora-lite train --model ./my-model --adapter runs/first --method dpo --data pairs.jsonl --output runs/dpo
+
+    --method dpo|orpo trains on preference pairs ({"prompt", "chosen", "rejected"} per line):
+    DPO against the base with the adapters off, or against the --adapter it starts from.
 
     The adapter (PEFT layout), metrics.jsonl, loss.png, config.yaml and checkpoint-STEP/ folders are
     written to --output. --resume continues from the newest complete checkpoint there.
@@ -94,8 +99,12 @@ def command(config_file: str | None, **values) -> None:
     if not result.main_process:
         return
     click.echo(f"trained {result.steps} steps; adapter in {result.adapter_dir}")
-    if result.eval_metrics:
-        click.echo(f"eval loss {result.eval_metrics['eval_loss']:.4f}, perplexity {result.eval_metrics['eval_ppl']:.2f}")
+    metrics = result.eval_metrics
+    if "eval_ppl" in metrics:
+        click.echo(f"eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_ppl']:.2f}")
+    elif "eval_rewards/accuracies" in metrics:
+        click.echo(f"eval loss {metrics['eval_loss']:.4f}, reward accuracy {metrics['eval_rewards/accuracies']:.1%}, "
+                   f"reward margin {metrics['eval_rewards/margins']:.4f}")
     click.echo(f"metrics: {result.metrics_path}" + (f"; loss curve: {result.plot_path}" if result.plot_path else ""))
     click.echo(f"try it: qlora-lite generate --model {config.model.model} --adapter {result.adapter_dir} "
                f"--bits {config.model.bits}")

@@ -80,6 +80,9 @@ def load_dataset(path, tokenizer, *, format: str = "auto", max_seq_len: int = 51
     if not records and not problems:
         raise DataError(f"{path}: the file has no examples (it is empty); add one JSON object per line")
     fmt = format if format != "auto" else (detect_format(records, path) if records else "unknown")
+    if fmt == "preference":
+        raise DataError(f"{path}: the records are preference pairs (prompt/chosen/rejected); train on them with "
+                        "--method dpo or --method orpo")
     stats = DataStats(total=len(records) + len(problems), format=fmt)
     examples = []
     max_chars = char_bound(tokenizer, max_seq_len)  # a 50 MB line costs what max_seq_len tokens cost

@@ -105,6 +105,8 @@ def read_jsonl(path, skip_bad_lines: bool = False) -> tuple[list[tuple[int, dict
 
 
 def _guess_format(record: dict) -> str | None:
+    if "chosen" in record and "rejected" in record:
+        return "preference"
     if "messages" in record:
         return "chat"
     if "instruction" in record or "output" in record:
@@ -113,7 +115,8 @@ def _guess_format(record: dict) -> str | None:
 
 
 def detect_format(records, path) -> str:
-    """The format most records' fields point to ("chat" > "alpaca" > "text" on ties).
+    """The format most records' fields point to ("preference" > "chat" > "alpaca" > "text" on ties);
+    "preference" (chosen/rejected pairs) is read by ``data.preference``.
 
     Args:
         records: dicts or (line number, dict) pairs as ``read_jsonl`` returns them.
@@ -127,9 +130,10 @@ def detect_format(records, path) -> str:
     if not votes:
         fields = sorted(dicts[0]) if dicts else []
         raise DataError(f"{path}: cannot detect the data format: no line has 'messages' (chat), "
-                        f"'instruction' and 'output' (alpaca) or 'text' (raw text); first line's fields: "
+                        f"'instruction' and 'output' (alpaca), 'text' (raw text) or 'chosen' and 'rejected' "
+                        f"(preference pairs); first line's fields: "
                         f"{fields}. Rename the fields or set --format.")
-    return max(("chat", "alpaca", "text"), key=lambda f: votes[f])  # first maximum wins ties
+    return max(("preference", "chat", "alpaca", "text"), key=lambda f: votes[f])  # first maximum wins ties
 
 
 def _field_problem(record: dict, name: str, optional: bool = False) -> str | None:

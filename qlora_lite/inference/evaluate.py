@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from qlora_lite.data.dataset import load_dataset
-from qlora_lite.data.formats import detect_format, read_jsonl
+from qlora_lite.data.formats import detect_format, read_jsonl, read_lines
+from qlora_lite.data.preference import load_preference_dataset
 from qlora_lite.data.tokenize import render_example
-from qlora_lite.inference.generate import greedy_answers, prompt_ids
+from qlora_lite.inference.generate import greedy_answers, model_device, prompt_ids
 from qlora_lite.model.loss import evaluate
+from qlora_lite.model.preference import (
+    PreferenceLoss,
+    collate_pairs,
+    metrics_from_sums,
+    pair_reference,
+    pair_statistics,
+    sequence_logps,
+)
 
 
 def expected_answer(response_text: str, tokenizer) -> str:
@@ -79,3 +89,63 @@ def evaluate_jsonl(model: nn.Module, tokenizer, path: str | Path, *, fmt: str = 
         if not keep_answers:
             del result["answers"]
     return result
+
+
+def is_preference_file(path: str | Path, fmt: str = "auto") -> bool:
+    """Whether ``eval`` scores ``path`` as preference pairs (``--format preference``, or detected)."""
+    if fmt != "auto":
+        return fmt == "preference"
+    records, _ = read_lines(str(path))
+    return bool(records) and detect_format(records, str(path)) == "preference"
+
+
+@torch.no_grad()
+def pair_logps(model: nn.Module, pairs: list[dict], pad_token_id: int, batch_size: int = 8) -> list[list[float]]:
+    """[chosen, rejected] summed response log-probabilities of each pair under ``model`` as it is."""
+    device, out = model_device(model), []
+    for start in range(0, len(pairs), batch_size):
+        part = pairs[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate_pairs(part, pad_token_id).items()}
+        chosen, rejected = sequence_logps(model, batch)[0].chunk(2)
+        out += [[float(c), float(r)] for c, r in zip(chosen, rejected)]
+    return out
+
+
+@torch.no_grad()
+def evaluate_pairs(model: nn.Module, tokenizer, pairs: list[dict], *, batch_size: int = 8, beta: float = 0.1,
+                   reference: list[list[float]] | None = None) -> dict:
+    """Preference accuracy of ``model`` on tokenized pairs (``data.preference``).
+
+    Two kinds of number: ``preference_accuracy``, how often the model gives the chosen response the
+    higher log-probability; and DPO's implicit-reward metrics (``eval_rewards/accuracies``: chosen
+    reward above rejected; ``eval_rewards/margins``: beta times the log-prob ratios; ``eval_loss``:
+    the DPO loss) against a reference: ``reference`` ([chosen, rejected] log-probs per pair, e.g.
+    ``pair_logps`` of the SFT adapter a DPO run started from), else the base with the adapters off.
+    With no adapter and no reference every reward is 0: only ``preference_accuracy`` says anything.
+    """
+    if reference is not None:
+        pairs = [{**pair, "ref_logps": ref} for pair, ref in zip(pairs, reference)]
+    objective, device = PreferenceLoss("dpo", beta=beta), model_device(model)
+    sums, wins = torch.zeros(5, dtype=torch.float64), 0
+    for start in range(0, len(pairs), batch_size):
+        part = pairs[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate_pairs(part, tokenizer.pad_token_id).items()}
+        logps, n_tokens = sequence_logps(model, batch)
+        chosen, rejected = logps.chunk(2)
+        wins += int((chosen > rejected).sum())
+        ref = pair_reference(model, batch, part, objective)
+        sums += pair_statistics(objective.pair_terms(logps, n_tokens, ref)).double().cpu()
+    return {"format": "preference", "examples": len(pairs), "preference_accuracy": wins / len(pairs), "beta": beta,
+            "reference": "given" if reference is not None else "base (adapter off)",
+            **metrics_from_sums(sums, prefix="eval_")}
+
+
+def load_pairs(path: str | Path, tokenizer, *, max_seq_len: int = 512, limit: int | None = None,
+               skip_bad_lines: bool = False) -> list[dict]:
+    """The first ``limit`` (all when None) usable pairs of a preference file, tokenized.
+
+    Raises:
+        data.DataError: unreadable file or pairs, with FILE:LINE.
+    """
+    pairs, _ = load_preference_dataset(str(path), tokenizer, max_seq_len=max_seq_len, skip_bad_lines=skip_bad_lines)
+    return pairs[:limit] if limit else pairs

@@ -21,8 +21,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk, ignore_index):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    def forward(ctx, hidden, weight, labels, chunk, ignore_index, per_token=False):
+        # per_token: the (N,) token losses instead of their sum (their gradients are the same rows)
+        total = torch.zeros(hidden.shape[0] if per_token else (), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if hidden.requires_grad else None
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], labels[start:start + chunk]
@@ -30,7 +31,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             valid = y != ignore_index
             target = y.clamp(min=0).unsqueeze(1)
             lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, target).squeeze(1)) * valid).sum()
+            token_loss = (lse - logits.gather(1, target).squeeze(1)) * valid
+            if per_token:
+                total[start:start + chunk] = token_loss
+            else:
+                total += token_loss.sum()
             if grad is not None:
                 probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
                 probs.scatter_add_(1, target, -torch.ones_like(target, dtype=probs.dtype))
@@ -42,7 +47,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None, None
+        scale = grad_total.to(grad.dtype)
+        return grad * (scale.unsqueeze(1) if scale.dim() else scale), None, None, None, None, None
 
 
 def chunked_causal_lm_loss(
@@ -54,7 +60,8 @@ def chunked_causal_lm_loss(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """The next-token cross-entropy, as ``model(..., labels=labels).loss`` computes it (``reduction=
-    "mean"``) or summed over the tokens that count (``"sum"``), without materialising (B, T, V) logits.
+    "mean"``), summed over the tokens that count (``"sum"``) or per token (``"none"``: (B, T-1), 0 where
+    a label is ``ignore_index``), without materialising (B, T, V) logits.
 
     Args:
         hidden_states: (B, T, H) final hidden states (after the last norm).
@@ -65,12 +72,15 @@ def chunked_causal_lm_loss(
             10 * chunk * V bytes.
 
     Returns:
-        A scalar fp32 loss: the mean over the tokens that count (0 when none count), or their sum.
+        An fp32 loss: the mean over the tokens that count (0 when none count), their sum, or (B, T-1).
     """
     hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])
     targets = labels[:, 1:].reshape(-1).to(hidden.device)
     chunk = chunk or loss_chunk_for(lm_head_weight.shape[0])
-    total = _ChunkedCrossEntropy.apply(hidden, lm_head_weight.detach(), targets, chunk, ignore_index)
+    per_token = reduction == "none"
+    total = _ChunkedCrossEntropy.apply(hidden, lm_head_weight.detach(), targets, chunk, ignore_index, per_token)
+    if per_token:
+        return total.view(labels.shape[0], -1)
     if reduction == "sum":
         return total
     return total / (targets != ignore_index).sum().clamp(min=1)
@@ -102,7 +112,7 @@ def causal_lm_loss(model: nn.Module, input_ids, labels, attention_mask=None, chu
     Args:
         input_ids, labels: (B, T); labels use -100 for tokens outside the loss.
         attention_mask: (B, T) or None; further ``inputs`` (e.g. position_ids) go to the model.
-        reduction: "mean" over the tokens that count, or "sum".
+        reduction: "mean" over the tokens that count, "sum", or "none" (per token, (B, T-1)).
 
     Returns:
         Scalar loss equal (to bf16 rounding) to ``model(input_ids, attention_mask, labels=labels).loss``
@@ -114,5 +124,6 @@ def causal_lm_loss(model: nn.Module, input_ids, labels, attention_mask=None, chu
         return chunked_causal_lm_loss(hidden, model.get_output_embeddings().weight, labels, chunk,
                                       reduction=reduction)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs).logits
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+    loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
                                        ignore_index=IGNORE_INDEX, reduction=reduction)
+    return loss.view(labels.shape[0], -1) if reduction == "none" else loss

@@ -11,8 +11,10 @@ the wrapped layer is ``base_layer`` (the PEFT convention, so state-dict keys map
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -87,6 +89,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(rank, out_features, bias=False, dtype=lora_dtype)
         self.merged_weight: torch.Tensor | None = None
         self.use_dora = use_dora
+        self.adapter_enabled = True  # False: the layer is its base layer alone (``adapters_disabled``)
         self.reset_lora_parameters()
         if use_dora:  # B is zero: the magnitudes start as the base's row norms, so step 0 is the base
             with torch.no_grad():
@@ -107,6 +110,8 @@ class LoRALinear(nn.Module):
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.adapter_enabled:
+            return self.base_layer(x)
         if self.merged:
             bias = getattr(self.base_layer, "bias", None)
             return nn.functional.linear(x.to(self.merged_weight.dtype), self.merged_weight, bias)
@@ -234,6 +239,41 @@ def set_merged(model: nn.Module, merged: bool) -> None:
     """Merge or unmerge every LoRA layer in place."""
     for layer in lora_layers(model).values():
         layer.merge() if merged else layer.unmerge()
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Within the block, every LoRA layer computes its frozen base layer alone: the model is the base.
+
+    Preference tuning's reference policy is this: the base is frozen, so switching the adapters off
+    gives the reference without a second copy of the model. Nothing is copied or modified.
+    """
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.adapter_enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.adapter_enabled = True
+
+
+@contextlib.contextmanager
+def lora_dropout_off(model: nn.Module) -> Iterator[None]:
+    """Within the block, LoRA dropout is off while every other module keeps its train/eval mode.
+
+    A frozen adapter used as a reference is scored without dropout, and the rest of the model stays
+    in training mode: bitsandbytes repacks 4-bit weights into a CPU inference layout in eval mode.
+    """
+    dropouts = [layer.lora_dropout for layer in lora_layers(model).values()]
+    modes = [d.training for d in dropouts]
+    for d in dropouts:
+        d.eval()
+    try:
+        yield
+    finally:
+        for d, mode in zip(dropouts, modes):
+            d.train(mode)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

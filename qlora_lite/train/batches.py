@@ -11,6 +11,7 @@ import torch
 from qlora_lite.config import Config
 from qlora_lite.data.dataset import load_dataset, split_eval
 from qlora_lite.data.packing import pack_examples
+from qlora_lite.data.preference import load_preference_dataset
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,16 @@ def load_training_data(config: Config, tokenizer) -> tuple[list[dict], list[dict
         errors.DataError: unreadable or unusable data, with FILE:LINE.
     """
     d = config.data
-    kwargs = dict(format=d.format, max_seq_len=d.max_seq_len, drop_long=d.drop_long,
-                  train_on_inputs=d.train_on_inputs, skip_bad_lines=d.skip_bad_lines)
-    train_examples, stats = load_dataset(d.data, tokenizer, **kwargs)
+    kwargs = dict(format=d.format, max_seq_len=d.max_seq_len, drop_long=d.drop_long, skip_bad_lines=d.skip_bad_lines)
+    if config.train.method == "sft":
+        load, kwargs = load_dataset, {**kwargs, "train_on_inputs": d.train_on_inputs}
+    else:  # dpo, orpo: preference pairs
+        load = load_preference_dataset
+    train_examples, stats = load(d.data, tokenizer, **kwargs)
     log.info("train data %s: %s", d.data, stats.summary())
     eval_examples: list[dict] = []
     if d.eval_data:
-        eval_examples, eval_stats = load_dataset(d.eval_data, tokenizer, **kwargs)
+        eval_examples, eval_stats = load(d.eval_data, tokenizer, **kwargs)
         log.info("eval data %s: %s", d.eval_data, eval_stats.summary())
     elif d.eval_fraction > 0:
         train_examples, eval_examples = split_eval(train_examples, d.eval_fraction, config.train.seed)

@@ -209,13 +209,16 @@ def estimate_memory(
     device: str = "cpu",
     compute_dtype: str = "bf16",
     dora: bool = False,
+    sequences_per_example: int = 1,
 ) -> MemoryEstimate:
     """Predict the peak memory of one training process from the model's config alone.
 
     Args:
         config: a config dict, a config.json path or a model folder.
         bits: 4, 8 or 16 for the frozen linear layers.
-        seq_len, batch_size: tokens per micro-batch are ``batch_size * seq_len``.
+        seq_len, batch_size: tokens per micro-batch are ``batch_size * seq_len * sequences_per_example``.
+        sequences_per_example: 2 for preference pairs (chosen and rejected go through in one batch; the
+            DPO reference forward runs without grad and keeps nothing).
         rank, target_modules: the LoRA adapters.
         checkpoint_policy: what checkpointing keeps per block (``kernels.checkpoint_policy.selective_checkpoint_context``):
             memory (the block input), balanced (+ attention and down-projection outputs) or speed
@@ -253,7 +256,7 @@ def estimate_memory(
         raise EstimateError(f"compute_dtype must be one of {', '.join(VALUE_BYTES)}, got {compute_dtype!r}")
     value = VALUE_BYTES[compute_dtype]
     shape = model_shape(raw, where)
-    tokens = batch_size * seq_len
+    tokens = batch_size * seq_len * sequences_per_example
     const_per_param = (DQ_CONST_BYTES if double_quant else NO_DQ_CONST_BYTES) if bits == 4 else 0.0
     rows = shape.layers * sum(o for _, _, o in shape.linears)
     weights = shape.linear_params * (value if bits == 16 else QUANT_BYTES[bits]) + value * shape.embedding_params
@@ -287,7 +290,7 @@ def estimate_memory(
                     target_modules=target_modules, gradient_checkpointing=gradient_checkpointing,
                     checkpoint_policy=checkpoint_policy, optimizer=optimizer, num_processes=num_processes, fsdp=fsdp,
                     double_quant=double_quant, loss_chunk=loss_chunk, device=device, compute_dtype=compute_dtype,
-                    dora=dora)
+                    dora=dora, sequences_per_example=sequences_per_example)
     return MemoryEstimate({k: int(v) for k, v in breakdown.items()}, settings, lora_params, shape.params)
 
 

@@ -58,7 +58,8 @@ def estimate_settings(config, device: str) -> dict:
                 gradient_checkpointing=t.gradient_checkpointing, checkpoint_policy=t.checkpoint_policy,
                 optimizer=t.optimizer, num_processes=t.num_processes, fsdp=t.fsdp,
                 double_quant=config.model.double_quant, device=device,
-                compute_dtype=estimated_compute_dtype(config.model.compute_dtype, device))
+                compute_dtype=estimated_compute_dtype(config.model.compute_dtype, device),
+                sequences_per_example=1 if t.method == "sft" else 2)  # dpo, orpo: a pair is two sequences
 
 
 def available_memory(device: str) -> int | None:

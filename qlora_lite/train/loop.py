@@ -38,6 +38,7 @@ from qlora_lite.model.adapter import save_adapter
 from qlora_lite.model.folder import load_tokenizer, resolve_model_dir
 from qlora_lite.model.loss import batch_loss_sum, eval_sums, label_tokens
 from qlora_lite.model.precision import lora_dtype_for, resolve_compute_dtype
+from qlora_lite.model.preference import chosen_tokens, metrics_from_sums, preference_eval
 from qlora_lite.storage.durable import file_sha256
 from qlora_lite.storage.output_dir import check_writable, write_failure
 from qlora_lite.train.batches import epoch_batches, load_training_data, plan_steps
@@ -51,6 +52,13 @@ from qlora_lite.train.distributed import (
 from qlora_lite.train.metrics import METRICS_NAME, MetricsLog, plot_loss
 from qlora_lite.train.model_setup import build_model_from_config
 from qlora_lite.train.optim import apply_current_settings, build_optimizer, build_scheduler, lora_plus_groups
+from qlora_lite.train.preference import (
+    N_SUMS,
+    attach_start_reference,
+    micro_batch_loss,
+    objective_for,
+    write_reference,
+)
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +188,7 @@ def _train(config: Config, accelerator, output_dir: Path, model_dir: Path, lock,
             mark_run(output_dir)
             config.save(output_dir / "config.yaml")
             mark_run(output_dir, ("config.yaml",))
+            write_reference(output_dir, loop.reference)
         return loop.run()
     except Exception as e:
         if is_out_of_memory(e):
@@ -211,6 +220,8 @@ class _Loop:
         self.resumed_from: Path | None = None
         self.last_eval: dict[str, float] = {}
         self.last_loss: float | None = None
+        self.objective = objective_for(config)  # None: SFT
+        self.reference: dict | None = None  # start-adapter reference log-probs still to write
         if self.t.eval_steps and not eval_examples:
             log.warning("--eval-steps %d does nothing without --eval-data or --eval-fraction", self.t.eval_steps)
 
@@ -221,6 +232,11 @@ class _Loop:
         """Build model, optimizer and schedule; restore them (and the RNG) from ``resume_from`` if given."""
         t = self.t
         model = build_model_from_config(self.config, trainable=True)
+        if self.objective is not None and self.objective.needs_reference and self.config.lora.adapter:
+            # The start adapter is the reference: scored now, before a checkpoint's weights replace it.
+            self.reference = attach_start_reference(
+                model, self.acc, self.output_dir, {"train": self.train_examples, "eval": self.eval_examples},
+                t.batch_size, self.pad_token_id, resume_from is not None)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in trainable]
         optimizer = build_optimizer(lora_plus_groups(trainable, t.lora_plus_ratio), t.optimizer, t.lr,
@@ -237,7 +253,7 @@ class _Loop:
                 self.consumed = rescale_position(self.consumed, state["fingerprint"], self.fingerprint)
             self.resumed_from = self.last_checkpoint = Path(resume_from)
             self.last_loss = state.get("loss")
-            self.last_eval = {k: state[k] for k in ("eval_loss", "eval_ppl") if k in state}
+            self.last_eval = {k: v for k, v in state.items() if k.startswith("eval_")}
             self.metrics.truncate_after(self.step)
             log.info("resuming from %s at step %d (epoch %d, %d batches in)", resume_from, self.step, self.epoch,
                      self.consumed)
@@ -287,28 +303,39 @@ class _Loop:
         The loss is normalized by the label tokens of the whole window (all processes), so gradient
         accumulation and several processes give the same update as one large batch.
         """
-        acc, examples = self.acc, self.train_examples
+        acc, examples, objective = self.acc, self.train_examples, self.objective
         rank, procs = acc.process_index, acc.num_processes
-        n_labels = max(1, sum(label_tokens(examples[i]) for chunk in window for i in chunk))
-        n_tokens = sum(len(examples[i]["input_ids"]) for chunk in window for i in chunk)
+        in_window = [examples[i] for chunk in window for i in chunk]
+        if objective is None:
+            n_labels = max(1, sum(map(label_tokens, in_window)))
+            n_tokens = sum(len(e["input_ids"]) for e in in_window)
+        else:  # pairs: normalized by the pairs (and ORPO's chosen tokens) of the window
+            n_labels, n_chosen = len(in_window), chosen_tokens(in_window)
+            n_tokens = sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in in_window)
         lr = self.scheduler.get_last_lr()[0]
         started = time.perf_counter()
         # Dropout draws from a generator seeded per (seed, step, process): a resumed run, or any
         # process of a multi-process one, repeats exactly the masks of the uninterrupted run.
         torch.manual_seed((self.t.seed * 1_000_003 + self.step) * 1024 + rank)
-        loss_sum = torch.zeros((), device=acc.device)
+        loss_sum = torch.zeros(() if objective is None else N_SUMS, device=acc.device)
 
         for k, chunk in enumerate(window):
-            batch = collate([examples[i] for i in chunk[rank::procs]], self.pad_token_id)
-            batch = {key: value.to(acc.device) for key, value in batch.items()}
+            part = [examples[i] for i in chunk[rank::procs]]
             # Only the last micro-batch of the window synchronizes gradients across processes.
             sync = contextlib.nullcontext() if k == len(window) - 1 else acc.no_sync(self.model)
             with sync:
-                loss, _ = batch_loss_sum(self.model, batch)
+                if objective is None:
+                    batch = {key: value.to(acc.device) for key, value in collate(part, self.pad_token_id).items()}
+                    loss, _ = batch_loss_sum(self.model, batch)
+                    sums, scale = loss.detach(), procs / n_labels
+                else:
+                    loss, sums = micro_batch_loss(self.model, part, objective, self.pad_token_id, acc.device,
+                                                  n_labels, n_chosen)
+                    scale = procs
                 if not torch.isfinite(loss):
                     self._diverged(f"the loss is {float(loss.detach())}")
-                acc.backward(loss * (procs / n_labels))
-            loss_sum += loss.detach()
+                acc.backward(loss * scale)
+            loss_sum += sums
         max_norm = self.t.max_grad_norm if self.t.max_grad_norm > 0 else float("inf")
         if self.sharded:  # LoRA weights are replicated outside FSDP: average their gradients as DDP would
 
@@ -321,9 +348,13 @@ class _Loop:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        loss_value = float(acc.reduce(loss_sum, "sum")) / n_labels
-        self.last_loss = loss_value
-        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+        reduced = acc.reduce(loss_sum, "sum")
+        if objective is None:
+            record = {"loss": float(reduced) / n_labels}
+        else:  # loss, rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies
+            record = metrics_from_sums(reduced[:5], float(reduced[5]), n_chosen)
+        self.last_loss = record["loss"]
+        return {"step": self.step, **record, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": n_tokens / max(time.perf_counter() - started, 1e-9),
                 "peak_mem_bytes": peak_memory_bytes(acc.device)}
 
@@ -342,11 +373,18 @@ class _Loop:
         if self.eval_examples and ((t.eval_steps and self.step % t.eval_steps == 0) or last):
             self.last_eval = self._evaluate()
             record.update(self.last_eval)
-            log.info("step %d: eval loss %.4f, perplexity %.2f", self.step, self.last_eval["eval_loss"],
-                     self.last_eval["eval_ppl"])
+            if self.objective is None:
+                log.info("step %d: eval loss %.4f, perplexity %.2f", self.step, self.last_eval["eval_loss"],
+                         self.last_eval["eval_ppl"])
+            else:
+                log.info("step %d: eval loss %.4f, reward accuracy %.1f%%, reward margin %.4f", self.step,
+                         self.last_eval["eval_loss"], 100 * self.last_eval["eval_rewards/accuracies"],
+                         self.last_eval["eval_rewards/margins"])
         if self.step % t.logging_steps == 0 or last or "eval_loss" in record:
             self.metrics.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+        extra = {} if self.objective is None else {"acc": f"{record['rewards/accuracies']:.2f}",
+                                                   "margin": f"{record['rewards/margins']:.3f}"}
+        bar.set_postfix(loss=f"{record['loss']:.4f}", **extra, lr=f"{record['lr']:.2e}",
                         tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         bar.update(1)
         if (t.save_steps and self.step % t.save_steps == 0) or last:
@@ -356,6 +394,8 @@ class _Loop:
         """Eval loss over all processes (each scores its own shard of the eval examples)."""
         acc = self.acc
         shard = self.eval_examples[acc.process_index::acc.num_processes]
+        if self.objective is not None:
+            return self._evaluate_pairs(shard)
         if acc.num_processes > 1:  # same number of forward passes everywhere, or collectives hang
 
             batches = math.ceil(math.ceil(len(self.eval_examples) / acc.num_processes) / self.t.batch_size)
@@ -364,6 +404,17 @@ class _Loop:
         sums = acc.reduce(torch.tensor([total, float(count)], dtype=torch.float64, device=acc.device), "sum")
         loss = float(sums[0]) / max(1.0, float(sums[1]))
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))}
+
+    def _evaluate_pairs(self, shard: list[dict]) -> dict[str, float]:
+        """Preference loss, rewards and accuracy on the eval pairs, summed over the processes."""
+        acc = self.acc
+        # Fillers (run, not counted) give every process the same number of forward passes (collectives).
+        most = math.ceil(len(self.eval_examples) / acc.num_processes)
+        filled = shard + [self.eval_examples[0]] * (most - len(shard))
+        sums, nll, _ = preference_eval(self.model, filled, self.objective, self.t.batch_size, self.pad_token_id,
+                                       acc.device, counted=len(shard))
+        total = acc.reduce(torch.cat([sums, torch.tensor([nll], dtype=torch.float64)]).to(acc.device), "sum")
+        return metrics_from_sums(total[:5], float(total[5]), chosen_tokens(self.eval_examples), prefix="eval_")
 
     def _save_checkpoint(self) -> None:
         state = {"step": self.step, "epoch": self.epoch, "batches_consumed": self.consumed,

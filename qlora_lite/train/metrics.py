@@ -10,6 +10,7 @@ from qlora_lite.errors import MetricsError
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
+PREFERENCE_CURVES = ("rewards/accuracies", "rewards/margins", "eval_rewards/accuracies", "eval_rewards/margins")
 
 
 class MetricsLog:
@@ -69,7 +70,8 @@ def _finite(value) -> bool:
 
 
 def plot_loss(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    """Draw training loss (and eval loss where logged) against the optimizer step.
+    """Draw training loss (and eval loss where logged) against the optimizer step; for preference runs
+    a second panel shows the reward margin and the preference accuracy.
 
     Args:
         run_dir: a training output folder holding ``metrics.jsonl`` (or the file itself).
@@ -94,13 +96,25 @@ def plot_loss(run_dir: str | Path, output: str | Path | None = None) -> Path:
     if not train and not evals:
         raise MetricsError(f"{metrics_path} holds no finite loss to plot")
     output = Path(output) if output else metrics_path.parent / PLOT_NAME
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    # Preference runs (--method dpo|orpo) also show the reward margin and the preference accuracy.
+    preference = {key: [(r["step"], r[key]) for r in records if _finite(r.get(key))] for key in PREFERENCE_CURVES}
+    preference = {key: points for key, points in preference.items() if points}
+    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
+    if preference:
+        side = axes[0][1]
+        for key, points in preference.items():
+            side.plot(*zip(*points), "o-" if key.startswith("eval_") else "-", label=key, linewidth=1.2)
+        side.set_xlabel("optimizer step")
+        side.set_ylabel("accuracy (fraction) / margin (nats x beta)")
+        side.grid(alpha=0.3)
+        side.legend()
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1.2)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per token)")
+    ax.set_ylabel("loss" if preference else "loss (nats per token)")
     ax.set_title(f"qlora-lite: {metrics_path.parent.name}")
     ax.grid(alpha=0.3)
     ax.legend()

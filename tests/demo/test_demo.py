@@ -84,6 +84,26 @@ def test_demo_yaml_trains_from_any_folder(tmp_path, monkeypatch, one_thread):
     assert "model: demo" in saved and str(ROOT / "examples" / "data" / "demo_train.jsonl") in saved
 
 
+def test_demo_pairs_are_the_generator_output_and_dpo_yaml_continues_the_demo_sft(tmp_path, monkeypatch, one_thread):
+    """examples/dpo.yaml: DPO from the adapter examples/demo.yaml trains (runs/demo in the current
+    folder), on pairs tools/make_demo_pairs.py derives from the demo data (right answer vs near miss)."""
+    make = load_tool("make_demo_pairs")
+    data = ROOT / "examples" / "data"
+    for name, source, n, seed in (("train", "demo_train.jsonl", 400, 0), ("eval", "demo_eval.jsonl", 100, 1)):
+        pairs = make.pairs(data / source, n, seed)
+        assert read_jsonl(data / f"demo_pairs_{name}.jsonl") == pairs and len(pairs) > 0.9 * n
+        assert all(p["chosen"] != p["rejected"] for p in pairs)
+    monkeypatch.chdir(tmp_path)
+    sft = CliRunner().invoke(main, ["train", "--config", str(ROOT / "examples" / "demo.yaml"), "--max-steps", "1"])
+    assert sft.exit_code == 0, sft.output
+    dpo = CliRunner().invoke(main, ["train", "--config", str(ROOT / "examples" / "dpo.yaml"), "--max-steps", "1",
+                                    "--eval-steps", "0"])
+    assert dpo.exit_code == 0, dpo.output
+    saved = (tmp_path / "runs" / "demo-dpo" / "config.yaml").read_text()
+    assert "method: dpo" in saved and "adapter: runs/demo" in saved
+    assert (tmp_path / "runs" / "demo-dpo" / "reference_logps.safetensors").is_file()
+
+
 def test_readme_reference_and_examples_are_up_to_date():
     gen = load_tool("gen_docs")
     stale = [str(p.relative_to(ROOT)) for p, text in gen.expected_files().items() if p.read_text() != text]
