@@ -19,6 +19,11 @@ import yaml
 
 from qlora_lite.errors import ConfigError, EstimateError
 
+# Fields the data formats read, which --field-map may fill from columns of other names.
+FIELD_TARGETS = ("instruction", "input", "output", "text", "messages", "conversations")
+# Experiment trackers --report-to can send the metrics to (through accelerate's trackers).
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
 
 def _opt(default: Any, help: str, choices: tuple | None = None, flag: str | None = None) -> Any:
     """A dataclass field carrying its help text, allowed values and (optional) CLI flag spelling."""
@@ -70,15 +75,26 @@ class LoraConfig:
 class DataConfig:
     """Training and evaluation data."""
 
-    data: str | None = _opt(None, "Training data: a JSONL file (alpaca, chat messages or raw text).")
-    eval_data: str | None = _opt(None, "Held-out JSONL file for evaluation.")
+    data: str | None = _opt(
+        None, "Training data (alpaca, chat messages, ShareGPT conversations or raw text): a .jsonl, .json (array "
+        "of records), .parquet, .csv or .tsv file, a folder of Parquet shards or written by datasets' "
+        "save_to_disk, or a hub dataset id (online, or in the datasets cache).")
+    eval_data: str | None = _opt(None, "Held-out data for evaluation, in any form --data takes.")
+    data_split: str = _opt(
+        "train", "Split to read from a hub dataset, a save_to_disk DatasetDict folder or a folder of split-named "
+        "Parquet shards (--eval-data reads the same split).")
+    data_config: str | None = _opt(None, "Configuration (subset) of a hub dataset that has several.")
+    field_map: str | None = _opt(
+        None, "Read fields from columns of other names: FIELD=COLUMN,... (e.g. output=answer,instruction=question); "
+        "in YAML also a mapping. FIELD is one of " + ", ".join(FIELD_TARGETS) + ".")
     eval_fraction: float = _opt(0.0, "Hold out this fraction of --data for evaluation when --eval-data is not given.")
     format: str = _opt("auto", "Data format; auto detects it from the fields.", ("auto", "alpaca", "chat", "text"))
     max_seq_len: int = _opt(512, "Longest sequence in tokens; longer examples are truncated or dropped.")
     drop_long: bool = _opt(False, "Drop examples longer than --max-seq-len instead of truncating them.")
     packing: bool = _opt(False, "Pack several examples into each sequence (no attention across examples).")
     train_on_inputs: bool = _opt(False, "Also compute the loss on the prompt, not only on the response.")
-    skip_bad_lines: bool = _opt(False, "Skip malformed JSONL lines (and report them) instead of stopping.")
+    skip_bad_lines: bool = _opt(
+        False, "Skip malformed records (JSONL lines, Parquet/CSV rows) and report them instead of stopping.")
 
 
 @dataclass
@@ -186,9 +202,37 @@ class Config:
              "--fsdp shards 4-bit or 16-bit bases; 8-bit (LLM.int8) weights cannot be sharded: use --bits 4"),
         ]
         problems += [message for ok, message in checks if not ok]
+        problems += parse_field_map(self.data.field_map)[1]
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
         return self
+
+
+def parse_field_map(text: str | None) -> tuple[dict[str, str], list[str]]:
+    """``"output=answer,instruction=question"`` -> ``({"output": "answer", ...}, problems)``.
+
+    Problems (one line each): an entry without ``=``, an unknown target field, a target given twice.
+    """
+    mapping: dict[str, str] = {}
+    problems = []
+    for entry in filter(None, (e.strip() for e in (text or "").split(","))):
+        target, sep, source = (part.strip() for part in entry.partition("="))
+        if not sep or not target or not source:
+            problems.append(f"--field-map entry {entry!r} is not FIELD=COLUMN (e.g. output=answer)")
+        elif target not in FIELD_TARGETS:
+            problems.append(f"--field-map: {target!r} is not a field qlora-lite reads; map one of "
+                            f"{', '.join(FIELD_TARGETS)} (FIELD=COLUMN, e.g. output=answer)")
+        elif target in mapping:
+            problems.append(f"--field-map maps {target!r} twice")
+        else:
+            mapping[target] = source
+    return mapping, problems
+
+
+def report_targets(text: str) -> list[str]:
+    """``"tensorboard,wandb"`` -> ``["tensorboard", "wandb"]``; ``"none"`` or "" -> ``[]``."""
+    names = [n.strip().lower() for n in (text or "").split(",") if n.strip()]
+    return [n for n in names if n != "none"]
 
 
 def option_name(field_name: str) -> str:
@@ -296,6 +340,8 @@ def _coerce(value: Any, tp: type, name: str) -> Any:
         return None
     if tp is str and isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
+    if tp is str and isinstance(value, dict):  # field_map: {output: answer} in YAML
+        return ",".join(f"{k}={v}" for k, v in value.items())
     try:
         if tp is bool and isinstance(value, str):
             lowered = value.lower()

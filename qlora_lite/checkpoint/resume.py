@@ -2,9 +2,9 @@
 the guard that keeps a run from writing over the user's files.
 
 Resume compatibility (``check_resume_compatible``): settings that change which examples form which
-step, or the shape/meaning of the trained weights, are refused (dataset, batch size, grad accum,
-seed, model, bits/quantization, LoRA rank/alpha/targets/dtype, max_seq_len, packing, data format,
-process count, optimizer); settings that only change the future of the run warn (lr, schedule,
+step, or the shape/meaning of the trained weights, are refused (dataset, its split, config and field
+map, batch size, grad accum, seed, model, bits/quantization, LoRA rank/alpha/targets/dtype,
+max_seq_len, packing, data format, process count, optimizer); settings that only change the future of the run warn (lr, schedule,
 max_steps/epochs, save/eval/logging steps, dropout, clipping, weight decay).
 
 The training entry point checks all of this from ``checkpoint.folder.read_trainer_state`` (JSON only) before
@@ -26,6 +26,7 @@ from qlora_lite.storage.durable import file_sha256  # noqa: F401 (file_sha256: t
 # same run (other data order, other step contents, other weight shapes/meaning). Others only warn.
 FINGERPRINT_KEYS: dict[str, tuple[str, bool]] = {
     "dataset_sha256": ("dataset", True), "eval_fraction": ("eval fraction (changes the training split)", True),
+    "data_split": ("data split", True), "data_config": ("data config", True), "field_map": ("field map", True),
     "format": ("data format", True), "max_seq_len": ("max seq len", True), "packing": ("packing", True),
     "drop_long": ("drop long", True), "train_on_inputs": ("train on inputs", True),
     "batch_size": ("batch size", True), "grad_accum": ("grad accum", True), "seed": ("seed", True),

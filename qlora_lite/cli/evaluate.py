@@ -1,4 +1,4 @@
-"""``qlora-lite eval``: loss, perplexity and exact-match of a model (plus adapter) on a JSONL file."""
+"""``qlora-lite eval``: loss, perplexity and exact-match of a model (plus adapter) on a data file or dataset."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from qlora_lite.cli.options import config_options
 @click.option("--model", "model", required=True, metavar="DIR",
               help="Base model folder (a merged model works too); `demo` is the bundled demo model.")
 @click.option("--adapter", default=None, metavar="DIR", help="LoRA adapter folder (ours or PEFT's) to apply.")
-@click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
-              help="JSONL file to score (alpaca, chat messages or raw text).")
+@click.option("--data", "data", required=True, metavar="PATH",
+              help="Data to score (alpaca, chat messages, ShareGPT or raw text): .jsonl, .json, .parquet, .csv, "
+                   "a folder of Parquet shards or from datasets' save_to_disk, or a hub dataset id.")
 @click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None,
               help="Load the base in 4, 8 or 16 bits.  [default: the adapter's training bits, else 16]")
-@config_options("format", "max_seq_len", "skip_bad_lines", "quant_type", "double_quant", "trust_remote_code",
+@config_options("format", "data_split", "data_config", "field_map", "max_seq_len", "skip_bad_lines", "quant_type", "double_quant", "trust_remote_code",
                 "allow_bin_weights")
 @click.option("--limit", type=int, default=None, help="Score only the first N examples.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per forward pass.")
@@ -25,7 +26,7 @@ from qlora_lite.cli.options import config_options
               help="Skip the generation-based exact-match (loss and perplexity only; faster).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def command(model, adapter, data, bits, limit, batch_size, no_exact, as_json, **flags):
-    """Score MODEL (plus an adapter) on the examples of a JSONL file.
+    """Score MODEL (plus an adapter) on the examples of a data file or dataset.
 
     Reports the mean loss and perplexity of the response tokens. When the examples carry expected
     answers (alpaca `output`, the last assistant turn of a chat), each prompt is also answered by
@@ -33,11 +34,16 @@ def command(model, adapter, data, bits, limit, batch_size, no_exact, as_json, **
 
     Example: qlora-lite eval --model demo --data qlora_lite/demo/data/eval.jsonl --json
     """
+    from qlora_lite.config import parse_field_map
+    from qlora_lite.errors import ConfigError
     from qlora_lite.inference.evaluate import evaluate_jsonl
     from qlora_lite.inference.generate import load_for_inference
 
     if (limit is not None and limit < 1) or batch_size < 1:
         raise click.BadParameter("--limit and --batch-size must be at least 1")
+    field_map, problems = parse_field_map(flags["field_map"])
+    if problems:  # before the model loads
+        raise ConfigError("; ".join(problems))
     lm, tokenizer = load_for_inference(
         model, adapter=adapter, bits=int(bits) if bits else None, quant_type=flags["quant_type"] or "nf4",
         double_quant=True if flags["double_quant"] is None else flags["double_quant"],
@@ -45,7 +51,8 @@ def command(model, adapter, data, bits, limit, batch_size, no_exact, as_json, **
     )
     result = evaluate_jsonl(lm, tokenizer, data, fmt=flags["format"] or "auto",
                             max_seq_len=flags["max_seq_len"] or 512, limit=limit, batch_size=batch_size,
-                            exact=not no_exact, skip_bad_lines=bool(flags["skip_bad_lines"]))
+                            exact=not no_exact, skip_bad_lines=bool(flags["skip_bad_lines"]),
+                            split=flags["data_split"] or "train", config_name=flags["data_config"], field_map=field_map)
     result.update(model=model, adapter=adapter)
     if as_json:
         click.echo(json.dumps(result))

@@ -10,7 +10,7 @@ from qlora_lite.cli.options import config_options
 
 # Every config field a training run reads, in --help order (num_processes belongs to the launcher).
 TRAIN_FIELDS = (
-    "model", "data", "output", "eval_data", "eval_fraction", "format",
+    "model", "data", "output", "eval_data", "eval_fraction", "format", "data_split", "data_config", "field_map",
     "bits", "quant_type", "double_quant", "compute_dtype",
     "rank", "alpha", "dropout", "target_modules", "rslora", "lora_dtype", "adapter",
     "max_seq_len", "drop_long", "packing", "train_on_inputs", "skip_bad_lines",
@@ -74,7 +74,7 @@ def setup_logging() -> None:
                    "flags given on the command line override it.")
 @config_options(*TRAIN_FIELDS)
 def command(config_file: str | None, **values) -> None:
-    """Fine-tune a LoRA adapter on a 4/8/16-bit frozen base from a JSONL file.
+    """Fine-tune a LoRA adapter on a 4/8/16-bit frozen base from JSONL, JSON, Parquet, CSV or a dataset.
 
     \b
     Example:

@@ -1,11 +1,13 @@
-"""Data stage: JSONL file -> tokenized examples with loss masks -> (packed) padded batches.
+"""Data stage: data source -> tokenized examples with loss masks -> (packed) padded batches.
 
 One module per step, in the order the data flows:
-  data_formats   read the JSONL file (every bad line as FILE:LINE), detect and validate the format.
-  data_tokenize  render a record as prompt/response text and tokenize it with loss masks (labels).
-  data.py        (this module) ``load_dataset`` runs the two above over a file, truncates or drops
-                 long examples and counts what happened (DataStats); ``split_eval`` holds some out.
-  data_packing   pack examples into sequences and collate them into padded tensor batches.
+  sources    read the records of a file, folder or hub dataset (each bad one named FILE:LINE or FILE row N).
+  mapping    rename fields (--field-map), turn ShareGPT conversations into chat messages.
+  formats    detect and validate the format of the records.
+  tokenize   render a record as prompt/response text and tokenize it with loss masks (labels).
+  dataset    (this module) ``load_dataset`` runs the steps above over a source, truncates or drops
+             long examples and counts what happened (DataStats); ``split_eval`` holds some out.
+  packing    pack examples into sequences and collate them into padded tensor batches.
 
 ``load_dataset`` needs only the tokenizer, so a bad data file fails before the model is loaded.
 """
@@ -23,20 +25,25 @@ from qlora_lite.data.formats import (
     detect_format,
     is_empty,
     problem_message,
-    read_lines,
     validate_record,
 )
+from qlora_lite.data.mapping import explain_mapped, normalize_record
+from qlora_lite.data.sources import read_records
 from qlora_lite.data.tokenize import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, char_bound, tokenize_example
 from qlora_lite.errors import DataError
 
 # DEFAULT_CHAT_TEMPLATE (data_tokenize) is re-exported: export.py, gguf_vocab.py and tests/test_export.py
 # import it from here.
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "DataError", "DataStats", "load_dataset", "split_eval"]
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "DataError", "DataStats", "load_dataset", "read_usable_records", "split_eval"]
 
 
 @dataclass
 class DataStats:
-    """What happened to each line of a data file (total = kept + dropped + empty + skipped)."""
+    """What happened to each record of a data source (total = kept + dropped + empty + skipped).
+
+    ``skipped_lines`` holds one "WHERE: reason" message per skipped record; ``unit`` is what a record
+    is called there ("line" in JSONL, "row" elsewhere).
+    """
 
     total: int = 0
     kept: int = 0
@@ -45,11 +52,12 @@ class DataStats:
     empty: int = 0
     skipped_lines: list[str] = field(default_factory=list)
     format: str = ""
+    unit: str = "line"
 
     def summary(self) -> str:
         """One line for the user, e.g. ``kept 950 of 1000 (alpaca): 30 truncated, 20 dropped (too long)``."""
         parts = [(self.truncated, "truncated"), (self.dropped_too_long, "dropped (too long)"),
-                 (self.empty, "empty"), (len(self.skipped_lines), "skipped (bad lines)")]
+                 (self.empty, "empty"), (len(self.skipped_lines), f"skipped (bad {self.unit}s)")]
         details = ", ".join(f"{n} {what}" for n, what in parts if n)
         return f"kept {self.kept} of {self.total} ({self.format})" + (f": {details}" if details else "")
 
@@ -59,45 +67,82 @@ def _has_targets(labels: list[int]) -> bool:
     return any(label != IGNORE_INDEX for label in labels[1:])
 
 
-def load_dataset(path, tokenizer, *, format: str = "auto", max_seq_len: int = 512, drop_long: bool = False,
-                 train_on_inputs: bool = False, skip_bad_lines: bool = False) -> tuple[list[dict], DataStats]:
-    """Read, validate and tokenize a JSONL file; needs only the tokenizer (fails before model loading).
+def read_usable_records(path, *, format: str = "auto", split: str = "train", config_name: str | None = None,
+                        field_map: dict[str, str] | None = None):
+    """The records of a source, mapped (--field-map, ShareGPT) and validated; nothing tokenized yet.
 
     Args:
-        path: JSONL file. format: "auto" or one of FORMATS. max_seq_len: longest example in tokens.
+        path: file, folder or hub id (``data.sources``). format: "auto" or one of FORMATS.
+        split, config_name: of a hub dataset or datasets folder. field_map: ``{field: column}``.
+
+    Returns:
+        ``(records, problems, fmt, source)``: (position, record) pairs that are valid examples of
+        ``fmt``, (position, "WHERE: reason") for every other record, the format, and the
+        ``sources.Records`` read (its ``name``, ``unit``, ``locate``).
+
+    Raises:
+        DataError: unknown format, an unreadable or empty source (the message says which).
+    """
+    if format != "auto" and format not in FORMATS:
+        raise DataError(f"unknown data format {format!r}; use auto, alpaca, chat or text")
+    field_map = field_map or {}
+    source = read_records(str(path), split, config_name)
+    if not source.rows and not source.problems:
+        what = "one JSON object per line" if source.unit == "line" else "records (rows)"
+        raise DataError(f"{source.name}: the data has no examples (it is empty); add {what}")
+    problems, mapped = list(source.problems), []
+    for position, record in source.rows:
+        normalized, reason = normalize_record(record, field_map)
+        if reason is None:
+            mapped.append((position, normalized, record))
+        else:
+            problems.append((position, f"{source.locate(position)}: {reason}"))
+    fmt = format if format != "auto" else (detect_format([m[:2] for m in mapped], source.name) if mapped else "unknown")
+    records = []
+    for position, record, original in mapped:
+        reason = validate_record(record, fmt)
+        if reason is None:
+            records.append((position, record))
+        else:
+            problems.append((position, f"{source.locate(position)}: {explain_mapped(reason, original, field_map)}"))
+    return records, problems, fmt, source
+
+
+def load_dataset(path, tokenizer, *, format: str = "auto", max_seq_len: int = 512, drop_long: bool = False,
+                 train_on_inputs: bool = False, skip_bad_lines: bool = False, split: str = "train",
+                 config_name: str | None = None, field_map: dict[str, str] | None = None,
+                 ) -> tuple[list[dict], DataStats]:
+    """Read, validate and tokenize a data source; needs only the tokenizer (fails before model loading).
+
+    Args:
+        path: a data file, folder or hub dataset id (``data.sources``). format: "auto" or one of FORMATS.
+        max_seq_len: longest example in tokens.
         drop_long: drop longer examples instead of truncating them (keeping the start).
-        train_on_inputs: learn the prompt tokens too. skip_bad_lines: skip and report bad lines.
+        train_on_inputs: learn the prompt tokens too. skip_bad_lines: skip and report bad records.
+        split, config_name: of a hub dataset or datasets folder. field_map: ``{field: column}`` renames.
 
     Returns:
         ``(examples, stats)``: dicts with input_ids and labels (lists of ints, len <= max_seq_len).
 
     Raises:
-        DataError: bad lines (all listed as FILE:LINE, unless skip_bad_lines), or no usable example
-            left (the message gives the count per reason).
+        DataError: bad records (all listed as FILE:LINE or FILE row N, unless skip_bad_lines), or no
+            usable example left (the message gives the count per reason).
     """
-    if format != "auto" and format not in FORMATS:
-        raise DataError(f"unknown data format {format!r}; use auto, alpaca, chat or text")
     if max_seq_len < 2:
         raise DataError(f"max_seq_len must be at least 2 tokens, got {max_seq_len}")
-    records, problems = read_lines(path)
-    if not records and not problems:
-        raise DataError(f"{path}: the file has no examples (it is empty); add one JSON object per line")
-    fmt = format if format != "auto" else (detect_format(records, path) if records else "unknown")
-    stats = DataStats(total=len(records) + len(problems), format=fmt)
+    records, problems, fmt, source = read_usable_records(path, format=format, split=split, config_name=config_name,
+                                                         field_map=field_map)
+    stats = DataStats(total=len(source.rows) + len(source.problems), format=fmt, unit=source.unit)
     examples = []
     max_chars = char_bound(tokenizer, max_seq_len)  # a 50 MB line costs what max_seq_len tokens cost
-    for number, record in records:
-        reason = validate_record(record, fmt)
-        if reason is None:
-            if is_empty(record, fmt):
-                stats.empty += 1
-                continue
-            try:
-                example = tokenize_example(record, tokenizer, fmt, train_on_inputs, max_chars)
-            except (TemplateError, ValueError, TypeError, KeyError) as exc:  # e.g. raise_exception() in templates
-                reason = f"cannot render the example ({exc})"
-        if reason is not None:
-            problems.append((number, f"{path}:{number}: {reason}"))
+    for position, record in records:
+        if is_empty(record, fmt):
+            stats.empty += 1
+            continue
+        try:
+            example = tokenize_example(record, tokenizer, fmt, train_on_inputs, max_chars)
+        except (TemplateError, ValueError, TypeError, KeyError) as exc:  # e.g. raise_exception() in templates
+            problems.append((position, f"{source.locate(position)}: cannot render the example ({exc})"))
             continue
         if len(example["input_ids"]) > max_seq_len:
             example = {k: v[:max_seq_len] for k, v in example.items()}
@@ -106,20 +151,21 @@ def load_dataset(path, tokenizer, *, format: str = "auto", max_seq_len: int = 51
                 continue
             stats.truncated += 1
         examples.append(example)
-    stats.skipped_lines = [message for _, message in sorted(problems)]
+    stats.skipped_lines = [message for _, message in sorted(problems, key=lambda p: p[0])]
     if problems and not skip_bad_lines:
-        raise DataError(problem_message(path, stats.skipped_lines, f"format {fmt}; fix them, or pass --skip-bad-lines"))
+        raise DataError(problem_message(source.name, stats.skipped_lines,
+                                        f"format {fmt}; fix them, or pass --skip-bad-lines", source.unit))
     stats.kept = len(examples)
     if not examples:
-        raise DataError(_no_examples_message(path, stats, max_seq_len, drop_long))
+        raise DataError(_no_examples_message(source.name, stats, max_seq_len, drop_long))
     return examples, stats
 
 
 def _no_examples_message(path, stats: DataStats, max_seq_len: int, drop_long: bool) -> str:
     why = "with --drop-long" if drop_long else "even the prompt alone"
     reasons = [f"{stats.dropped_too_long} longer than max_seq_len={max_seq_len} ({why}; raise --max-seq-len)",
-               f"{stats.empty} empty (nothing to learn)", f"{len(stats.skipped_lines)} skipped bad lines"]
-    lines = [f"{path}: no usable example among {stats.total} line(s) ({stats.format}): " + ", ".join(reasons)]
+               f"{stats.empty} empty (nothing to learn)", f"{len(stats.skipped_lines)} skipped bad {stats.unit}s"]
+    lines = [f"{path}: no usable example among {stats.total} {stats.unit}(s) ({stats.format}): " + ", ".join(reasons)]
     return "\n".join(lines + stats.skipped_lines[:MAX_LISTED_PROBLEMS])
 
 

@@ -1,6 +1,7 @@
 """Data formats: reading a JSONL file with FILE:LINE errors, detecting its format, validating records.
 
-Formats, one JSON object per line, detected from the fields or forced with ``--format``:
+Formats of a record (a JSONL line, a Parquet or CSV row, ...), detected from the fields or forced with
+``--format`` (``data.mapping`` first renames fields per --field-map and turns ShareGPT into chat):
   alpaca  {"instruction": str, "input": str (optional), "output": str}
   chat    {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
           rendered with the tokenizer's chat template (DEFAULT_CHAT_TEMPLATE when it has none);
@@ -30,18 +31,18 @@ MAX_LISTED_PROBLEMS = 50
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
-def problem_message(path, problems: list[str], hint: str) -> str:
-    """The DataError text for bad lines: a count and ``hint`` (what to do), then at most
-    MAX_LISTED_PROBLEMS of the ``"FILE:LINE: reason"`` lines."""
+def problem_message(path, problems: list[str], hint: str, unit: str = "line") -> str:
+    """The DataError text for bad lines (or rows): a count and ``hint`` (what to do), then at most
+    MAX_LISTED_PROBLEMS of the ``"FILE:LINE: reason"`` (``"FILE row N: reason"``) lines."""
     shown = problems[:MAX_LISTED_PROBLEMS]
     more = len(problems) - len(shown)
-    lines = [f"{len(problems)} bad line(s) in {path} ({hint}):", *shown]
+    lines = [f"{len(problems)} bad {unit}(s) in {path} ({hint}):", *shown]
     if more:
         lines.append(f"... and {more} more")
     return "\n".join(lines)
 
 
-def _type_name(value) -> str:
+def type_name(value) -> str:
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(value), "a number")
 
@@ -76,7 +77,7 @@ def read_lines(path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
             problems.append((number, f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})"))
             continue
         if not isinstance(record, dict):
-            problems.append((number, f"{path}:{number}: expected a JSON object per line, got {_type_name(record)}"))
+            problems.append((number, f"{path}:{number}: expected a JSON object per line, got {type_name(record)}"))
             continue
         records.append((number, record))
     return records, problems
@@ -105,7 +106,7 @@ def read_jsonl(path, skip_bad_lines: bool = False) -> tuple[list[tuple[int, dict
 
 
 def _guess_format(record: dict) -> str | None:
-    if "messages" in record:
+    if "messages" in record or "conversations" in record:
         return "chat"
     if "instruction" in record or "output" in record:
         return "alpaca"
@@ -126,9 +127,10 @@ def detect_format(records, path) -> str:
     votes = Counter(f for f in map(_guess_format, dicts) if f is not None)
     if not votes:
         fields = sorted(dicts[0]) if dicts else []
-        raise DataError(f"{path}: cannot detect the data format: no line has 'messages' (chat), "
-                        f"'instruction' and 'output' (alpaca) or 'text' (raw text); first line's fields: "
-                        f"{fields}. Rename the fields or set --format.")
+        raise DataError(f"{path}: cannot detect the data format: no record has 'messages' or 'conversations' "
+                        f"(chat, ShareGPT), 'instruction' and 'output' (alpaca) or 'text' (raw text); first "
+                        f"record's fields: {fields}. Name the columns with --field-map (e.g. "
+                        "output=answer,instruction=question), rename the fields, or set --format.")
     return max(("chat", "alpaca", "text"), key=lambda f: votes[f])  # first maximum wins ties
 
 
@@ -138,7 +140,7 @@ def _field_problem(record: dict, name: str, optional: bool = False) -> str | Non
     value = record[name]
     if optional and value is None:
         return None
-    return None if isinstance(value, str) else f"field '{name}' must be a string, got {_type_name(value)}"
+    return None if isinstance(value, str) else f"field '{name}' must be a string, got {type_name(value)}"
 
 
 def validate_record(record: dict, fmt: str) -> str | None:
@@ -157,10 +159,10 @@ def validate_record(record: dict, fmt: str) -> str | None:
         return "field 'messages' must be a non-empty list of {role, content} objects"
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            return f"messages[{i}] must be an object with 'role' and 'content', got {_type_name(message)}"
+            return f"messages[{i}] must be an object with 'role' and 'content', got {type_name(message)}"
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
-                what = "missing" if key not in message else f"must be a string, got {_type_name(message[key])}"
+                what = "missing" if key not in message else f"must be a string, got {type_name(message[key])}"
                 return f"messages[{i}].{key} {what}"
     for i, message in enumerate(messages):
         if message["role"] not in CHAT_ROLES:  # a typo ("asistant") would be trained on as prompt text

@@ -6,8 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
-from qlora_lite.data.dataset import load_dataset
-from qlora_lite.data.formats import detect_format, read_jsonl
+from qlora_lite.data.dataset import load_dataset, read_usable_records
 from qlora_lite.data.tokenize import render_example
 from qlora_lite.inference.generate import greedy_answers, prompt_ids
 from qlora_lite.model.loss import evaluate
@@ -47,10 +46,13 @@ def exact_match(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], fmt: 
 
 def evaluate_jsonl(model: nn.Module, tokenizer, path: str | Path, *, fmt: str = "auto", max_seq_len: int = 512,
                    limit: int | None = None, batch_size: int = 8, exact: bool = True,
-                   skip_bad_lines: bool = False, keep_answers: bool = False) -> dict:
-    """Loss, perplexity and (when the records carry answers) greedy exact-match on a JSONL file.
+                   skip_bad_lines: bool = False, keep_answers: bool = False, split: str = "train",
+                   config_name: str | None = None, field_map: dict[str, str] | None = None) -> dict:
+    """Loss, perplexity and (when the records carry answers) greedy exact-match on a data source.
 
     Args:
+        path: a data file, folder or hub dataset id (``data.sources``); split, config_name, field_map
+            as ``data.dataset.load_dataset`` takes them.
         fmt: data format (auto, alpaca, chat, text); ``text`` records have no answers to match.
         limit: use only the first ``limit`` usable records (all when None).
         exact: also run the generation-based exact-match (the slow part).
@@ -61,16 +63,16 @@ def evaluate_jsonl(model: nn.Module, tokenizer, path: str | Path, *, fmt: str = 
         ``"exact_match", "correct", "total", "samples"`` when answers exist.
 
     Raises:
-        data.DataError: unreadable file or records, with FILE:LINE.
+        data.DataError: unreadable source or records, with FILE:LINE or FILE row N.
     """
+    source = dict(split=split, config_name=config_name, field_map=field_map)
     examples, _ = load_dataset(str(path), tokenizer, format=fmt, max_seq_len=max_seq_len, drop_long=False,
-                               train_on_inputs=False, skip_bad_lines=skip_bad_lines)
+                               train_on_inputs=False, skip_bad_lines=skip_bad_lines, **source)
     examples = examples[:limit] if limit else examples
     result = {"data": str(path), "examples": len(examples)}
     result.update(evaluate(model, examples, batch_size, tokenizer.pad_token_id))
-    records, _ = read_jsonl(str(path), skip_bad_lines=skip_bad_lines)
+    records, _, fmt, _ = read_usable_records(str(path), format=fmt, **source)  # load_dataset raised on bad ones
     records = [r for _, r in records]
-    fmt = detect_format(records, str(path)) if fmt == "auto" else fmt
     result["format"] = fmt
     if exact and fmt != "text":
         pairs = [render_example(r, tokenizer, fmt) for r in records]

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from qlora_lite.config import Config
+from qlora_lite.config import Config, parse_field_map
 from qlora_lite.data.dataset import load_dataset, split_eval
 from qlora_lite.data.packing import pack_examples
 
@@ -40,11 +40,12 @@ def load_training_data(config: Config, tokenizer) -> tuple[list[dict], list[dict
     """Tokenize and validate the train (and eval) data; runs before the model is loaded so bad data fails fast.
 
     Raises:
-        data.DataError: unreadable or unusable data, with FILE:LINE.
+        data.DataError: unreadable or unusable data, with FILE:LINE or FILE row N.
     """
     d = config.data
     kwargs = dict(format=d.format, max_seq_len=d.max_seq_len, drop_long=d.drop_long,
-                  train_on_inputs=d.train_on_inputs, skip_bad_lines=d.skip_bad_lines)
+                  train_on_inputs=d.train_on_inputs, skip_bad_lines=d.skip_bad_lines, split=d.data_split,
+                  config_name=d.data_config, field_map=parse_field_map(d.field_map)[0])
     train_examples, stats = load_dataset(d.data, tokenizer, **kwargs)
     log.info("train data %s: %s", d.data, stats.summary())
     eval_examples: list[dict] = []

@@ -32,12 +32,12 @@ from qlora_lite.checkpoint.resume import check_resume_compatible, guard_output_d
 from qlora_lite.checkpoint.run_folder import RunLock, mark_run
 from qlora_lite.config import Config
 from qlora_lite.data.packing import collate
+from qlora_lite.data.sources import source_sha256
 from qlora_lite.errors import MetricsError, TrainingError
 from qlora_lite.model.adapter import save_adapter
 from qlora_lite.model.folder import load_tokenizer, resolve_model_dir
 from qlora_lite.model.loss import IGNORE_INDEX, batch_loss_sum, eval_sums, evaluate, label_tokens
 from qlora_lite.model.precision import lora_dtype_for, resolve_compute_dtype
-from qlora_lite.storage.durable import file_sha256
 from qlora_lite.storage.output_dir import check_writable, write_failure
 from qlora_lite.train.batches import epoch_batches, load_training_data, plan_steps
 from qlora_lite.train.distributed import (
@@ -73,8 +73,11 @@ class TrainResult:
 
 
 def run_fingerprint(config: Config, num_processes: int, **extra) -> dict:
-    """What a resumed run is checked against (``checkpoint.check_resume_compatible``): settings and data hash."""
-    return make_fingerprint(config.to_dict(), file_sha256(config.data.data), num_processes=num_processes, **extra)
+    """What a resumed run is checked against (``checkpoint.check_resume_compatible``): settings and data hash
+    (of the file, of every file of a folder, or of a hub dataset's cached revision)."""
+    d = config.data
+    digest = source_sha256(d.data, d.data_split, d.data_config)
+    return make_fingerprint(config.to_dict(), digest, num_processes=num_processes, **extra)
 
 
 def resolve_precision(config: Config, saved_state: dict | None = None) -> None:

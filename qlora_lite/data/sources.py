@@ -1,0 +1,248 @@
+"""Data sources: where the records of ``--data`` come from, each with the place an error message names.
+
+  path                                 read with                                 a record is named
+  FILE.jsonl (or any other suffix)     one JSON object per line                  FILE:LINE
+  FILE.json                            one JSON array of objects (or JSON Lines) FILE row N
+  FILE.parquet                         pyarrow, one row group at a time          FILE row N
+  FILE.csv, FILE.tsv                   pyarrow, every column read as text        FILE row N
+  FOLDER of Parquet shards             pyarrow, shard by shard in name order     SHARD row N
+  FOLDER written by save_to_disk       datasets.load_from_disk (memory-mapped)   FOLDER row N
+  hub dataset id (online or cached)    datasets.load_dataset(id, config, split)  ID[SPLIT] row N
+
+Lines count from 1 (as editors do), rows from 0 (as pandas and datasets index them: ``ds[N]``).
+Only this module knows about file kinds; the rest of the data stage sees ``(position, dict)`` pairs.
+``datasets`` is an optional extra: only its folders and hub ids need it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from qlora_lite.data.formats import read_lines, type_name
+from qlora_lite.errors import DataError
+from qlora_lite.storage.durable import file_sha256
+
+PARQUET_SUFFIXES = (".parquet", ".pq")
+CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+DATASETS_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes (DatasetDict, Dataset)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+BATCH_ROWS = 1024
+INSTALL_DATASETS = "pip install 'qlora-lite[datasets]'"
+
+
+@dataclass
+class Records:
+    """The records of one source, in source order.
+
+    ``rows``: (position, record) pairs; ``problems``: (position, "WHERE: reason") for records that
+    could not be read; ``locate(position)`` gives "WHERE" ("FILE:LINE", "FILE row N"); ``unit`` is
+    "line" or "row", for counts in messages.
+    """
+
+    name: str
+    rows: list[tuple[Any, dict]] = field(default_factory=list)
+    problems: list[tuple[Any, str]] = field(default_factory=list)
+    locate: Callable[[Any], str] = str
+    unit: str = "row"
+
+
+def read_records(path: str, split: str = "train", config_name: str | None = None) -> Records:
+    """Every record of ``path`` (a file, a folder or a hub dataset id; see the module docstring).
+
+    Args:
+        split: the split of a ``DatasetDict`` folder, a hub dataset or a folder of split-named
+            Parquet shards (``train-00000-of-00002.parquet``, ``train/part-0.parquet``).
+        config_name: the hub dataset's configuration (subset), if it has several.
+
+    Raises:
+        DataError: the source does not exist or cannot be read at all (a damaged Parquet file, a
+            CSV that is not UTF-8, an invalid JSON array); per-record problems are returned instead.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if any((p / marker).is_file() for marker in DATASETS_MARKERS):
+            return _datasets_folder(p, split)
+        return _parquet_folder(p, split)
+    if p.is_file():
+        suffix = p.suffix.lower()
+        if suffix in PARQUET_SUFFIXES:
+            return _parquet_files(str(p), [p])
+        if suffix in CSV_SUFFIXES:
+            return _csv(p, CSV_SUFFIXES[suffix])
+        if suffix == ".json" and _starts_array(p):
+            return _json_array(p)
+        return _jsonl(p)
+    known = (*PARQUET_SUFFIXES, *CSV_SUFFIXES, ".json", ".jsonl")
+    if p.suffix.lower() in known or not HUB_ID.match(str(path)):
+        raise DataError(f"{path}: no such file or folder (check the data path)")
+    return _hub(str(path), split, config_name)
+
+
+def source_sha256(path: str, split: str = "train", config_name: str | None = None) -> str:
+    """A digest that changes whenever the data of ``path`` does (the run fingerprint's dataset hash).
+
+    A file: its sha256 (as for JSONL files always). A folder: the sha256 over every file's relative
+    path and sha256. A hub id: the digest of the split and datasets' fingerprint of the cached data
+    (it changes with the dataset's revision).
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        return file_sha256(p)
+    digest = hashlib.sha256()
+    if p.is_dir():
+        for file in sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f, p)):
+            digest.update(f"{file.relative_to(p).as_posix()}\0{file_sha256(file)}\n".encode())
+        return digest.hexdigest()
+    dataset = _hub_dataset(str(path), split, config_name)
+    digest.update(f"hub\0{path}\0{config_name}\0{split}\0{dataset._fingerprint}".encode())
+    return digest.hexdigest()
+
+
+def _hidden(file: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in file.relative_to(root).parts)
+
+
+def _jsonl(p: Path) -> Records:
+    rows, problems = read_lines(p)
+    return Records(str(p), rows, problems, lambda line: f"{p}:{line}", "line")
+
+
+def _starts_array(p: Path) -> bool:
+    with open(p, "rb") as f:
+        head = f.read(4096)
+    return head.removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"["
+
+
+def _json_array(p: Path) -> Records:
+    """A ``.json`` file holding one array: read whole (an array cannot be read element by element)."""
+    try:
+        items = json.loads(p.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{p}: invalid UTF-8 at byte {exc.start}; save the file as UTF-8") from None
+    except json.JSONDecodeError as exc:  # nothing after a syntax error can be trusted: not skippable
+        raise DataError(f"{p}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno}); a .json file must "
+                        "be one valid array of objects (or one object per line)") from None
+    records = Records(str(p), locate=lambda row: f"{p} row {row}")
+    if not isinstance(items, list):
+        raise DataError(f"{p}: expected a JSON array of objects (or one object per line), got {type_name(items)}")
+    for row, item in enumerate(items):
+        if isinstance(item, dict):
+            records.rows.append((row, item))
+        else:
+            records.problems.append((row, f"{records.locate(row)}: expected a JSON object, got {type_name(item)}"))
+    return records
+
+
+def _add_rows(records: Records, batches: Iterator[pa.RecordBatch | pa.Table], shard: int | None = None) -> None:
+    """Append the rows of Arrow batches as dicts; positions are row numbers (or (shard, row))."""
+    row = 0
+    for batch in batches:
+        for record in batch.to_pylist():
+            records.rows.append((row if shard is None else (shard, row), record))
+            row += 1
+
+
+def _parquet_files(name: str, files: list[Path]) -> Records:
+    records = Records(name, locate=lambda pos: f"{files[pos[0]]} row {pos[1]}" if isinstance(pos, tuple)
+                      else f"{files[0]} row {pos}")
+    for shard, file in enumerate(files):
+        try:
+            parquet = pq.ParquetFile(file)
+            _add_rows(records, parquet.iter_batches(batch_size=BATCH_ROWS), shard if len(files) > 1 else None)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{file}: not a readable Parquet file ({exc}); write it again (pandas "
+                            "DataFrame.to_parquet, datasets Dataset.to_parquet)") from None
+    return records
+
+
+def _parquet_folder(p: Path, split: str) -> Records:
+    shards = sorted(f for f in p.rglob("*") if f.suffix.lower() in PARQUET_SUFFIXES and f.is_file()
+                    and not _hidden(f, p))
+    if not shards:
+        raise DataError(f"{p}: a folder, but neither written by datasets' save_to_disk (no "
+                        f"{' or '.join(DATASETS_MARKERS)}) nor holding .parquet files; pass a data file or such a folder")
+    # Hub repositories keep splits side by side: data/train-00000-of-00001.parquet, data/test-....
+    ours = [f for f in shards if re.match(rf"{re.escape(split)}[-_.]", f.name) or split in f.relative_to(p).parts[:-1]]
+    return _parquet_files(str(p), ours or shards)
+
+
+def _csv(p: Path, delimiter: str) -> Records:
+    """Every column as text (a spreadsheet's "5" stays the answer "5"), empty cells as ""."""
+    records = Records(str(p), locate=lambda row: f"{p} row {row}")
+
+    def bad_row(row) -> str:  # a row with too few or too many cells: reported, skipped like a bad line
+        records.problems.append((len(records.rows), f"{p}: a row has {row.actual_columns} field(s), the header "
+                                 f"{row.expected_columns}: {row.text[:80]!r}"))
+        return "skip"
+
+    try:
+        names = pa_csv.open_csv(p, parse_options=pa_csv.ParseOptions(
+            delimiter=delimiter, newlines_in_values=True, invalid_row_handler=lambda row: "skip")).schema.names
+        reader = pa_csv.open_csv(
+            p, parse_options=pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True,
+                                                 invalid_row_handler=bad_row),
+            convert_options=pa_csv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                                  strings_can_be_null=False, quoted_strings_can_be_null=False))
+        _add_rows(records, reader)
+    except pa.ArrowException as exc:
+        hint = "save the file as UTF-8" if "UTF8" in str(exc) else "check the file is comma-separated with a header row"
+        raise DataError(f"{p}: cannot read the CSV file ({exc}); {hint}") from None
+    return records
+
+
+def _datasets_module():
+    try:
+        import datasets  # noqa: PLC0415 (optional extra; it takes seconds to import)
+    except ImportError:
+        raise DataError(f"reading a datasets folder or a hub dataset id needs the datasets package: {INSTALL_DATASETS}") \
+            from None
+    return datasets
+
+
+def _from_dataset(name: str, dataset) -> Records:
+    records = Records(name, locate=lambda row: f"{name} row {row}")
+    _add_rows(records, dataset.with_format("arrow").iter(batch_size=BATCH_ROWS))
+    return records
+
+
+def _datasets_folder(p: Path, split: str) -> Records:
+    datasets = _datasets_module()
+    try:
+        dataset = datasets.load_from_disk(str(p))
+    except Exception as exc:  # noqa: BLE001 (datasets raises many kinds; each becomes one message)
+        raise DataError(f"{p}: cannot read the datasets folder ({str(exc).splitlines()[0][:300]})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise DataError(f"{p}: no split {split!r}; it has {', '.join(dataset)} (choose one with --data-split)")
+        return _from_dataset(f"{p}[{split}]", dataset[split])
+    return _from_dataset(str(p), dataset)
+
+
+def _hub_dataset(dataset_id: str, split: str, config_name: str | None):
+    datasets = _datasets_module()
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or \
+        os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0")
+    try:
+        return datasets.load_dataset(dataset_id, config_name, split=split)
+    except Exception as exc:  # noqa: BLE001 (no network, unknown id, gated, bad split: one message each)
+        why = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        where = " (offline: HF_HUB_OFFLINE is set, so only datasets in the local cache load)" if offline else ""
+        raise DataError(f"{dataset_id}: no such file or folder, and loading it as a hub dataset failed{where}: "
+                        f"{why}. Check the path, or the id, --data-config and --data-split") from None
+
+
+def _hub(dataset_id: str, split: str, config_name: str | None) -> Records:
+    name = f"{dataset_id}{'/' + config_name if config_name else ''}[{split}]"
+    return _from_dataset(name, _hub_dataset(dataset_id, split, config_name))
