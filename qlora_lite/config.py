@@ -130,6 +130,11 @@ class TrainConfig:
     eval_steps: int = _opt(0, "Evaluate every N steps (0: only at the end).")
     save_total_limit: int = _opt(0, "Keep only the newest N checkpoints (0: keep all).")
     logging_steps: int = _opt(1, "Write a metrics.jsonl line every N steps.")
+    report_to: str = _opt(
+        "none", "Also send the metrics (and the config) to: none, or a comma-separated list of " +
+        ", ".join(TRACKERS) + " (each needs its package: pip install 'qlora-lite[tensorboard]', "
+        "'qlora-lite[wandb]', 'qlora-lite[mlflow]'). Logs land in --output/tracking; W&B runs offline "
+        "without network.")
     seed: int = _opt(42, "Random seed for initialization, shuffling and dropout.")
     resume: bool = _opt(False, "Continue from the newest complete checkpoint in --output.")
     num_processes: int = _opt(1, "Processes to launch through accelerate (one per GPU; gloo on the CPU).")
@@ -203,6 +208,8 @@ class Config:
         ]
         problems += [message for ok, message in checks if not ok]
         problems += parse_field_map(self.data.field_map)[1]
+        problems += [f"--report-to {name!r} is not one of none, {', '.join(TRACKERS)}"
+                     for name in report_targets(self.train.report_to) if name not in TRACKERS]
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
         return self

@@ -117,8 +117,11 @@ def check_resume_compatible(saved_state: dict, fingerprint: dict) -> list[str]:
     return [w + " (allowed on resume)" for w in warned]
 
 
+# The folder of --report-to logs (TensorBoard events, W&B and MLflow files) inside --output.
+TRACKING_DIR = "tracking"
+
 # Names a qlora-lite run may write at the top of its output folder (guard_output_dir accepts them).
-RUN_FILES = {CONFIG_NAME, WEIGHTS_NAME, RECORD_NAME, "metrics.jsonl", "config.yaml", "loss.png", "README.md",
+RUN_FILES = {TRACKING_DIR, CONFIG_NAME, WEIGHTS_NAME, RECORD_NAME, "metrics.jsonl", "config.yaml", "loss.png", "README.md",
              "train.log", "eval.json", "eval_results.json", TRAINER_STATE, "run.json", "fingerprint.json",
              RUN_MARKER, LOCK_NAME}
 

@@ -16,7 +16,7 @@ TRAIN_FIELDS = (
     "max_seq_len", "drop_long", "packing", "train_on_inputs", "skip_bad_lines",
     "batch_size", "grad_accum", "lr", "weight_decay", "max_grad_norm", "max_steps", "epochs", "warmup_steps",
     "lr_scheduler", "optimizer", "gradient_checkpointing", "checkpoint_policy",
-    "save_steps", "eval_steps", "save_total_limit", "logging_steps", "seed", "resume",
+    "save_steps", "eval_steps", "save_total_limit", "logging_steps", "report_to", "seed", "resume",
     "trust_remote_code", "allow_bin_weights", "num_processes", "fsdp",
 )
 

@@ -28,7 +28,12 @@ from qlora_lite.checkpoint.folder import (
     read_trainer_state,
     save_checkpoint,
 )
-from qlora_lite.checkpoint.resume import check_resume_compatible, guard_output_dir, make_fingerprint
+from qlora_lite.checkpoint.resume import (
+    TRACKING_DIR,
+    check_resume_compatible,
+    guard_output_dir,
+    make_fingerprint,
+)
 from qlora_lite.checkpoint.run_folder import RunLock, mark_run
 from qlora_lite.config import Config
 from qlora_lite.data.packing import collate
@@ -50,6 +55,7 @@ from qlora_lite.train.distributed import (
 from qlora_lite.train.metrics import METRICS_NAME, MetricsLog, plot_loss
 from qlora_lite.train.model_setup import build_model_from_config
 from qlora_lite.train.optim import apply_current_settings, build_optimizer, build_scheduler
+from qlora_lite.train.tracking import finish_trackers, log_record, requested_trackers, start_trackers
 
 log = logging.getLogger(__name__)
 STOP_ENV = "QLORA_LITE_STOP_AFTER_STEPS"
@@ -128,6 +134,7 @@ def train(config: Config) -> TrainResult:
 
     config.validate(required=("model.model", "data.data", "train.output"))
     t = config.train
+    trackers = requested_trackers(t.report_to)
     output_dir = Path(t.output)
     resume_from = latest_checkpoint(output_dir) if t.resume else None
     saved_state = read_trainer_state(resume_from) if resume_from is not None else None
@@ -141,7 +148,8 @@ def train(config: Config) -> TrainResult:
     # the demo) may have set another, which Accelerator() would refuse.
     AcceleratorState._reset_state()
     # cpu=True without CUDA: lets `accelerate launch`/torchrun start several CPU processes (gloo).
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), log_with=trackers or None,
+                              project_dir=str(output_dir / TRACKING_DIR))
     if not accelerator.is_main_process:
         logging.getLogger("qlora_lite").setLevel(logging.WARNING)  # one process reports progress
     model_dir = resolve_model_dir(config.model.model)
@@ -151,15 +159,17 @@ def train(config: Config) -> TrainResult:
     if accelerator.is_main_process and output_dir.is_dir():  # refuse a second run before loading anything
         lock.acquire()
     try:
-        return _train(config, accelerator, output_dir, model_dir, lock, resume_from, saved_state)
+        return _train(config, accelerator, output_dir, model_dir, lock, resume_from, saved_state, trackers)
     finally:
+        finish_trackers(accelerator)
         lock.release()
 
 
 def _train(config: Config, accelerator, output_dir: Path, model_dir: Path, lock, resume_from: Path | None,
-           saved_state: dict | None) -> TrainResult:
+           saved_state: dict | None, trackers: list[str]) -> TrainResult:
     """``train`` once the output folder is checked (and locked, if it exists); ``resume_from`` is the
-    checkpoint to continue (None: from step 0) and ``saved_state`` its trainer state."""
+    checkpoint to continue (None: from step 0) and ``saved_state`` its trainer state; ``trackers``
+    the --report-to names the accelerator was built with."""
     from accelerate.utils import set_seed
 
 
@@ -192,6 +202,7 @@ def _train(config: Config, accelerator, output_dir: Path, model_dir: Path, lock,
             mark_run(output_dir)
             config.save(output_dir / "config.yaml")
             mark_run(output_dir, ("config.yaml",))
+        start_trackers(accelerator, config, trackers, loop.step)
         return loop.run()
     except Exception as e:
         if is_out_of_memory(e):
@@ -365,6 +376,7 @@ class _Loop:
                      self.last_eval["eval_ppl"])
         if self.step % t.logging_steps == 0 or last or "eval_loss" in record:
             self.metrics.write(record)
+            log_record(self.acc, record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                         tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         bar.update(1)

@@ -219,9 +219,10 @@ def test_field_map_flag_and_yaml_mapping_are_checked(tmp_path):
     config_file.write_text("data:\n  field_map:\n    output: answer\n    instruction: question\n")
     assert load_config(config_file).data.field_map == "output=answer,instruction=question"
     with pytest.raises(ConfigError) as error:
-        load_config(None, {"field_map": "answer,outptu=a,output=b,output=c"}).validate()
+        load_config(None, {"field_map": "answer,outptu=a,output=b,output=c", "report_to": "tensorbord"}).validate()
     message = str(error.value)
-    for part in ("'answer' is not FIELD=COLUMN", "'outptu' is not a field qlora-lite reads", "maps 'output' twice"):
+    for part in ("'answer' is not FIELD=COLUMN", "'outptu' is not a field qlora-lite reads", "maps 'output' twice",
+                 "--report-to 'tensorbord' is not one of none, tensorboard, wandb, mlflow"):
         assert part in message
 
 
