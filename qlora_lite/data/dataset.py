@@ -14,6 +14,7 @@ One module per step, in the order the data flows:
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ from qlora_lite.data.formats import (
     validate_record,
 )
 from qlora_lite.data.mapping import explain_mapped, normalize_record
-from qlora_lite.data.sources import read_records
+from qlora_lite.data.sources import Source, open_source
 from qlora_lite.data.tokenize import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, char_bound, tokenize_example
 from qlora_lite.errors import DataError
 
@@ -67,6 +68,53 @@ def _has_targets(labels: list[int]) -> bool:
     return any(label != IGNORE_INDEX for label in labels[1:])
 
 
+def _checked(source: Source, fmt: str, field_map: dict[str, str]):
+    """Yield ``(position, record, None)`` for each valid example of ``fmt`` (mapped by ``field_map``,
+    ShareGPT turned into chat) and ``(position, None, "WHERE: reason")`` for every other record."""
+    for position, record, problem in source.items():
+        if problem is not None:
+            yield position, None, problem
+            continue
+        normalized, reason = normalize_record(record, field_map)
+        if reason is None and fmt in FORMATS:
+            reason = validate_record(normalized, fmt)
+            reason = reason and explain_mapped(reason, record, field_map)
+        if reason is None:
+            yield position, normalized, None
+        else:
+            yield position, None, f"{source.locate(position)}: {reason}"
+
+
+def _open(path, format: str, split: str, config_name: str | None, field_map: dict[str, str]) -> tuple[Source, str]:
+    """The source and its format: ``format``, or the one its records point to (a first pass over them)."""
+    if format != "auto" and format not in FORMATS:
+        raise DataError(f"unknown data format {format!r}; use auto, alpaca, chat or text")
+    source = open_source(str(path), split, config_name)
+    if format != "auto":
+        return source, format
+    read = 0
+
+    def usable():
+        nonlocal read
+        for _, record, _ in source.items():
+            read += 1
+            mapped, reason = normalize_record(record, field_map) if record is not None else (None, "bad")
+            if reason is None:
+                yield mapped
+
+    records = usable()
+    first = next(records, None)
+    if not read:
+        raise DataError(_empty_message(source))
+    # every record bad: "unknown", and each is reported as it is
+    return source, detect_format(itertools.chain([first], records), source.name) if first is not None else "unknown"
+
+
+def _empty_message(source: Source) -> str:
+    what = "one JSON object per line" if source.unit == "line" else "records (rows)"
+    return f"{source.name}: the data has no examples (it is empty); add {what}"
+
+
 def read_usable_records(path, *, format: str = "auto", split: str = "train", config_name: str | None = None,
                         field_map: dict[str, str] | None = None):
     """The records of a source, mapped (--field-map, ShareGPT) and validated; nothing tokenized yet.
@@ -78,33 +126,18 @@ def read_usable_records(path, *, format: str = "auto", split: str = "train", con
     Returns:
         ``(records, problems, fmt, source)``: (position, record) pairs that are valid examples of
         ``fmt``, (position, "WHERE: reason") for every other record, the format, and the
-        ``sources.Records`` read (its ``name``, ``unit``, ``locate``).
+        ``sources.Source`` read (its ``name``, ``unit``, ``locate``).
 
     Raises:
         DataError: unknown format, an unreadable or empty source (the message says which).
     """
-    if format != "auto" and format not in FORMATS:
-        raise DataError(f"unknown data format {format!r}; use auto, alpaca, chat or text")
     field_map = field_map or {}
-    source = read_records(str(path), split, config_name)
-    if not source.rows and not source.problems:
-        what = "one JSON object per line" if source.unit == "line" else "records (rows)"
-        raise DataError(f"{source.name}: the data has no examples (it is empty); add {what}")
-    problems, mapped = list(source.problems), []
-    for position, record in source.rows:
-        normalized, reason = normalize_record(record, field_map)
-        if reason is None:
-            mapped.append((position, normalized, record))
-        else:
-            problems.append((position, f"{source.locate(position)}: {reason}"))
-    fmt = format if format != "auto" else (detect_format([m[:2] for m in mapped], source.name) if mapped else "unknown")
-    records = []
-    for position, record, original in mapped:
-        reason = validate_record(record, fmt)
-        if reason is None:
-            records.append((position, record))
-        else:
-            problems.append((position, f"{source.locate(position)}: {explain_mapped(reason, original, field_map)}"))
+    source, fmt = _open(path, format, split, config_name, field_map)
+    records, problems = [], []
+    for position, record, problem in _checked(source, fmt, field_map):
+        (records if problem is None else problems).append((position, record if problem is None else problem))
+    if not records and not problems:
+        raise DataError(_empty_message(source))
     return records, problems, fmt, source
 
 
@@ -113,6 +146,9 @@ def load_dataset(path, tokenizer, *, format: str = "auto", max_seq_len: int = 51
                  config_name: str | None = None, field_map: dict[str, str] | None = None,
                  ) -> tuple[list[dict], DataStats]:
     """Read, validate and tokenize a data source; needs only the tokenizer (fails before model loading).
+
+    Records are read one at a time (a Parquet or CSV batch at a time), so what is held is the tokenized
+    examples and the messages of bad records, not the file.
 
     Args:
         path: a data file, folder or hub dataset id (``data.sources``). format: "auto" or one of FORMATS.
@@ -130,12 +166,16 @@ def load_dataset(path, tokenizer, *, format: str = "auto", max_seq_len: int = 51
     """
     if max_seq_len < 2:
         raise DataError(f"max_seq_len must be at least 2 tokens, got {max_seq_len}")
-    records, problems, fmt, source = read_usable_records(path, format=format, split=split, config_name=config_name,
-                                                         field_map=field_map)
-    stats = DataStats(total=len(source.rows) + len(source.problems), format=fmt, unit=source.unit)
-    examples = []
+    field_map = field_map or {}
+    source, fmt = _open(path, format, split, config_name, field_map)
+    stats = DataStats(format=fmt, unit=source.unit)
+    examples, problems = [], []
     max_chars = char_bound(tokenizer, max_seq_len)  # a 50 MB line costs what max_seq_len tokens cost
-    for position, record in records:
+    for position, record, problem in _checked(source, fmt, field_map):
+        stats.total += 1
+        if problem is not None:
+            problems.append((position, problem))
+            continue
         if is_empty(record, fmt):
             stats.empty += 1
             continue
@@ -151,7 +191,9 @@ def load_dataset(path, tokenizer, *, format: str = "auto", max_seq_len: int = 51
                 continue
             stats.truncated += 1
         examples.append(example)
-    stats.skipped_lines = [message for _, message in sorted(problems, key=lambda p: p[0])]
+    if not stats.total:
+        raise DataError(_empty_message(source))
+    stats.skipped_lines = [message for _, message in problems]  # in source order already
     if problems and not skip_bad_lines:
         raise DataError(problem_message(source.name, stats.skipped_lines,
                                         f"format {fmt}; fix them, or pass --skip-bad-lines", source.unit))

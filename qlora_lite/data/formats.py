@@ -19,7 +19,6 @@ import codecs
 import difflib
 import json
 from collections import Counter
-from pathlib import Path
 
 from qlora_lite.errors import DataError
 
@@ -47,39 +46,51 @@ def type_name(value) -> str:
     return names.get(type(value), "a number")
 
 
-def read_lines(path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
-    """(line number, object) pairs and (line number, "FILE:LINE: reason") for every bad line.
+def iter_lines(path):
+    """Yield ``(line number, object, None)`` per JSON object and ``(line number, None, "FILE:LINE: reason")``
+    per bad line, reading the file line by line (a large file is never held whole); blank lines are skipped.
 
-    Line numbers are kept with the problems so that ``data.dataset.load_dataset`` can merge them in file
-    order with the records that fail validation later. Raises DataError when the file cannot be read.
+    Raises DataError when the file cannot be opened or read.
     """
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                if number == 1 and line.startswith(codecs.BOM_UTF8):
+                    line = line[len(codecs.BOM_UTF8):]
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield number, None, (f"{path}:{number}: invalid UTF-8 (byte 0x{line[exc.start]:02x} at column "
+                                         f"{exc.start + 1}); save the file as UTF-8")
+                    continue
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    yield number, None, f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})"
+                    continue
+                if not isinstance(record, dict):
+                    yield number, None, f"{path}:{number}: expected a JSON object per line, got {type_name(record)}"
+                    continue
+                yield number, record, None
     except FileNotFoundError:
         raise DataError(f"{path}: no such file (check the data path)") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read the file ({exc.strerror})") from None
+
+
+def read_lines(path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+    """(line number, object) pairs and (line number, "FILE:LINE: reason") for every bad line (``iter_lines``).
+
+    Raises DataError when the file cannot be read.
+    """
     records, problems = [], []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if number == 1 and line.startswith(codecs.BOM_UTF8):
-            line = line[len(codecs.BOM_UTF8):]
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            problems.append((number, f"{path}:{number}: invalid UTF-8 (byte 0x{line[exc.start]:02x} at column "
-                                     f"{exc.start + 1}); save the file as UTF-8"))
-            continue
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            problems.append((number, f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})"))
-            continue
-        if not isinstance(record, dict):
-            problems.append((number, f"{path}:{number}: expected a JSON object per line, got {type_name(record)}"))
-            continue
-        records.append((number, record))
+    for number, record, problem in iter_lines(path):
+        if problem is None:
+            records.append((number, record))
+        else:
+            problems.append((number, problem))
     return records, problems
 
 
@@ -117,16 +128,21 @@ def detect_format(records, path) -> str:
     """The format most records' fields point to ("chat" > "alpaca" > "text" on ties).
 
     Args:
-        records: dicts or (line number, dict) pairs as ``read_jsonl`` returns them.
-        path: the file, for the error message.
+        records: dicts or (position, dict) pairs, any iterable (read once).
+        path: the source, for the error message.
 
     Raises:
-        DataError: no record has 'messages', 'instruction'/'output' or 'text'.
+        DataError: no record has 'messages'/'conversations', 'instruction'/'output' or 'text'.
     """
-    dicts = [r[1] if isinstance(r, tuple) else r for r in records]
-    votes = Counter(f for f in map(_guess_format, dicts) if f is not None)
+    votes: Counter = Counter()
+    first = None
+    for record in records:
+        record = record[1] if isinstance(record, tuple) else record
+        first = record if first is None else first
+        votes[_guess_format(record)] += 1
+    votes.pop(None, None)
     if not votes:
-        fields = sorted(dicts[0]) if dicts else []
+        fields = sorted(first) if first else []
         raise DataError(f"{path}: cannot detect the data format: no record has 'messages' or 'conversations' "
                         f"(chat, ShareGPT), 'instruction' and 'output' (alpaca) or 'text' (raw text); first "
                         f"record's fields: {fields}. Name the columns with --field-map (e.g. "

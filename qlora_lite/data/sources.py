@@ -22,7 +22,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from qlora_lite.data.formats import read_lines, type_name
+from qlora_lite.data.formats import iter_lines, type_name
 from qlora_lite.errors import DataError
 from qlora_lite.storage.durable import file_sha256
 
@@ -38,28 +38,30 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 DATASETS_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes (DatasetDict, Dataset)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-BATCH_ROWS = 1024
+BATCH_ROWS = 256  # rows converted to Python at a time (a Parquet row group is read whole)
 INSTALL_DATASETS = "pip install 'qlora-lite[datasets]'"
 
 
-@dataclass
-class Records:
-    """The records of one source, in source order.
+Item = tuple[Any, "dict | None", "str | None"]  # (position, record, None) or (position, None, "WHERE: reason")
 
-    ``rows``: (position, record) pairs; ``problems``: (position, "WHERE: reason") for records that
-    could not be read; ``locate(position)`` gives "WHERE" ("FILE:LINE", "FILE row N"); ``unit`` is
-    "line" or "row", for counts in messages.
+
+@dataclass
+class Source:
+    """A data source, read record by record: ``items()`` yields ``(position, record, None)`` per record
+    and ``(position, None, "WHERE: reason")`` per record that cannot be read, in source order, and
+    starts from the beginning at each call (the format is detected in a first pass; nothing but the
+    current batch of rows is held). ``locate(position)`` gives "WHERE" ("FILE:LINE", "FILE row N");
+    ``unit`` is "line" or "row", for counts in messages.
     """
 
     name: str
-    rows: list[tuple[Any, dict]] = field(default_factory=list)
-    problems: list[tuple[Any, str]] = field(default_factory=list)
+    items: Callable[[], Iterator[Item]]
     locate: Callable[[Any], str] = str
     unit: str = "row"
 
 
-def read_records(path: str, split: str = "train", config_name: str | None = None) -> Records:
-    """Every record of ``path`` (a file, a folder or a hub dataset id; see the module docstring).
+def open_source(path: str, split: str = "train", config_name: str | None = None) -> Source:
+    """The source ``path`` names (a file, a folder or a hub dataset id; see the module docstring).
 
     Args:
         split: the split of a ``DatasetDict`` folder, a hub dataset or a folder of split-named
@@ -68,7 +70,8 @@ def read_records(path: str, split: str = "train", config_name: str | None = None
 
     Raises:
         DataError: the source does not exist or cannot be read at all (a damaged Parquet file, a
-            CSV that is not UTF-8, an invalid JSON array); per-record problems are returned instead.
+            CSV that is not UTF-8, an invalid JSON array; some only once read); per-record problems
+            are yielded instead.
     """
     p = Path(path).expanduser()
     if p.is_dir():
@@ -83,7 +86,7 @@ def read_records(path: str, split: str = "train", config_name: str | None = None
             return _csv(p, CSV_SUFFIXES[suffix])
         if suffix == ".json" and _starts_array(p):
             return _json_array(p)
-        return _jsonl(p)
+        return Source(str(p), lambda: iter_lines(p), lambda line: f"{p}:{line}", "line")
     known = (*PARQUET_SUFFIXES, *CSV_SUFFIXES, ".json", ".jsonl")
     if p.suffix.lower() in known or not HUB_ID.match(str(path)):
         raise DataError(f"{path}: no such file or folder (check the data path)")
@@ -114,19 +117,14 @@ def _hidden(file: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in file.relative_to(root).parts)
 
 
-def _jsonl(p: Path) -> Records:
-    rows, problems = read_lines(p)
-    return Records(str(p), rows, problems, lambda line: f"{p}:{line}", "line")
-
-
 def _starts_array(p: Path) -> bool:
     with open(p, "rb") as f:
         head = f.read(4096)
     return head.removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"["
 
 
-def _json_array(p: Path) -> Records:
-    """A ``.json`` file holding one array: read whole (an array cannot be read element by element)."""
+def _json_array(p: Path) -> Source:
+    """A ``.json`` file holding one array: parsed whole (JSON has no way to read an array element by element)."""
     try:
         items = json.loads(p.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -134,40 +132,49 @@ def _json_array(p: Path) -> Records:
     except json.JSONDecodeError as exc:  # nothing after a syntax error can be trusted: not skippable
         raise DataError(f"{p}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno}); a .json file must "
                         "be one valid array of objects (or one object per line)") from None
-    records = Records(str(p), locate=lambda row: f"{p} row {row}")
     if not isinstance(items, list):
         raise DataError(f"{p}: expected a JSON array of objects (or one object per line), got {type_name(items)}")
-    for row, item in enumerate(items):
-        if isinstance(item, dict):
-            records.rows.append((row, item))
-        else:
-            records.problems.append((row, f"{records.locate(row)}: expected a JSON object, got {type_name(item)}"))
-    return records
+
+    def locate(row):
+        return f"{p} row {row}"
+
+    def read():
+        for row, item in enumerate(items):
+            if isinstance(item, dict):
+                yield row, item, None
+            else:
+                yield row, None, f"{locate(row)}: expected a JSON object, got {type_name(item)}"
+
+    return Source(str(p), read, locate)
 
 
-def _add_rows(records: Records, batches: Iterator[pa.RecordBatch | pa.Table], shard: int | None = None) -> None:
-    """Append the rows of Arrow batches as dicts; positions are row numbers (or (shard, row))."""
+def _rows(batches: Iterator[pa.RecordBatch | pa.Table], shard: int | None = None) -> Iterator[Item]:
+    """The rows of Arrow batches as dicts, one batch converted at a time; positions are row numbers
+    (or (shard, row))."""
     row = 0
     for batch in batches:
         for record in batch.to_pylist():
-            records.rows.append((row if shard is None else (shard, row), record))
+            yield (row if shard is None else (shard, row)), record, None
             row += 1
 
 
-def _parquet_files(name: str, files: list[Path]) -> Records:
-    records = Records(name, locate=lambda pos: f"{files[pos[0]]} row {pos[1]}" if isinstance(pos, tuple)
-                      else f"{files[0]} row {pos}")
-    for shard, file in enumerate(files):
-        try:
-            parquet = pq.ParquetFile(file)
-            _add_rows(records, parquet.iter_batches(batch_size=BATCH_ROWS), shard if len(files) > 1 else None)
-        except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"{file}: not a readable Parquet file ({exc}); write it again (pandas "
-                            "DataFrame.to_parquet, datasets Dataset.to_parquet)") from None
-    return records
+def _parquet_files(name: str, files: list[Path]) -> Source:
+    def locate(pos):
+        return f"{files[pos[0]]} row {pos[1]}" if isinstance(pos, tuple) else f"{files[0]} row {pos}"
+
+    def read():
+        for shard, file in enumerate(files):
+            try:
+                parquet = pq.ParquetFile(file)
+                yield from _rows(parquet.iter_batches(batch_size=BATCH_ROWS), shard if len(files) > 1 else None)
+            except (pa.ArrowException, OSError) as exc:
+                raise DataError(f"{file}: not a readable Parquet file ({exc}); write it again (pandas "
+                                "DataFrame.to_parquet, datasets Dataset.to_parquet)") from None
+
+    return Source(name, read, locate)
 
 
-def _parquet_folder(p: Path, split: str) -> Records:
+def _parquet_folder(p: Path, split: str) -> Source:
     shards = sorted(f for f in p.rglob("*") if f.suffix.lower() in PARQUET_SUFFIXES and f.is_file()
                     and not _hidden(f, p))
     if not shards:
@@ -178,28 +185,40 @@ def _parquet_folder(p: Path, split: str) -> Records:
     return _parquet_files(str(p), ours or shards)
 
 
-def _csv(p: Path, delimiter: str) -> Records:
+def _csv(p: Path, delimiter: str) -> Source:
     """Every column as text (a spreadsheet's "5" stays the answer "5"), empty cells as ""."""
-    records = Records(str(p), locate=lambda row: f"{p} row {row}")
+    def locate(row):
+        return f"{p} row {row}"
 
-    def bad_row(row) -> str:  # a row with too few or too many cells: reported, skipped like a bad line
-        records.problems.append((len(records.rows), f"{p}: a row has {row.actual_columns} field(s), the header "
-                                 f"{row.expected_columns}: {row.text[:80]!r}"))
-        return "skip"
+    def read():
+        bad: list[str] = []
 
-    try:
-        names = pa_csv.open_csv(p, parse_options=pa_csv.ParseOptions(
-            delimiter=delimiter, newlines_in_values=True, invalid_row_handler=lambda row: "skip")).schema.names
-        reader = pa_csv.open_csv(
-            p, parse_options=pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True,
-                                                 invalid_row_handler=bad_row),
-            convert_options=pa_csv.ConvertOptions(column_types={n: pa.string() for n in names},
-                                                  strings_can_be_null=False, quoted_strings_can_be_null=False))
-        _add_rows(records, reader)
-    except pa.ArrowException as exc:
-        hint = "save the file as UTF-8" if "UTF8" in str(exc) else "check the file is comma-separated with a header row"
-        raise DataError(f"{p}: cannot read the CSV file ({exc}); {hint}") from None
-    return records
+        def bad_row(row) -> str:  # a row with too few or too many cells: reported, skipped like a bad line
+            bad.append(f"{p}: a row has {row.actual_columns} field(s), the header {row.expected_columns}: "
+                       f"{row.text[:80]!r}")
+            return "skip"
+
+        try:
+            names = pa_csv.open_csv(p, parse_options=pa_csv.ParseOptions(
+                delimiter=delimiter, newlines_in_values=True, invalid_row_handler=lambda row: "skip")).schema.names
+            reader = pa_csv.open_csv(
+                p, parse_options=pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True,
+                                                     invalid_row_handler=bad_row),
+                convert_options=pa_csv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                                      strings_can_be_null=False, quoted_strings_can_be_null=False))
+            row = 0
+            for position, record, _ in _rows(reader):
+                while bad:  # the rows skipped in this batch, about where they were
+                    yield row, None, bad.pop(0)
+                yield position, record, None
+                row = position + 1
+            for message in bad:
+                yield row, None, message
+        except pa.ArrowException as exc:
+            hint = "save the file as UTF-8" if "UTF8" in str(exc) else "check the file is comma-separated with a header row"
+            raise DataError(f"{p}: cannot read the CSV file ({exc}); {hint}") from None
+
+    return Source(str(p), read, locate)
 
 
 def _datasets_module():
@@ -211,13 +230,12 @@ def _datasets_module():
     return datasets
 
 
-def _from_dataset(name: str, dataset) -> Records:
-    records = Records(name, locate=lambda row: f"{name} row {row}")
-    _add_rows(records, dataset.with_format("arrow").iter(batch_size=BATCH_ROWS))
-    return records
+def _from_dataset(name: str, dataset) -> Source:
+    return Source(name, lambda: _rows(dataset.with_format("arrow").iter(batch_size=BATCH_ROWS)),
+                  lambda row: f"{name} row {row}")
 
 
-def _datasets_folder(p: Path, split: str) -> Records:
+def _datasets_folder(p: Path, split: str) -> Source:
     datasets = _datasets_module()
     try:
         dataset = datasets.load_from_disk(str(p))
@@ -243,6 +261,6 @@ def _hub_dataset(dataset_id: str, split: str, config_name: str | None):
                         f"{why}. Check the path, or the id, --data-config and --data-split") from None
 
 
-def _hub(dataset_id: str, split: str, config_name: str | None) -> Records:
+def _hub(dataset_id: str, split: str, config_name: str | None) -> Source:
     name = f"{dataset_id}{'/' + config_name if config_name else ''}[{split}]"
     return _from_dataset(name, _hub_dataset(dataset_id, split, config_name))

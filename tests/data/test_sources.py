@@ -244,3 +244,30 @@ def test_source_fingerprint_follows_every_kind_of_source(tmp_path):
     assert changed != before
     (folder / "part-1.parquet").rename(folder / "part-2.parquet")  # same bytes, another shard name
     assert sources.source_sha256(str(folder)) not in (before, changed)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "csv"])
+def test_a_large_source_is_read_record_by_record(tokenizer, tmp_path, kind):
+    """What loading holds is the tokenized examples, not the file: 40 MB of text in 2000 records,
+    truncated to 32 tokens each, peaks at a fraction of it in Python allocations."""
+    import tracemalloc
+
+    rows = [{"text": f"{i} " + "the quick brown fox " * 1000} for i in range(2000)]  # 20 KB each
+    path = tmp_path / f"big.{kind}"
+    if kind == "jsonl":
+        jsonl(path, rows)
+    elif kind == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=256)
+    else:
+        pd.DataFrame(rows).to_csv(path, index=False)
+    size = sum(len(r["text"]) for r in rows)  # the text itself (Parquet compresses it to a few MB)
+    assert size > 40_000_000
+    del rows
+    tracemalloc.start()
+    try:
+        examples, stats = data.load_dataset(path, tokenizer, max_seq_len=32)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (stats.kept, stats.truncated, len(examples)) == (2000, 2000, 2000)
+    assert peak < size / 4, f"peak {peak / 1e6:.1f} MB for {size / 1e6:.1f} MB of text"
