@@ -93,6 +93,10 @@ class DataConfig:
     drop_long: bool = _opt(False, "Drop examples longer than --max-seq-len instead of truncating them.")
     packing: bool = _opt(False, "Pack several examples into each sequence (no attention across examples).")
     train_on_inputs: bool = _opt(False, "Also compute the loss on the prompt, not only on the response.")
+    data_cache: str = _opt(
+        "auto", "Folder of the tokenized-data cache (safetensors, no pickle): a second run on the same data, "
+        "tokenizer, template and settings starts without tokenizing. auto: $QLORA_LITE_CACHE, else "
+        "~/.cache/qlora-lite/tokenized ($XDG_CACHE_HOME respected); none: no cache.")
     skip_bad_lines: bool = _opt(
         False, "Skip malformed records (JSONL lines, Parquet/CSV rows) and report them instead of stopping.")
 

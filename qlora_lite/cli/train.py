@@ -13,7 +13,7 @@ TRAIN_FIELDS = (
     "model", "data", "output", "eval_data", "eval_fraction", "format", "data_split", "data_config", "field_map",
     "bits", "quant_type", "double_quant", "compute_dtype",
     "rank", "alpha", "dropout", "target_modules", "rslora", "lora_dtype", "adapter",
-    "max_seq_len", "drop_long", "packing", "train_on_inputs", "skip_bad_lines",
+    "max_seq_len", "drop_long", "packing", "train_on_inputs", "skip_bad_lines", "data_cache",
     "batch_size", "grad_accum", "lr", "weight_decay", "max_grad_norm", "max_steps", "epochs", "warmup_steps",
     "lr_scheduler", "optimizer", "gradient_checkpointing", "checkpoint_policy",
     "save_steps", "eval_steps", "save_total_limit", "logging_steps", "report_to", "seed", "resume",

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from jinja2 import TemplateError
 
+from qlora_lite.data.cache import cache_key, read_cached, write_cached
 from qlora_lite.data.formats import (
     FORMATS,
     MAX_LISTED_PROBLEMS,
@@ -29,7 +31,7 @@ from qlora_lite.data.formats import (
     validate_record,
 )
 from qlora_lite.data.mapping import explain_mapped, normalize_record
-from qlora_lite.data.sources import Source, open_source
+from qlora_lite.data.sources import Source, open_source, source_sha256
 from qlora_lite.data.tokenize import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, char_bound, tokenize_example
 from qlora_lite.errors import DataError
 
@@ -54,6 +56,7 @@ class DataStats:
     skipped_lines: list[str] = field(default_factory=list)
     format: str = ""
     unit: str = "line"
+    from_cache: bool = False  # the examples came from the tokenized cache (data.cache)
 
     def summary(self) -> str:
         """One line for the user, e.g. ``kept 950 of 1000 (alpaca): 30 truncated, 20 dropped (too long)``."""
@@ -144,7 +147,7 @@ def read_usable_records(path, *, format: str = "auto", split: str = "train", con
 def load_dataset(path, tokenizer, *, format: str = "auto", max_seq_len: int = 512, drop_long: bool = False,
                  train_on_inputs: bool = False, skip_bad_lines: bool = False, split: str = "train",
                  config_name: str | None = None, field_map: dict[str, str] | None = None,
-                 ) -> tuple[list[dict], DataStats]:
+                 cache_dir: str | Path | None = None) -> tuple[list[dict], DataStats]:
     """Read, validate and tokenize a data source; needs only the tokenizer (fails before model loading).
 
     Records are read one at a time (a Parquet or CSV batch at a time), so what is held is the tokenized
@@ -156,6 +159,7 @@ def load_dataset(path, tokenizer, *, format: str = "auto", max_seq_len: int = 51
         drop_long: drop longer examples instead of truncating them (keeping the start).
         train_on_inputs: learn the prompt tokens too. skip_bad_lines: skip and report bad records.
         split, config_name: of a hub dataset or datasets folder. field_map: ``{field: column}`` renames.
+        cache_dir: the tokenized-data cache folder (``data.cache``); None: no cache.
 
     Returns:
         ``(examples, stats)``: dicts with input_ids and labels (lists of ints, len <= max_seq_len).
@@ -166,7 +170,24 @@ def load_dataset(path, tokenizer, *, format: str = "auto", max_seq_len: int = 51
     """
     if max_seq_len < 2:
         raise DataError(f"max_seq_len must be at least 2 tokens, got {max_seq_len}")
-    field_map = field_map or {}
+    settings = dict(format=format, max_seq_len=max_seq_len, drop_long=drop_long, train_on_inputs=train_on_inputs,
+                    skip_bad_lines=skip_bad_lines, split=split, config_name=config_name, field_map=field_map or {})
+    key = None
+    if cache_dir is not None:
+        key = cache_key(source_sha256(str(path), split, config_name), tokenizer, settings)
+        cached = read_cached(Path(cache_dir), key) if key else None
+        if cached is not None:
+            return cached[0], DataStats(**{**cached[1], "from_cache": True})
+    examples, stats = _tokenize_source(path, tokenizer, **settings)
+    if key:
+        write_cached(Path(cache_dir), key, examples, asdict(stats))
+    return examples, stats
+
+
+def _tokenize_source(path, tokenizer, *, format: str, max_seq_len: int, drop_long: bool, train_on_inputs: bool,
+                     skip_bad_lines: bool, split: str, config_name: str | None,
+                     field_map: dict[str, str]) -> tuple[list[dict], DataStats]:
+    """``load_dataset`` without the cache."""
     source, fmt = _open(path, format, split, config_name, field_map)
     stats = DataStats(format=fmt, unit=source.unit)
     examples, problems = [], []

@@ -36,6 +36,7 @@ from qlora_lite.storage.durable import file_sha256
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+KNOWN_SUFFIXES = (*PARQUET_SUFFIXES, *CSV_SUFFIXES, ".json", ".jsonl")  # a missing one is a path, not a hub id
 DATASETS_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes (DatasetDict, Dataset)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 BATCH_ROWS = 256  # rows converted to Python at a time (a Parquet row group is read whole)
@@ -87,8 +88,7 @@ def open_source(path: str, split: str = "train", config_name: str | None = None)
         if suffix == ".json" and _starts_array(p):
             return _json_array(p)
         return Source(str(p), lambda: iter_lines(p), lambda line: f"{p}:{line}", "line")
-    known = (*PARQUET_SUFFIXES, *CSV_SUFFIXES, ".json", ".jsonl")
-    if p.suffix.lower() in known or not HUB_ID.match(str(path)):
+    if p.suffix.lower() in KNOWN_SUFFIXES or not HUB_ID.match(str(path)):
         raise DataError(f"{path}: no such file or folder (check the data path)")
     return _hub(str(path), split, config_name)
 
@@ -108,6 +108,8 @@ def source_sha256(path: str, split: str = "train", config_name: str | None = Non
         for file in sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f, p)):
             digest.update(f"{file.relative_to(p).as_posix()}\0{file_sha256(file)}\n".encode())
         return digest.hexdigest()
+    if p.suffix.lower() in KNOWN_SUFFIXES or not HUB_ID.match(str(path)):
+        raise DataError(f"{path}: no such file or folder (check the data path)")
     dataset = _hub_dataset(str(path), split, config_name)
     digest.update(f"hub\0{path}\0{config_name}\0{split}\0{dataset._fingerprint}".encode())
     return digest.hexdigest()
