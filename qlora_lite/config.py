@@ -82,7 +82,10 @@ class DataConfig:
     eval_data: str | None = _opt(None, "Held-out data for evaluation, in any form --data takes.")
     data_split: str = _opt(
         "train", "Split to read from a hub dataset, a save_to_disk DatasetDict folder or a folder of split-named "
-        "Parquet shards (--eval-data reads the same split).")
+        "Parquet shards.")
+    eval_split: str | None = _opt(
+        None, "Split of --eval-data (default: --data-split), e.g. --data org/name --eval-data org/name "
+        "--eval-split test.")
     data_config: str | None = _opt(None, "Configuration (subset) of a hub dataset that has several.")
     field_map: str | None = _opt(
         None, "Read fields from columns of other names: FIELD=COLUMN,... (e.g. output=answer,instruction=question); "

@@ -41,6 +41,7 @@ FINGERPRINT_KEYS: dict[str, tuple[str, bool]] = {
     "eval_steps": ("eval steps", False), "save_total_limit": ("save total limit", False),
     "logging_steps": ("logging steps", False), "dropout": ("LoRA dropout", False),
     "gradient_checkpointing": ("gradient checkpointing", False), "eval_data": ("eval data", False),
+    "eval_split": ("eval split", False),
     "examples_per_epoch": ("examples per epoch", True),
 }
 

@@ -10,7 +10,8 @@ from qlora_lite.cli.options import config_options
 
 # Every config field a training run reads, in --help order (num_processes belongs to the launcher).
 TRAIN_FIELDS = (
-    "model", "data", "output", "eval_data", "eval_fraction", "format", "data_split", "data_config", "field_map",
+    "model", "data", "output", "eval_data", "eval_fraction", "format",
+    "data_split", "eval_split", "data_config", "field_map",
     "bits", "quant_type", "double_quant", "compute_dtype",
     "rank", "alpha", "dropout", "target_modules", "rslora", "lora_dtype", "adapter",
     "max_seq_len", "drop_long", "packing", "train_on_inputs", "skip_bad_lines", "data_cache",

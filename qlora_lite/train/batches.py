@@ -52,7 +52,7 @@ def load_training_data(config: Config, tokenizer) -> tuple[list[dict], list[dict
     log.info("train data %s: %s%s", d.data, stats.summary(), " (tokenized cache)" if stats.from_cache else "")
     eval_examples: list[dict] = []
     if d.eval_data:
-        eval_examples, eval_stats = load_dataset(d.eval_data, tokenizer, **kwargs)
+        eval_examples, eval_stats = load_dataset(d.eval_data, tokenizer, **{**kwargs, "split": d.eval_split or d.data_split})
         log.info("eval data %s: %s%s", d.eval_data, eval_stats.summary(),
                  " (tokenized cache)" if eval_stats.from_cache else "")
     elif d.eval_fraction > 0:
