@@ -19,6 +19,10 @@ import yaml
 
 from qlora_lite.errors import ConfigError, EstimateError
 
+# The bundled demo (``--model demo``): a model and its data, shipped inside the package.
+DEMO_MODEL = Path(__file__).resolve().parent / "demo" / "model"
+DEMO_DATA = Path(__file__).resolve().parent / "demo" / "data"
+
 # Fields the data formats read, which --field-map may fill from columns of other names.
 FIELD_TARGETS = ("instruction", "input", "output", "text", "messages", "conversations")
 # Experiment trackers --report-to can send the metrics to (through accelerate's trackers).
@@ -417,3 +421,26 @@ def parse_size(text: str | int, bare_unit: str = "b") -> int:
 SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
               "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def select_targets(names: list[str], target_modules: str | list[str]) -> tuple[list[str], list[str]]:
+    """Which of ``names`` (linear layers, in order) ``--target-modules`` selects: ``all-linear``, one regex
+    as PEFT stores it (full match), or a list of names matched as PEFT does (the whole name or its last
+    dotted parts: ``q_proj`` matches ``model.layers.0.self_attn.q_proj``).
+
+    Returns:
+        ``(chosen names, list entries that match none)``; the second is empty for all-linear and a regex.
+    """
+    if isinstance(target_modules, str):
+        if target_modules.strip() == "all-linear":
+            return list(names), []
+        target_modules = target_modules.split(",")
+    targets = [t.strip() for t in target_modules if t.strip()]
+    if len(targets) == 1 and any(c in targets[0] for c in "*()|[\\"):
+        return [n for n in names if re.fullmatch(targets[0], n)], []
+
+    def matches(name: str, target: str) -> bool:
+        return name == target or name.endswith("." + target)
+
+    return ([n for n in names if any(matches(n, t) for t in targets)],
+            [t for t in targets if not any(matches(n, t) for n in names)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -55,3 +56,25 @@ def tiny_llama(tiny_model_factory):
 @pytest.fixture(params=ARCHS)
 def any_arch(request):
     return request.param
+
+
+@pytest.fixture
+def ctrl_c_after(monkeypatch):
+    """``with ctrl_c_after(k): ...``: the training run inside gets Ctrl-C right after optimizer step ``k``
+    (its checkpoint, if one is due, already written), as a user would press it."""
+    from qlora_lite.train import loop
+
+    @contextlib.contextmanager
+    def pressed(step: int):
+        real = loop._Loop._next_step
+
+        def next_step(self, bar):
+            real(self, bar)
+            if self.step == step:
+                raise KeyboardInterrupt
+
+        with monkeypatch.context() as patched:
+            patched.setattr(loop._Loop, "_next_step", next_step)
+            yield
+
+    return pressed

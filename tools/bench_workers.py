@@ -61,7 +61,7 @@ def load_reference(job: dict):
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora_lite.model.precision import DTYPES
+    from qlora_lite.model.loading import DTYPES
 
     dtype = DTYPES[job.get("compute_dtype", "bf16")]  # what this device runs fast (benchmark.py decides)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -91,7 +91,7 @@ def matmul_peak(compute_dtype: str, threads: int = 0, seconds: float = 3.0) -> d
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     repeat = 8 if cuda else 1
     best = {}
-    from qlora_lite.model.precision import DTYPES
+    from qlora_lite.model.loading import DTYPES
 
     for dtype in {DTYPES[compute_dtype], torch.float32}:
         device = "cuda" if cuda else "cpu"

@@ -38,14 +38,15 @@ def _tiny_llama(folder: Path) -> Path:
 
 def _step(model, ids, device, fused: bool, chunked: bool = True):
     from qlora_lite.kernels import chunked_loss, lora_4bit
+    from qlora_lite.model import lora
 
-    lora_4bit.ENABLED = fused
+    lora.fast_lora_applies = lora_4bit.fast_lora_applies if fused else (lambda layer, x: False)
     try:
         loss = (chunked_loss.causal_lm_loss(model, ids, ids, chunk=16) if chunked
                 else model(input_ids=ids, labels=ids).loss)
         loss.backward()
     finally:
-        lora_4bit.ENABLED = True
+        lora.fast_lora_applies = lora_4bit.fast_lora_applies
     grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return loss.item(), grads
@@ -72,8 +73,8 @@ def _model(path, device, compute="bf16", lora_dtype="bf16", policy="balanced", c
 
 def check_fused(path, device, ids) -> list[tuple[str, bool, str]]:
     from qlora_lite.kernels.lora_4bit import fast_lora_applies
+    from qlora_lite.model.loading import DTYPES
     from qlora_lite.model.lora import lora_layers
-    from qlora_lite.model.precision import DTYPES
 
     rows = []
     for compute, lora_dtype, tol in (("bf16", "bf16", 0.05), ("fp16", "fp32", 0.05)):

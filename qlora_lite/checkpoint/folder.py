@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import warnings
 from pathlib import Path
 
@@ -47,7 +46,6 @@ FORMAT_VERSION = 1
 
 # Testing hook: "STEP:PHASE" SIGKILLs this process inside the write of checkpoint-STEP, at PHASE one of
 # written (files in .tmp, not renamed), renamed (no marker yet), complete, rotating (old marker gone).
-CRASH_ENV = "QLORA_LITE_CRASH_AT"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -68,19 +66,12 @@ def _check_finite(model: nn.Module, step: int) -> None:
                                       "inf values; the run diverged (lower --lr, or resume from the last checkpoint)")
 
 
-def _crash_point(step: int, phase: str) -> None:
-    if os.environ.get(CRASH_ENV) == f"{step}:{phase}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _remove_checkpoint(path: Path, crash_step: int | None = None) -> None:
+def _remove_checkpoint(path: Path) -> None:
     """Delete a checkpoint folder marker-first, so a kill midway leaves an incomplete (ignored) folder."""
     marker = path / COMPLETE_MARKER
     if marker.exists():
         marker.unlink()
         fsync_dir(path)
-    if crash_step is not None:
-        _crash_point(crash_step, "rotating")
     shutil.rmtree(path)
 
 
@@ -148,14 +139,12 @@ def save_checkpoint(output_dir, step: int, model: nn.Module, optimizer, schedule
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         manifest = _write_folder(tmp, model, files, where)
-        _crash_point(step, "written")
         where[0] = final
         if final.exists():  # an incomplete folder from a killed run, or a checkpoint of this step redone
             _refuse_foreign(final)
             _remove_checkpoint(final)
         os.rename(tmp, final)
         fsync_dir(output_dir)
-        _crash_point(step, "renamed")
         where[0] = final / COMPLETE_MARKER
         write_bytes(final / (COMPLETE_MARKER + ".tmp"), json_bytes(
             {"format": FORMAT_VERSION, "step": step, **manifest}))
@@ -168,12 +157,11 @@ def save_checkpoint(output_dir, step: int, model: nn.Module, optimizer, schedule
         reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e)
         raise CheckpointError(f"cannot write checkpoint {where[0]}: {reason}; older checkpoints in {output_dir} "
                               "are intact (free disk space, then resume with --resume)") from None
-    _crash_point(step, "complete")
-    rotate_checkpoints(output_dir, total_limit, keep=final, _crash_step=step)
+    rotate_checkpoints(output_dir, total_limit, keep=final)
     return final
 
 
-def rotate_checkpoints(output_dir, total_limit: int, keep: Path | None = None, _crash_step=None) -> list[Path]:
+def rotate_checkpoints(output_dir, total_limit: int, keep: Path | None = None) -> list[Path]:
     """Delete all but the newest ``total_limit`` complete checkpoints (0 keeps all) plus leftovers.
 
     ``keep`` (the checkpoint just written) always survives, and so does the newest complete one.
@@ -194,7 +182,7 @@ def rotate_checkpoints(output_dir, total_limit: int, keep: Path | None = None, _
                and p not in complete and p not in keep_set and is_own_checkpoint(p)]
     for path in doomed:
         try:
-            _remove_checkpoint(path, _crash_step)
+            _remove_checkpoint(path)
         except OSError as e:
             warnings.warn(f"could not delete old checkpoint {path}: {e.strerror or e}", stacklevel=2)
     return doomed

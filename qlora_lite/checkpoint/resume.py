@@ -21,6 +21,7 @@ from qlora_lite.checkpoint.state import TRAINER_STATE
 from qlora_lite.errors import CheckpointError
 from qlora_lite.model.adapter import CONFIG_NAME, RECORD_NAME, WEIGHTS_NAME
 from qlora_lite.storage.durable import file_sha256  # noqa: F401 (file_sha256: train uses it from here)
+from qlora_lite.storage.output_dir import PROBE_PREFIX
 
 # fingerprint key -> (what the user reads, refused?). Refused: the saved state cannot continue the
 # same run (other data order, other step contents, other weight shapes/meaning). Others only warn.
@@ -160,7 +161,8 @@ def guard_output_dir(output_dir, model_dir, resume: bool, adapter_dir=None) -> N
         return
     if not out.is_dir():
         raise CheckpointError(f"--output {output_dir} is a file, not a folder; choose a folder path")
-    entries = sorted(p for p in out.iterdir() if p.name != LOCK_NAME)  # a lock alone: an empty folder
+    # a lock alone is an empty folder; a write probe is another process of this run checking the folder
+    entries = sorted(p for p in out.iterdir() if p.name != LOCK_NAME and not p.name.startswith(PROBE_PREFIX))
     if not entries:
         return
     marked = read_marker(out) is not None

@@ -18,6 +18,7 @@ import random
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qlora_lite.checkpoint.scaler import SCALER_JSON, load_scaler, scaler_json_bytes
@@ -83,7 +84,7 @@ def capture_rng_state() -> dict:
     version, internal, gauss = random.getstate()
     state["python"] = [version, list(internal), gauss]
     try:
-        import numpy as np
+        import numpy as np  # noqa: PLC0415 (numpy is optional: without it there is no numpy RNG to save)
 
         name, keys, pos, has_gauss, cached = np.random.get_state()
         state["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
@@ -106,8 +107,6 @@ def restore_rng_state(state: dict) -> None:
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
     if state.get("numpy"):
-        import numpy as np
-
         name, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 

@@ -6,7 +6,9 @@ import json
 
 import click
 
-from qlora_lite.cli.options import config_options
+from qlora_lite.cli.options import config_options, with_defaults
+from qlora_lite.config import parse_field_map
+from qlora_lite.errors import ConfigError
 
 
 @click.command("eval")
@@ -34,8 +36,7 @@ def command(model, adapter, data, bits, limit, batch_size, no_exact, as_json, **
 
     Example: qlora-lite eval --model demo --data qlora_lite/demo/data/eval.jsonl --json
     """
-    from qlora_lite.config import parse_field_map
-    from qlora_lite.errors import ConfigError
+    flags = with_defaults(flags)
     from qlora_lite.inference.evaluate import evaluate_jsonl
     from qlora_lite.inference.generate import load_for_inference
 
@@ -45,14 +46,14 @@ def command(model, adapter, data, bits, limit, batch_size, no_exact, as_json, **
     if problems:  # before the model loads
         raise ConfigError("; ".join(problems))
     lm, tokenizer = load_for_inference(
-        model, adapter=adapter, bits=int(bits) if bits else None, quant_type=flags["quant_type"] or "nf4",
-        double_quant=True if flags["double_quant"] is None else flags["double_quant"],
-        trust_remote_code=bool(flags["trust_remote_code"]), allow_bin_weights=bool(flags["allow_bin_weights"]),
+        model, adapter=adapter, bits=int(bits) if bits else None, quant_type=flags["quant_type"],
+        double_quant=flags["double_quant"],
+        trust_remote_code=flags["trust_remote_code"], allow_bin_weights=flags["allow_bin_weights"],
     )
-    result = evaluate_jsonl(lm, tokenizer, data, fmt=flags["format"] or "auto",
-                            max_seq_len=flags["max_seq_len"] or 512, limit=limit, batch_size=batch_size,
-                            exact=not no_exact, skip_bad_lines=bool(flags["skip_bad_lines"]),
-                            split=flags["data_split"] or "train", config_name=flags["data_config"], field_map=field_map)
+    result = evaluate_jsonl(lm, tokenizer, data, fmt=flags["format"],
+                            max_seq_len=flags["max_seq_len"], limit=limit, batch_size=batch_size,
+                            exact=not no_exact, skip_bad_lines=flags["skip_bad_lines"],
+                            split=flags["data_split"], config_name=flags["data_config"], field_map=field_map)
     result.update(model=model, adapter=adapter)
     if as_json:
         click.echo(json.dumps(result))

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from qlora_lite.cli.options import config_options
+from qlora_lite.cli.options import config_options, with_defaults
 
 EXIT_WORDS = ("exit", "quit", "/exit")
 
@@ -36,6 +36,7 @@ def command(model, adapter, bits, prompt, system, max_new_tokens, temperature, t
 
     Example: qlora-lite generate --model demo --prompt "Repeat the words: red cat"
     """
+    flags = with_defaults(flags)
     from qlora_lite.inference.generate import chat_prompt, generate_reply, load_for_inference, prompt_ids
 
     # written so that nan fails too (nan < 0 is False)
@@ -49,9 +50,9 @@ def command(model, adapter, bits, prompt, system, max_new_tokens, temperature, t
                                  f"most {context - 1}")
     lm, tokenizer = load_for_inference(
         model, adapter=adapter, bits=int(bits) if bits else None,
-        quant_type=flags["quant_type"] or "nf4",
-        double_quant=True if flags["double_quant"] is None else flags["double_quant"],
-        trust_remote_code=bool(flags["trust_remote_code"]), allow_bin_weights=bool(flags["allow_bin_weights"]),
+        quant_type=flags["quant_type"],
+        double_quant=flags["double_quant"],
+        trust_remote_code=flags["trust_remote_code"], allow_bin_weights=flags["allow_bin_weights"],
     )
     sample = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     history = [{"role": "system", "content": system}] if system else []

@@ -44,3 +44,11 @@ def config_options(*field_names: str):
         return func
 
     return decorate
+
+
+def with_defaults(flags: dict) -> dict:
+    """``flags`` from ``config_options`` with each one the user did not give set to its config default
+    (for commands that take the values directly instead of building a whole config)."""
+    fields = {f.name: f for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
+    return {name: fields[name].default if value is None and name in fields else value
+            for name, value in flags.items()}

@@ -94,9 +94,6 @@ def command(config_file: str | None, **values) -> None:
     result = train(config)
     if not result.main_process:
         return
-    if result.stopped_early:
-        click.echo(f"stopped after step {result.steps}; continue with --resume")
-        return
     click.echo(f"trained {result.steps} steps; adapter in {result.adapter_dir}")
     if result.eval_metrics:
         click.echo(f"eval loss {result.eval_metrics['eval_loss']:.4f}, perplexity {result.eval_metrics['eval_ppl']:.2f}")

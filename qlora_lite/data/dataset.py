@@ -32,12 +32,9 @@ from qlora_lite.data.formats import (
 )
 from qlora_lite.data.mapping import explain_mapped, normalize_record
 from qlora_lite.data.sources import Source, open_source, source_sha256
-from qlora_lite.data.tokenize import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, char_bound, tokenize_example
+from qlora_lite.data.tokenize import char_bound, tokenize_example
 from qlora_lite.errors import DataError
-
-# DEFAULT_CHAT_TEMPLATE (data_tokenize) is re-exported: export.py, gguf_vocab.py and tests/test_export.py
-# import it from here.
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "DataError", "DataStats", "load_dataset", "read_usable_records", "split_eval"]
+from qlora_lite.kernels.footprint import IGNORE_INDEX
 
 
 @dataclass

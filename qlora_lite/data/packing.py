@@ -16,7 +16,7 @@ import bisect
 
 import torch
 
-from qlora_lite.data.tokenize import IGNORE_INDEX
+from qlora_lite.kernels.footprint import IGNORE_INDEX
 
 
 def pack_examples(examples: list[dict], max_seq_len: int) -> list[dict]:

@@ -24,8 +24,8 @@ import warnings
 
 from qlora_lite.data.formats import validate_record
 from qlora_lite.errors import DataError
+from qlora_lite.kernels.footprint import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"

@@ -22,7 +22,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from qlora_lite.config import load_config
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from qlora_lite.config import DEMO_DATA, DEMO_MODEL, load_config
 from qlora_lite.data.formats import read_jsonl
 from qlora_lite.data.tokenize import render_example
 from qlora_lite.errors import DemoError
@@ -30,8 +34,8 @@ from qlora_lite.gguf.writer import export_gguf
 from qlora_lite.inference.evaluate import evaluate_jsonl, exact_match
 from qlora_lite.inference.generate import load_for_inference
 from qlora_lite.merge.write import merge_adapter
-from qlora_lite.model.folder import DEMO_DATA, DEMO_MODEL
-from qlora_lite.model.precision import DTYPES, resolve_compute_dtype
+from qlora_lite.model.loading import DTYPES
+from qlora_lite.model.precision import resolve_compute_dtype
 from qlora_lite.storage.output_dir import check_writable
 from qlora_lite.train.loop import train
 
@@ -135,10 +139,6 @@ def reload_merged(merged_dir: Path, eval_file: Path, limit: int | None) -> dict:
         ``inference.evaluate.exact_match``'s result, every answer included (same prompts and lengths as the
         adapter's evaluation, so answers can be compared one to one).
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     dtype = DTYPES[resolve_compute_dtype("auto")]  # what this device runs fast
@@ -178,13 +178,11 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> Dem
                             "`python3 tools/build_demo_model.py`")
     output, result, clock = settings.output, DemoResult(), time.time()
     prepare_output(output)
-    import torch
 
     if settings.threads and not torch.cuda.is_available():
         # The demo model's matrices are tiny: a second thread buys little, and on a busy CPU the
         # threads' barriers make each of the thousands of small ops per step wait for a time slice.
         torch.set_num_threads(settings.threads)
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars of every reload would drown the story
 

@@ -6,15 +6,15 @@ import json
 import logging
 from pathlib import Path
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from qlora_lite.data.tokenize import DEFAULT_CHAT_TEMPLATE
-from qlora_lite.gguf.vocab import _token_text
+from qlora_lite.gguf.vocab import token_text
 
 log = logging.getLogger(__name__)
 
 
 def _render(template: str, messages: list[dict], generation: bool, specials: dict) -> str:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def raise_exception(message):
         raise ValueError(message)
 
@@ -63,7 +63,7 @@ def write_modelfile(gguf_file: Path, tok_dir: Path) -> Path:
         template = (Path(tok_dir) / "chat_template.jinja").read_text()
     if template is None:
         template = DEFAULT_CHAT_TEMPLATE
-    specials = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    specials = {k: token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
     lines = [f"FROM ./{gguf_file.name}", ""]
     go_template = ollama_template(template, specials) if isinstance(template, str) else None
     if go_template:

@@ -21,6 +21,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from qlora_lite.errors import GGUFVerifyError
@@ -61,8 +62,6 @@ class ExpectedGGUF:
 
 
 def _gguf():
-    import gguf
-
     return gguf
 
 

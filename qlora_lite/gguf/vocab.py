@@ -14,6 +14,8 @@ import logging
 import re
 from pathlib import Path
 
+import gguf
+
 from qlora_lite.data.tokenize import DEFAULT_CHAT_TEMPLATE
 from qlora_lite.errors import GGUFExportError
 
@@ -28,8 +30,6 @@ _KNOWN_PRE = (
 
 
 def _gguf():
-    import gguf
-
     return gguf
 
 
@@ -117,5 +117,6 @@ def add_tokenizer(writer, tok_dir: Path, vocab_size: int) -> dict[str, int]:
     return dict(special.special_token_ids)
 
 
-def _token_text(token) -> str | None:
+def token_text(token) -> str | None:
+    """The text of a special token as tokenizer_config.json writes it (a string, or a dict with "content")."""
     return token.get("content") if isinstance(token, dict) else token

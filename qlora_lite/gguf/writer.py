@@ -16,6 +16,7 @@ import os
 import re
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -37,8 +38,6 @@ _SKIP = re.compile(r"rotary_emb\.inv_freq$|\.attn\.(masked_)?bias$")
 
 
 def _gguf():
-    import gguf
-
     return gguf
 
 

@@ -1,0 +1,1 @@
+"""Running a model (plus adapter): text generation and evaluation (loss, perplexity, exact match)."""

@@ -63,7 +63,7 @@ def evaluate_jsonl(model: nn.Module, tokenizer, path: str | Path, *, fmt: str = 
         ``"exact_match", "correct", "total", "samples"`` when answers exist.
 
     Raises:
-        data.DataError: unreadable source or records, with FILE:LINE or FILE row N.
+        errors.DataError: unreadable source or records, with FILE:LINE or FILE row N.
     """
     source = dict(split=split, config_name=config_name, field_map=field_map)
     examples, _ = load_dataset(str(path), tokenizer, format=fmt, max_seq_len=max_seq_len, drop_long=False,

@@ -2,7 +2,7 @@
 
 Generation runs on the same model the training code builds (quantized base + LoRA layers), so an
 adapter can be tried without merging it. On the CPU, 4-bit layers run as dequantize + matmul
-(quant.py switches off bitsandbytes' CPU repack), which is fine for small models.
+(model.bnb switches off bitsandbytes' CPU repack), which is fine for small models.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import TextStreamer
 
 from qlora_lite.data.tokenize import DEFAULT_CHAT_TEMPLATE, encode_prompt
 from qlora_lite.model.adapter import read_adapter
@@ -39,7 +40,7 @@ def load_for_inference(model_path: str, *, adapter: str | None = None, bits: int
         ``(model, tokenizer)``.
 
     Raises:
-        quant.ModelLoadError, errors.AdapterError: with the folder and what is wrong.
+        errors.ModelLoadError, errors.AdapterError: with the folder and what is wrong.
     """
     if bits is None:
         bits = adapter_bits(adapter) or 16
@@ -86,8 +87,6 @@ def generate_reply(model: nn.Module, tokenizer, ids: list[int], *, max_new_token
     Returns:
         The reply text, special tokens removed.
     """
-    from transformers import TextStreamer
-
     if seed is not None:
         torch.manual_seed(seed)
     input_ids = torch.tensor([ids], dtype=torch.long, device=model_device(model))  # (1, T)

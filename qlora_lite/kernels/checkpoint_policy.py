@@ -7,6 +7,7 @@ outputs), speed (every projection output: no big matmul is recomputed).
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 
 def _attention_ops() -> set:
@@ -22,16 +23,14 @@ def selective_checkpoint_context(policy: str = "balanced"):
     recompute, recompute the rest of the block.
 
     ``policy="speed"`` keeps every projection output too (all matmuls whose weight is at least 64
-    wide, i.e. not the thin LoRA ones): the recomputed forward then does no big matmul. On the 1.1B
-    benchmark (CPU, 512 tokens) steps took 15% less time than balanced for 0.36 GB more peak memory.
+    wide, i.e. not the thin LoRA ones): the recomputed forward then does no big matmul, for more peak
+    memory (BENCHMARKS.md, "Checkpoint policies").
 
     Kept: attention outputs (the fused attention kernel was a tenth of a CPU step; (B, T, H) per
     block) and the outputs of down-projections, matmuls whose input is at least twice as wide as
     their output (the MLP's down_proj: 5632 -> 2048 at 1.1B, a quarter of the block's FLOPs for one
     (B, T, H) tensor). Policy is by op and shape, so it holds for every architecture.
     """
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
     keep = _attention_ops()
     matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
 
@@ -46,8 +45,3 @@ def selective_checkpoint_context(policy: str = "balanced"):
         return CheckpointPolicy.PREFER_RECOMPUTE
 
     return create_selective_checkpoint_contexts(decide)
-
-
-# What ``checkpoint_policy: auto`` resolves to when checkpointing is not worth its recompute: a policy
-# name meaning "no checkpointing", accepted wherever a policy is.
-NO_CHECKPOINTING = "off"

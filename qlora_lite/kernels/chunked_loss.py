@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qlora_lite.kernels.footprint import CHUNKED_LOSS_MODELS, IGNORE_INDEX, loss_chunk_for
+
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Sum of token cross-entropies of ``hidden @ weight^T``, one chunk of logits at a time.
@@ -48,7 +50,7 @@ def chunked_causal_lm_loss(
     lm_head_weight: torch.Tensor,
     labels: torch.Tensor,
     chunk: int | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """The next-token cross-entropy, as ``model(..., labels=labels).loss`` computes it (``reduction=
@@ -76,7 +78,7 @@ def chunked_causal_lm_loss(
 
 def _is_fsdp_root(model: nn.Module) -> bool:
     try:
-        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415 (torch builds without FSDP2)
     except ImportError:
         return False
     return isinstance(model, FSDPModule)
@@ -113,22 +115,4 @@ def causal_lm_loss(model: nn.Module, input_ids, labels, attention_mask=None, chu
                                       reduction=reduction)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs).logits
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                                       ignore_index=-100, reduction=reduction)
-
-
-# Architectures whose logits are a plain ``hidden @ head^T``: training computes their loss chunk by
-# chunk (qlora_lite.fastpath), so the peak holds one chunk of logits, not the whole sequence's.
-CHUNKED_LOSS_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "mixtral"})
-
-
-# fp32 logits per loss chunk (32 MiB). On the 1.1B benchmark shape (vocab 32000) 256 tokens per chunk
-# took 0.40 CPU s for the loss and its gradient, 1024 tokens 0.55 s, and 64 tokens 0.51 s.
-LOGITS_PER_CHUNK = 1 << 23
-
-
-def loss_chunk_for(vocab_size: int) -> int:
-    """Tokens per loss chunk for a vocabulary: about ``LOGITS_PER_CHUNK`` logits, a power of two in
-    64..1024 (256 for a 32k vocabulary, 64 for Llama 3's 128k: 82 MB of fp32 logits at the peak
-    instead of 1.3 GB with 1024-token chunks)."""
-    tokens = max(1, LOGITS_PER_CHUNK // max(1, vocab_size))
-    return max(64, min(1024, 1 << (tokens.bit_length() - 1)))
+                                       ignore_index=IGNORE_INDEX, reduction=reduction)

@@ -1,8 +1,7 @@
 """Causal self-attention for training on the CPU: blocked bf16 matmuls instead of the fused kernel.
 
-Why: on a 2-core bf16 CPU, torch's fused (flash) attention ran far below the matmul peak: 29 ms
-forward and 54 ms backward per layer of the 1.1B benchmark model at 512 tokens, a fifth of a whole
-QLoRA step for about 3% of its FLOPs. Here each block of queries is two batched bf16 matmuls around
+Why: on a CPU, torch's fused (flash) attention runs far below the matmul peak: a fifth of a whole
+QLoRA step for about 3% of its FLOPs (BENCHMARKS.md, "Measurements behind the code"). Here each block of queries is two batched bf16 matmuls around
 an fp32 softmax, over only the keys the block can see (causal), and the key/value heads are shared
 by their query heads without being copied (grouped-query attention as one matmul per key/value head).
 The backward recomputes one block of probabilities at a time, as flash attention does, so no (T, T)
@@ -21,13 +20,15 @@ anything else goes to transformers' SDPA path unchanged.
 from __future__ import annotations
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 NAME = "qlora_lite_cpu"  # the attention implementation name registered with transformers
 
 
-# Queries per block. The block's fp32 scores, (heads, BLOCK, T), should stay in cache: forward+backward
-# of one 1.1B layer (32 heads, GQA 8) took 28 ms with 32 queries, 35 ms with 64 and 48 ms with 128 at
-# 512 tokens, and 376/427/538 ms at 2048 tokens (16: 403 ms); torch's fused kernel: 80 and 601 ms.
+# Queries per block. The block's fp32 scores, (heads, BLOCK, T), should stay in cache; 32 was the
+# fastest of 16..128 at 512 and 2048 tokens (BENCHMARKS.md).
 BLOCK = 32
 
 
@@ -158,8 +159,6 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     Returns:
         ``(attn_output (B, T, Hq, D), None)``.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if not _applies(module, query, key, attention_mask, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -175,9 +174,6 @@ def use_cpu_attention(model) -> bool:
     Registered under ``NAME`` with transformers' attention and mask registries (the masks are SDPA's,
     so padding and packed examples arrive as the boolean masks this kernel reads).
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False

@@ -15,11 +15,9 @@ sequence (4*T*V bytes, more than the activations of all checkpointed blocks toge
 
 from __future__ import annotations
 
+import bitsandbytes.functional as F
 import torch
 from torch import nn
-
-# Switch for comparisons (tests, profiling): False sends every LoRA layer through the plain path.
-ENABLED = True
 
 
 def _in_checkpoint() -> bool:
@@ -39,8 +37,6 @@ def _in_checkpoint() -> bool:
 def dequantize_4bit_computed(weight) -> torch.Tensor:
     """A ``bnb.nn.Params4bit`` as a (out, in) tensor in its compute dtype (bf16 or fp32: straight from
     the 4-bit codes, no intermediate copy)."""
-    import bitsandbytes.functional as F
-
     return F.dequantize_4bit(weight.data, weight.quant_state)
 
 
@@ -86,8 +82,6 @@ class Lora4bitLinear(torch.autograd.Function):
 def fast_lora_applies(layer, x: torch.Tensor) -> bool:
     """Whether ``lora_4bit_forward`` computes ``layer(x)``: a trainable, unmerged LoRA over a bnb
     4-bit layer in canonical layout, with x, A, B and the compute dtype all the same float type."""
-    if not ENABLED:
-        return False
     weight = getattr(layer.base_layer, "weight", None)
     state = getattr(weight, "quant_state", None)
     if state is None or getattr(state, "packing_format_for_cpu", False) or layer.merged:

@@ -7,18 +7,18 @@ was trained against, or the original 16-bit weight); every other tensor is copie
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from qlora_lite.errors import MergeError
 from qlora_lite.kernels.lora_4bit import dequantize_4bit_computed
-from qlora_lite.model.adapter import check_compatible, read_adapter
-from qlora_lite.model.bnb import _conv1d_class, dequantize_weight, quantize_linear, quantized_layer_names
+from qlora_lite.model.adapter import check_compatible, layer_alpha, read_adapter
+from qlora_lite.model.bnb import conv1d_class, dequantize_weight, quantize_linear, quantized_layer_names
 from qlora_lite.model.folder import read_model_config, resolve_model_dir, weight_files
-from qlora_lite.model.loading import checkpoint_key_map, release_freed_memory
+from qlora_lite.model.loading import checkpoint_key_map, meta_model, release_freed_memory
 from qlora_lite.model.lora import lora_scaling, merge_weight
 from qlora_lite.storage.safetensors_io import (
     TensorEntry,
@@ -73,23 +73,6 @@ def quant_record(quant: dict) -> dict:
     return {**quant, "compute_dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
 
 
-def _meta_model(base_dir: Path, trust_remote_code: bool):
-    """The model skeleton on the meta device: names, layer kinds and the output head, for free."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    config = read_model_config(base_dir, trust_remote_code)
-    with init_empty_weights(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-
-
-def _alpha_for(name: str, config: dict, rank: int) -> float:
-    pattern = config.get("alpha_pattern") or {}
-    hit = next((a for p, a in pattern.items() if name == p or name.endswith("." + p)), None)
-    return float(hit if hit is not None else config.get("lora_alpha", rank))
-
-
 def plan_merge(
     base_path: str | Path,
     adapter_dir: str | Path | None = None,
@@ -113,7 +96,7 @@ def plan_merge(
     if any(f.suffix != ".safetensors" for f in files):
         raise MergeError(f"{base_dir}: the streaming merge reads safetensors only; convert the .bin weights first")
     entries = read_headers(files)
-    model = _meta_model(base_dir, trust_remote_code)
+    model = meta_model(read_model_config(base_dir, trust_remote_code), trust_remote_code=trust_remote_code)
     notes: list[str] = []
     lora, quant = {}, {"bits": 16, "compute_dtype": None}
     resolve = checkpoint_key_map(model, base_dir)
@@ -131,18 +114,18 @@ def plan_merge(
                              f"does not have, e.g. {', '.join(missing[:3])}; is it the right base model?")
         for module, parts in modules.items():
             rank = parts["lora_A"].shape[0]
-            scaling = lora_scaling(rank, _alpha_for(module, config, rank), bool(config.get("use_rslora")))
+            scaling = lora_scaling(rank, layer_alpha(config, module, rank), bool(config.get("use_rslora")))
             lora[owners[module]] = (parts["lora_A"], parts["lora_B"], scaling)
         if merge_base == "dequantized":
             quant = _quant_settings(record, bits, quant_type, double_quant, notes)
     layers = [n for n in quantized_layer_names(model) if n in owners]
     quantized = {owners[n] for n in layers} if quant["bits"] in (4, 8) else set()
-    conv1d = {owners[n] for n in owners if isinstance(model.get_submodule(n), _conv1d_class())}
+    conv1d = {owners[n] for n in owners if isinstance(model.get_submodule(n), conv1d_class())}
     return MergePlan(base_dir, entries, json.loads((base_dir / "config.json").read_text()), lora, quantized,
                      conv1d, merge_base, quant, Path(adapter_dir) if adapter_dir else None, notes)
 
 
-def _roundtrip(weight: torch.Tensor, conv1d: bool, quant: dict, as_computed: bool = False) -> torch.Tensor:
+def as_trained_weight(weight: torch.Tensor, conv1d: bool, quant: dict, as_computed: bool = False) -> torch.Tensor:
     """dequantize(quantize(W)), exactly as ``model.loading.load_base_model`` quantizes it for training.
 
     Returns fp32, or with ``as_computed`` (4-bit only) the compute-dtype weight a 4-bit layer
@@ -153,7 +136,7 @@ def _roundtrip(weight: torch.Tensor, conv1d: bool, quant: dict, as_computed: boo
                             compute_dtype=quant["compute_dtype"])
     deq = dequantize_4bit_computed(layer.weight) if as_computed else dequantize_weight(layer)  # (out, in)
     # Params4bit and its layer reference each other: unless the cycle is cut, every quantized copy
-    # lives until the next automatic gc (a full gc.collect() costs ~1 s here), and the heap fragments.
+    # lives until the next automatic gc (a full gc.collect() per tensor is slow), and the heap fragments.
     if hasattr(layer.weight, "module"):
         layer.weight.module = None
         layer.weight.quant_state = None
@@ -169,7 +152,7 @@ def merged_tensor(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tens
     training model held it.
     """
     if key in plan.quantized:
-        tensor = _roundtrip(tensor, key in plan.conv1d, plan.quant)
+        tensor = as_trained_weight(tensor, key in plan.conv1d, plan.quant)
     elif plan.quant.get("compute_dtype") is not None and tensor.is_floating_point():
         tensor = tensor.to(plan.quant["compute_dtype"])
     if key in plan.lora:
@@ -180,8 +163,6 @@ def merged_tensor(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tens
 
 def iter_merged_tensors(plan: MergePlan, progress: bool = False):
     """Yield ``(checkpoint_key, merged_tensor)`` in checkpoint order, one tensor in memory at a time."""
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(plan.entries), unit="tensor", desc="merge", disable=not progress)
     for entry, tensor in iter_tensors(plan.entries):
         yield entry.name, merged_tensor(plan, entry.name, tensor)

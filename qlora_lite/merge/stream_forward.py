@@ -14,7 +14,6 @@ passed through the quantization training used, streams the same way (``adapter_d
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,21 +23,9 @@ from torch import nn
 from qlora_lite.errors import ModelLoadError, SafetensorsError
 from qlora_lite.kernels.chunked_loss import supports_chunked_loss
 from qlora_lite.model.adapter import load_adapter
-from qlora_lite.model.folder import weight_files
-from qlora_lite.model.loading import checkpoint_key_map, release_freed_memory
+from qlora_lite.model.folder import read_model_config, weight_files
+from qlora_lite.model.loading import checkpoint_key_map, decoder_blocks, meta_model, release_freed_memory
 from qlora_lite.storage.safetensors_io import TensorEntry, iter_tensors, read_headers, read_rows
-
-
-def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder layers: the model's largest ``nn.ModuleList`` (``model.layers``, ``transformer.h``).
-
-    Raises:
-        ModelLoadError: the model has no ``nn.ModuleList`` (not a stacked decoder).
-    """
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise ModelLoadError(f"{type(model).__name__} has no list of decoder layers; cannot stream it block by block")
-    return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
 
 
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -66,8 +53,8 @@ def _to_meta(module: nn.Module, leaf: str) -> None:
 
 def _drop_block(model: nn.Module, pairs: list, trim: bool = True) -> None:
     """Free the tensors a block read (its adapter, loaded up front, stays). glibc keeps the freed
-    buffers in its heap (measured: RSS grew ~60 MB a block on a 1.1B model, 2.0 GB in all); trimming
-    after each block keeps RSS at one block."""
+    buffers in its heap, so RSS would grow by a block's weights per block; trimming after each block
+    keeps it at one block."""
     for _, name in pairs:
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner)
@@ -139,15 +126,9 @@ def streamed_model(model_dir: str | Path, dtype: torch.dtype, trust_remote_code:
     Raises:
         ModelLoadError: no safetensors weights, unreadable files, or a parameter the files lack.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     model_dir = Path(model_dir)
-    config = AutoConfig.from_pretrained(config_dir or model_dir, trust_remote_code=trust_remote_code)
-    # include_buffers=False: rotary and other non-persistent buffers are built normally, on the CPU.
-    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    config = read_model_config(Path(config_dir or model_dir), trust_remote_code)
+    model = meta_model(config, trust_remote_code=trust_remote_code, dtype=dtype)
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
     model.eval()

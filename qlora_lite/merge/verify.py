@@ -23,16 +23,17 @@ Both steps hold a few tensors (the reconstruction in row chunks) or one decoder 
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
-from qlora_lite.merge.plan import MergePlan, _roundtrip
+from qlora_lite.merge.plan import MergePlan, as_trained_weight
 from qlora_lite.merge.stream_forward import streamed_logits
 from qlora_lite.model.folder import weight_files
-from qlora_lite.model.loading import release_freed_memory
-from qlora_lite.model.precision import DTYPES
+from qlora_lite.model.loading import DTYPES, release_freed_memory
 from qlora_lite.storage.safetensors_io import iter_tensors, read_headers, read_rows
 
 # Mantissa bits stored by each output dtype: round-to-nearest errs by at most 2**-(bits+1) relative.
@@ -72,13 +73,13 @@ def probe_ids(vocab_size: int, length: int = 32) -> torch.Tensor:
 
 def as_trained(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tensor:
     """A base tensor as the 4-bit training model multiplied by it: quantized, dequantized to the compute dtype."""
-    return _roundtrip(tensor, key in plan.conv1d, plan.quant, as_computed=True) if key in plan.quantized else tensor
+    return as_trained_weight(tensor, key in plan.conv1d, plan.quant, as_computed=True) if key in plan.quantized else tensor
 
 
 def _merge_base(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tensor:
     """The weight the adapter adds to, as training held it (8-bit: the int8 codes times their scales)."""
     if key in plan.quantized:
-        return as_trained(plan, key, tensor) if plan.quant["bits"] == 4 else _roundtrip(
+        return as_trained(plan, key, tensor) if plan.quant["bits"] == 4 else as_trained_weight(
             tensor, key in plan.conv1d, plan.quant)
     if plan.quant.get("compute_dtype") is not None and tensor.is_floating_point():
         return tensor.to(plan.quant["compute_dtype"])  # the dequantized policy: as training held it
@@ -185,8 +186,6 @@ def check_weights(plan: MergePlan, merged_dir: Path, dtype: str) -> MergeCheck:
 
 
 def _vocab_size(plan: MergePlan) -> int:
-    from transformers import AutoConfig
-
     return int(AutoConfig.from_pretrained(plan.base_dir).get_text_config().vocab_size)
 
 
@@ -201,8 +200,6 @@ def verify_merge(plan: MergePlan, merged_dir: Path, dtype: str, tolerance: float
     Returns:
         MergeCheck; ``problem`` says what failed first (the probe runs only after the weights pass).
     """
-    import gc
-
 
     result = check_weights(plan, merged_dir, dtype)
     if result.problem is not None:

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import AutoConfig, GenerationConfig
+
 from qlora_lite.checkpoint.run_folder import RUN_MARKER
 from qlora_lite.config import parse_size
 from qlora_lite.data.tokenize import DEFAULT_CHAT_TEMPLATE
@@ -30,7 +32,7 @@ from qlora_lite.errors import (
 from qlora_lite.merge.plan import MergePlan, iter_merged_tensors, plan_merge, quant_record
 from qlora_lite.merge.verify import verify_merge
 from qlora_lite.model.folder import resolve_model_dir
-from qlora_lite.model.precision import DTYPES
+from qlora_lite.model.loading import DTYPES
 from qlora_lite.storage.durable import write_json_atomic
 from qlora_lite.storage.output_dir import check_writable, write_failure
 from qlora_lite.storage.safetensors_io import (
@@ -89,8 +91,6 @@ def _check_output(output: Path, base_dir: Path, adapter_dir: Path, overwrite: bo
 
 def _copy_metadata(plan: MergePlan, tmp: Path, dtype: str) -> None:
     """Config (dtype updated), tokenizer with chat template, generation config and other small files."""
-    from transformers import AutoConfig, GenerationConfig
-
     for path in sorted(plan.base_dir.iterdir()):
         if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name not in _WEIGHT_INDEXES:
             shutil.copy2(path, tmp / path.name)

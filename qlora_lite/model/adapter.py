@@ -7,16 +7,16 @@ type, vocabulary) goes into ``qlora_lite.json`` beside them, a file PEFT ignores
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from qlora_lite.errors import AdapterError
 from qlora_lite.model.lora import LoRALinear, lora_layers, mark_only_lora_trainable
-from qlora_lite.storage.durable import save_safetensors_atomic, write_json_atomic
+from qlora_lite.storage.durable import read_json_object, save_safetensors_atomic, write_json_atomic
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -99,8 +99,6 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, dict[str, tor
     Raises:
         AdapterError: missing files, unsupported PEFT features, damaged files (naming the file).
     """
-    from safetensors.torch import load_file
-
     adapter_dir = Path(adapter_dir)
     config_path, weights_path = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
     for path in (config_path, weights_path):
@@ -143,16 +141,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, dict[str, tor
 
 def _read_json(path: Path) -> dict:
     """A JSON object from an adapter file, or AdapterError naming FILE:LINE:COLUMN."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); fix the file, or copy the "
-                           "adapter folder again from where it was trained") from None
-    except UnicodeDecodeError:
-        raise AdapterError(f"{path}: not a text file (not UTF-8); copy the adapter folder again") from None
-    if not isinstance(value, dict):
-        raise AdapterError(f"{path}: expected a JSON object, found {type(value).__name__}")
-    return value
+    return read_json_object(path, AdapterError, "fix the file, or copy the adapter folder again from where it was trained")
 
 
 def _check_rank(name: str, parts: dict[str, torch.Tensor], config: dict, config_path: Path) -> None:
@@ -186,6 +175,14 @@ def check_compatible(record: dict | None, model: nn.Module, adapter_dir: str | P
         )
 
 
+def layer_alpha(config: dict, name: str, rank: int) -> float:
+    """The alpha of layer ``name`` in a PEFT ``adapter_config.json``: its ``alpha_pattern`` entry (a
+    pattern names the layer or a suffix of it), else ``lora_alpha``, else the rank (PEFT's default)."""
+    pattern = config.get("alpha_pattern") or {}
+    hit = next((a for p, a in pattern.items() if name == p or name.endswith("." + p)), None)
+    return float(hit if hit is not None else config.get("lora_alpha", rank))
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False,
                  dtype: torch.dtype | None = None) -> list[str]:
     """Wrap the layers named in the adapter with LoRALinear and load its weights, in place.
@@ -203,15 +200,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     config, modules, record = read_adapter(adapter_dir)
     check_compatible(record, model, adapter_dir)
     known = dict(model.named_modules())
-    alpha_pattern = config.get("alpha_pattern") or {}
     new_dtype = dtype or next(iter(modules.values()))["lora_A"].dtype
     for name, parts in modules.items():
         base = known.get(name)
         if base is None:
             raise AdapterError(f"{adapter_dir}: the adapter targets {name}, which the base model does not have")
         rank = parts["lora_A"].shape[0]
-        alpha = next((a for pattern, a in alpha_pattern.items() if name == pattern or name.endswith("." + pattern)),
-                     config.get("lora_alpha", rank))
+        alpha = layer_alpha(config, name, rank)
         layer = base if isinstance(base, LoRALinear) else LoRALinear(
             base, rank, alpha, config.get("lora_dropout", 0.0), config.get("use_rslora", False), new_dtype)
         if (layer.lora_A.weight.shape, layer.lora_B.weight.shape) != (parts["lora_A"].shape, parts["lora_B"].shape):

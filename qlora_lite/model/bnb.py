@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 
+import bitsandbytes
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 # ModelLoadError lives with the folder checks; every caller still imports it from here
 
@@ -13,25 +15,23 @@ from torch import nn
 def _bnb():
     """Import bitsandbytes lazily (it is slow to import and noisy about optional kernels)."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import bitsandbytes
 
     return bitsandbytes
 
 
-def _conv1d_class():
-    from transformers.pytorch_utils import Conv1D
-
+def conv1d_class():
+    """GPT-2's ``Conv1D`` (a linear layer with the weight stored transposed)."""
     return Conv1D
 
 
 def is_linear_like(module: nn.Module) -> bool:
     """True for every layer kind LoRA can wrap: nn.Linear (incl. bitsandbytes subclasses) and Conv1D."""
-    return isinstance(module, (nn.Linear, _conv1d_class()))
+    return isinstance(module, (nn.Linear, conv1d_class()))
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of any linear-like layer (Conv1D stores its weight as [in, out])."""
-    if isinstance(module, _conv1d_class()):
+    if isinstance(module, conv1d_class()):
         in_features, out_features = module.weight.shape
         return in_features, out_features
     return module.in_features, module.out_features
@@ -49,7 +49,7 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
         state = weight.quant_state
         data = weight.data
         if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' CPU inference layout
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # noqa: PLC0415 (only bitsandbytes releases with the CPU layout have it)
 
             data, state = _convert_weight_packed_for_cpu_inverse(data, state)
         return bnb.functional.dequantize_4bit(data, state).float()
@@ -58,7 +58,7 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
         if scales is None:
             scales = module.state.SCB
         return weight.data.float() * (scales.float().unsqueeze(1) / 127.0)
-    if isinstance(module, _conv1d_class()):
+    if isinstance(module, conv1d_class()):
         return weight.detach().float().t()
     return weight.detach().float()
 

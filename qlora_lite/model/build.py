@@ -8,16 +8,14 @@ import logging
 import torch
 from torch import nn
 
-from qlora_lite.kernels.checkpoint_policy import NO_CHECKPOINTING, selective_checkpoint_context
+from qlora_lite.config import LoraConfig, ModelConfig, TrainConfig
+from qlora_lite.kernels.checkpoint_policy import selective_checkpoint_context
 from qlora_lite.kernels.cpu_attention import use_cpu_attention
+from qlora_lite.kernels.footprint import NO_CHECKPOINTING
 from qlora_lite.model.adapter import load_adapter
-from qlora_lite.model.loading import load_base_model
+from qlora_lite.model.loading import DTYPES, load_base_model
 from qlora_lite.model.lora import inject_lora
-from qlora_lite.model.precision import (
-    DTYPES,
-    lora_dtype_for,
-    resolve_compute_dtype,
-)
+from qlora_lite.model.precision import lora_dtype_for, resolve_compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +35,7 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True,
     gradient_checkpointing = gradient_checkpointing and checkpoint_policy != NO_CHECKPOINTING
     model.config.use_cache = False
     model.qlora_checkpoint_policy = checkpoint_policy if gradient_checkpointing else None
-    use_cpu_attention(model)  # CPU + SDPA only: blocked bf16 matmuls, ~2.8x faster than the fused kernel there
+    use_cpu_attention(model)  # CPU + SDPA only: blocked matmuls, faster than the fused kernel there (BENCHMARKS.md)
     # Beyond "memory", the policy keeps some block outputs instead of recomputing them
     # (kernels.checkpoint_policy.selective_checkpoint_context).
     kwargs = {"use_reentrant": False}
@@ -64,21 +62,21 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True,
 def build_model(
     model_path: str,
     *,
-    bits: int = 4,
-    quant_type: str = "nf4",
-    double_quant: bool = True,
-    compute_dtype: str = "auto",
+    bits: int = ModelConfig.bits,
+    quant_type: str = ModelConfig.quant_type,
+    double_quant: bool = ModelConfig.double_quant,
+    compute_dtype: str = ModelConfig.compute_dtype,
     trust_remote_code: bool = False,
     allow_bin_weights: bool = False,
     adapter: str | None = None,
-    target_modules: str = "all-linear",
-    rank: int = 16,
-    alpha: float = 32.0,
-    dropout: float = 0.0,
-    rslora: bool = False,
-    lora_dtype: str = "auto",
+    target_modules: str = LoraConfig.target_modules,
+    rank: int = LoraConfig.rank,
+    alpha: float = LoraConfig.alpha,
+    dropout: float = LoraConfig.dropout,
+    rslora: bool = LoraConfig.rslora,
+    lora_dtype: str = LoraConfig.lora_dtype,
     trainable: bool = True,
-    gradient_checkpointing: bool = True,
+    gradient_checkpointing: bool = TrainConfig.gradient_checkpointing,
     checkpoint_policy: str = "balanced",
     seed: int | None = None,
 ) -> nn.Module:

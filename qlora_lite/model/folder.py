@@ -4,25 +4,26 @@ weight files read tensor by tensor, and its tokenizer."""
 
 from __future__ import annotations
 
-import json
+import pickle
 import warnings
 from pathlib import Path
 
 import torch
+import transformers
+from huggingface_hub import snapshot_download
+from transformers import AutoConfig, AutoTokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 # ModelLoadError lives with the folder checks; every caller still imports it from here
+from qlora_lite.config import DEMO_MODEL
 from qlora_lite.errors import ModelLoadError, SafetensorsError
+from qlora_lite.storage.durable import read_json_object
 from qlora_lite.storage.safetensors_io import iter_tensors, read_headers
 
 # The JSON files of a model folder that something here reads; each is parsed up front, so a damaged
 # one is reported with its line before minutes of loading.
 _FOLDER_JSON = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "model.safetensors.index.json")
-
-# The bundled demo (``--model demo``): a model and its data, shipped inside the package.
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo" / "model"
-DEMO_DATA = Path(__file__).resolve().parents[1] / "demo" / "data"
-
 
 def check_folder_json(model_dir: Path) -> None:
     """Parse each JSON file of ``model_dir`` that something reads; raise ModelLoadError on the first bad one."""
@@ -37,17 +38,7 @@ def read_json_file(path: Path) -> dict:
     Raises:
         ModelLoadError: the file is not valid JSON (with FILE:LINE:COLUMN) or not an object.
     """
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); fix the file or copy it "
-                             "from the original model again") from None
-    except UnicodeDecodeError:
-        raise ModelLoadError(f"{path}: not a text file (not UTF-8); copy it from the original model again") from None
-    if not isinstance(value, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, found {type(value).__name__}; copy it from the "
-                             "original model again")
-    return value
+    return read_json_object(path, ModelLoadError, "fix the file, or copy it from the original model again")
 
 
 def read_model_config(model_dir: Path, trust_remote_code: bool = False):
@@ -56,9 +47,6 @@ def read_model_config(model_dir: Path, trust_remote_code: bool = False):
     Raises:
         ModelLoadError: invalid JSON, an unknown model type, or custom code without --trust-remote-code.
     """
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     path = model_dir / "config.json"
     raw = read_json_file(path)
     model_type = raw.get("model_type")
@@ -72,8 +60,6 @@ def read_model_config(model_dir: Path, trust_remote_code: bool = False):
             raise ModelLoadError(f"{path} has no model_type (e.g. \"llama\"); copy config.json from the original "
                                  "model again")
         if not raw.get("auto_map"):
-            import transformers
-
             raise ModelLoadError(
                 f"{path}: model type {model_type!r} is unknown to transformers {transformers.__version__}; check "
                 "model_type in that file, or upgrade transformers (pip install -U transformers)")
@@ -98,8 +84,6 @@ def load_bin(path: Path) -> dict:
         ModelLoadError: the file holds more than tensors. torch's own message advises retrying with
             weights_only=False, which would run whatever code the file carries; it is never repeated.
     """
-    import pickle
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "pickle protocol 4 detected": noise beside the refusal
@@ -174,8 +158,6 @@ def resolve_model_dir(model_path: str | Path) -> Path:
     if path.exists():
         raise ModelLoadError(f"{path} is a file; pass the model folder that holds config.json")
     if str(model_path).count("/") == 1 and not str(model_path).startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
-
         try:
             return Path(snapshot_download(str(model_path), allow_patterns=["*.json", "*.safetensors", "*.model",
                                                                         "*.txt", "*.jinja"]))
@@ -186,8 +168,6 @@ def resolve_model_dir(model_path: str | Path) -> Path:
 
 def load_tokenizer(model_path: str | Path, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token guaranteed (the EOS token when the model has none)."""
-    from transformers import AutoTokenizer
-
     model_dir = resolve_model_dir(model_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)

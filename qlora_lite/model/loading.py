@@ -15,19 +15,26 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
 from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 # ModelLoadError lives with the folder checks; every caller still imports it from here
 from qlora_lite.errors import ModelLoadError
-from qlora_lite.model.bnb import _conv1d_class, quantize_linear, quantized_layer_names
+from qlora_lite.model.bnb import conv1d_class, quantize_linear, quantized_layer_names
 from qlora_lite.model.folder import (
     iter_checkpoint_tensors,
     read_model_config,
     resolve_model_dir,
     weight_files,
 )
+from qlora_lite.model.precision import TORCH_NAMES
 
 log = logging.getLogger(__name__)
+
+DTYPES = {name: getattr(torch, torch_name) for name, torch_name in TORCH_NAMES.items()}
 
 
 def _transformers_renames(model: nn.Module, where) -> Callable[[str], str]:
@@ -40,8 +47,8 @@ def _transformers_renames(model: nn.Module, where) -> Callable[[str], str]:
     match is refused by name.
     """
     try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming
+        from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: PLC0415 (transformers 5 only)
+        from transformers.core_model_loading import WeightConverter, WeightRenaming  # noqa: PLC0415 (transformers 5 only)
     except ImportError:
         mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
         legacy = getattr(model, "_fix_state_dict_key_on_load", None)  # LayerNorm.gamma -> .weight and the like
@@ -113,8 +120,6 @@ def check_causal_lm(config, model_dir) -> None:
     Raises:
         ModelLoadError: naming the architecture and what to use instead.
     """
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
     archs = list(getattr(config, "architectures", None) or [])
     named = ", ".join(archs) or config.model_type
     remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
@@ -124,6 +129,33 @@ def check_causal_lm(config, model_dir) -> None:
         raise ModelLoadError(f"{model_dir}/config.json: {named} is not a causal language model (architectures "
                              f"should end in {' or '.join(_CAUSAL_SUFFIXES[:2])}); qlora-lite fine-tunes decoder-only "
                              "models such as Llama, Mistral, Qwen2, Gemma, Phi-3 or GPT-2")
+
+
+def meta_model(config, *, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model ``config`` describes, its parameters on the meta device: every name, shape and layer
+    kind, and no memory; loaders then put real tensors in place one at a time. Buffers (rotary tables,
+    which no checkpoint holds) are built normally, on the CPU.
+
+    Args:
+        dtype: the dtype of the floating-point slots (None: transformers' default).
+    """
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # settings a skeleton never uses (generation, attention backends)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder layers: the model's largest ``nn.ModuleList`` (``model.layers``, ``transformer.h``), as
+    ``(its name, the list)``; streaming and FSDP both work block by block over them.
+
+    Raises:
+        ModelLoadError: the model has no ``nn.ModuleList`` (not a stacked decoder).
+    """
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ModelLoadError(f"{type(model).__name__} has no list of decoder layers; cannot stream it block by block")
+    return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
 
 
 def load_base_model(
@@ -148,19 +180,13 @@ def load_base_model(
     Raises:
         ModelLoadError: missing folder, missing or unreadable weights, or tensors the model lacks.
     """
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoModelForCausalLM
-
     model_dir = resolve_model_dir(model_path)
     config = read_model_config(model_dir, trust_remote_code)
     check_causal_lm(config, model_dir)
-    with init_empty_weights(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=compute_dtype)
+    model = meta_model(config, trust_remote_code=trust_remote_code, dtype=compute_dtype)
 
     to_quantize = set(quantized_layer_names(model)) if bits in (4, 8) else set()
-    conv1d = _conv1d_class()
+    conv1d = conv1d_class()
     resolve = checkpoint_key_map(model, model_dir)
     loaded, pending_bias = set(), {}
     for key, tensor in iter_checkpoint_tensors(weight_files(model_dir, allow_bin_weights)):
@@ -182,7 +208,7 @@ def load_base_model(
                 setattr(model.get_submodule(parent), child, layer)
                 loaded.update(f"{owner}.{p}" for p in parts)
                 del pending_bias[owner], parts, weight
-                release_freed_memory()  # else glibc keeps each freed 16-bit weight (0.9 GB at 1.1B)
+                release_freed_memory()  # else glibc keeps each freed 16-bit weight (BENCHMARKS.md)
             continue
         value = tensor.to(compute_dtype) if tensor.is_floating_point() else tensor
         set_module_tensor_to_device(model, name, "cpu", value=value)
@@ -207,7 +233,7 @@ def load_base_model(
 
 
 def release_freed_memory() -> None:
-    """Return freed heap pages to the OS (glibc keeps ~1 GB after tensor-by-tensor quantization)."""
+    """Return freed heap pages to the OS: glibc keeps the freed buffers of tensor-by-tensor quantization."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

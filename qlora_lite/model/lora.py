@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import difflib
 import math
-import re
 
 import torch
 from torch import nn
 
+from qlora_lite.config import LoraConfig, select_targets
 from qlora_lite.errors import LoRATargetError
 from qlora_lite.kernels.lora_4bit import fast_lora_applies, lora_4bit_forward
-from qlora_lite.model.bnb import _conv1d_class, dequantize_weight, is_linear_like, linear_shape
+from qlora_lite.model.bnb import conv1d_class, dequantize_weight, is_linear_like, linear_shape
 
 
 def lora_scaling(rank: int, alpha: float, rslora: bool = False) -> float:
@@ -64,7 +64,7 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         in_features, out_features = linear_shape(base_layer)
         self.in_features, self.out_features = in_features, out_features
-        self.fan_in_fan_out = isinstance(base_layer, _conv1d_class())
+        self.fan_in_fan_out = isinstance(base_layer, conv1d_class())
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
         self.scaling = lora_scaling(rank, alpha, rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -114,15 +114,6 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
 
 
-def parse_targets(target_modules: str | list[str]) -> list[str] | str:
-    """``"q_proj, v_proj"`` -> ``["q_proj", "v_proj"]``; ``"all-linear"`` stays as it is."""
-    if isinstance(target_modules, str):
-        if target_modules.strip() == "all-linear":
-            return "all-linear"
-        target_modules = target_modules.split(",")
-    return [t.strip() for t in target_modules if t.strip()]
-
-
 def find_target_modules(model: nn.Module, target_modules: str | list[str]) -> list[str]:
     """Names of the linear layers to wrap, in model order.
 
@@ -133,24 +124,17 @@ def find_target_modules(model: nn.Module, target_modules: str | list[str]) -> li
     Raises:
         LoRATargetError: nothing matched; the message lists the linear layer names the model has.
     """
-    targets = parse_targets(target_modules)
     head = model.get_output_embeddings()
     candidates = [n for n, m in model.named_modules() if is_linear_like(m) and m is not head and "lora_" not in n]
-    if targets == "all-linear":
-        chosen = candidates
-    elif isinstance(targets, list) and len(targets) == 1 and any(c in targets[0] for c in "*()|[\\"):
-        chosen = [n for n in candidates if re.fullmatch(targets[0], n)]
-    else:
-        chosen = [n for n in candidates if any(_matches(n, t) for t in targets)]
-        # One typo in a list (q_proj,v_prj) would otherwise train the others and silently skip it.
-        unmatched = [t for t in targets if not any(_matches(n, t) for n in candidates)]
-        if chosen and unmatched:
-            suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
-            hints = [f"{t!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(t, suffixes, 1))
-                                 else "") for t in unmatched]
-            raise LoRATargetError(
-                f"--target-modules: {', '.join(hints)} match(es) no linear layer of {type(model).__name__}; its "
-                f"linear layers are named: {', '.join(suffixes)} (fix or drop the name, or use all-linear)")
+    chosen, unmatched = select_targets(candidates, target_modules)
+    # One typo in a list (q_proj,v_prj) would otherwise train the others and silently skip it.
+    if chosen and unmatched:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        hints = [f"{t!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(t, suffixes, 1))
+                             else "") for t in unmatched]
+        raise LoRATargetError(
+            f"--target-modules: {', '.join(hints)} match(es) no linear layer of {type(model).__name__}; its "
+            f"linear layers are named: {', '.join(suffixes)} (fix or drop the name, or use all-linear)")
     if not chosen:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
         raise LoRATargetError(
@@ -160,18 +144,13 @@ def find_target_modules(model: nn.Module, target_modules: str | list[str]) -> li
     return chosen
 
 
-def _matches(name: str, target: str) -> bool:
-    """A module name matches a target that is the whole name or its last dotted parts (PEFT's rule)."""
-    return name == target or name.endswith("." + target)
-
-
 def inject_lora(
     model: nn.Module,
-    target_modules: str | list[str] = "all-linear",
-    rank: int = 16,
-    alpha: float = 32.0,
-    dropout: float = 0.0,
-    rslora: bool = False,
+    target_modules: str | list[str] = LoraConfig.target_modules,
+    rank: int = LoraConfig.rank,
+    alpha: float = LoraConfig.alpha,
+    dropout: float = LoraConfig.dropout,
+    rslora: bool = LoraConfig.rslora,
     lora_dtype: torch.dtype = torch.bfloat16,
 ) -> list[str]:
     """Replace each target layer with a LoRALinear around it, in place; freeze everything else.
@@ -198,11 +177,6 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
         param.requires_grad_("lora_" in name)
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors, keyed by module path (``...q_proj.lora_A.weight``)."""
-    return {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
-
-
 def set_merged(model: nn.Module, merged: bool) -> None:
     """Merge or unmerge every LoRA layer in place."""
     for layer in lora_layers(model).values():
@@ -215,7 +189,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     Quantized bases become dense ``nn.Linear`` (the merged weight is no longer on the 4-bit grid);
     Conv1D stays Conv1D so the state-dict layout matches the original architecture.
     """
-    conv1d = _conv1d_class()
+    conv1d = conv1d_class()
     for name, layer in lora_layers(model).items():
         layer.merge()
         base, weight = layer.base_layer, layer.merged_weight

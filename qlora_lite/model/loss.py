@@ -9,8 +9,7 @@ from torch import nn
 
 from qlora_lite.data.packing import collate
 from qlora_lite.kernels.chunked_loss import causal_lm_loss
-
-IGNORE_INDEX = -100
+from qlora_lite.kernels.footprint import IGNORE_INDEX
 
 
 def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -24,7 +23,7 @@ def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
         ``(loss_sum, n_tokens)``: a scalar tensor with grad, and an int.
     """
     # Chunked over the sequence where the architecture allows it: the full fp32 logits (4*B*T*V bytes,
-    # 0.65 GB at 2048 tokens and a 32k vocabulary) are never built.
+    # more than all checkpointed activations together) are never built.
     extra = {k: v for k, v in batch.items() if k == "position_ids"}
     loss = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"),
                           reduction="sum", **extra)

@@ -21,14 +21,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-# ModelLoadError lives with the folder checks; every caller still imports it from here
-
 log = logging.getLogger(__name__)
 
 
 CHOICES = ("auto", "bf16", "fp16", "fp32")
+# The torch dtype of each name (``model.loading.DTYPES`` holds the dtypes themselves; this module stays
+# torch-free at import, for ``qlora-lite estimate``).
+TORCH_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class DtypeChoice:
 
 def cpu_features() -> dict:
     """What torch reports about this CPU's low-precision matmul support."""
-    import torch
+    import torch  # noqa: PLC0415 (torch-free at import, for qlora-lite estimate)
 
     def flag(name: str) -> bool:
         probe = getattr(torch.cpu, name, None)
@@ -57,9 +56,7 @@ def cpu_features() -> dict:
 def matmul_speedup(dtype_name: str, size: int = 128, repeats: int = 5) -> float:
     """How many times faster a (size x size) @ (size x size) matmul runs in ``dtype_name`` than in
     fp32 on this CPU (best of ``repeats``; under 1 means slower). Takes milliseconds."""
-    import torch
-
-    from qlora_lite.model.precision import DTYPES
+    import torch  # noqa: PLC0415 (torch-free at import, for qlora-lite estimate)
 
     def best_seconds(dtype) -> float:
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
@@ -71,7 +68,7 @@ def matmul_speedup(dtype_name: str, size: int = 128, repeats: int = 5) -> float:
             times.append(time.perf_counter() - start)
         return max(min(times), 1e-9)
 
-    return best_seconds(torch.float32) / best_seconds(DTYPES[dtype_name])
+    return best_seconds(torch.float32) / best_seconds(getattr(torch, TORCH_NAMES[dtype_name]))
 
 
 def _cpu_choice(features: dict) -> DtypeChoice:
@@ -99,7 +96,7 @@ def choose_compute_dtype(requested: str = "auto", device: str = "cpu") -> DtypeC
     if requested != "auto":
         return DtypeChoice(requested, "as requested")
     if device == "cuda":
-        import torch
+        import torch  # noqa: PLC0415 (torch-free at import, for qlora-lite estimate)
 
         if torch.cuda.is_bf16_supported():
             return DtypeChoice("bf16", f"{torch.cuda.get_device_name()} supports bf16")
@@ -116,7 +113,7 @@ def lora_dtype_for(requested: str, compute_dtype: str) -> str:
 
 
 def default_device() -> str:
-    import torch
+    import torch  # noqa: PLC0415 (torch-free at import, for qlora-lite estimate)
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -169,5 +166,3 @@ def resolve_compute_dtype(requested: str, device: str | None = None) -> str:
         log.warning("--compute-dtype %s: %s", choice.name, warning)
     return choice.name
 
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -15,6 +15,8 @@ import struct
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save, save_file
 
 from qlora_lite.errors import CheckpointError
 
@@ -35,8 +37,6 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     """safetensors ``save_file`` through a temporary file, fsync, rename."""
-    from safetensors.torch import save_file
-
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -94,15 +94,11 @@ def json_bytes(obj) -> bytes:
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     """A safetensors file's bytes for ``tensors`` (built in memory, written later with ``write_bytes``)."""
-    from safetensors.torch import save
-
     return save(tensors, metadata={"format": "pt"})
 
 
 def safetensors_error() -> type:
     """safetensors' own exception class (imported on first use, like the other safetensors imports here)."""
-    from safetensors import SafetensorError
-
     return SafetensorError
 
 
@@ -117,10 +113,22 @@ def read_json(path: Path):
         raise CheckpointError(f"{path}: {what}") from None
 
 
+def read_json_object(path: Path, error: type[Exception], remedy: str) -> dict:
+    """A JSON object from a file the user gave (a model or adapter folder's), or ``error`` naming
+    FILE:LINE:COLUMN and ending with ``remedy`` (what to do)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); {remedy}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text file (not UTF-8); {remedy}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, found {type(value).__name__}; {remedy}")
+    return value
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file. Raises CheckpointError naming the file when it cannot be read."""
-    from safetensors.torch import load
-
     try:
         return load(path.read_bytes())  # bytes, not a mapping: nothing keeps the file open
     except Exception as e:  # safetensors raises its own error types for damaged files

@@ -14,6 +14,9 @@ from pathlib import Path
 
 from qlora_lite.errors import OutputError
 
+# The file check_writable creates and removes at once; another process of the same run may see it.
+PROBE_PREFIX = ".qlora-lite-write-test-"
+
 
 def check_writable(path: str | Path, flag: str = "--output") -> None:
     """Raise OutputError unless files can be created in ``path`` (or, if it does not exist yet, in the
@@ -24,7 +27,7 @@ def check_writable(path: str | Path, flag: str = "--output") -> None:
         folder = folder.parent
     if not folder.is_dir():
         raise OutputError(f"{flag} {path}: {folder} is a file, not a folder; choose another {flag}")
-    probe = folder / f".qlora-lite-write-test-{os.getpid()}"
+    probe = folder / f"{PROBE_PREFIX}{os.getpid()}"
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.unlink(probe)

@@ -41,7 +41,7 @@ def load_training_data(config: Config, tokenizer) -> tuple[list[dict], list[dict
     """Tokenize and validate the train (and eval) data; runs before the model is loaded so bad data fails fast.
 
     Raises:
-        data.DataError: unreadable or unusable data, with FILE:LINE or FILE row N.
+        errors.DataError: unreadable or unusable data, with FILE:LINE or FILE row N.
     """
     d = config.data
     kwargs = dict(format=d.format, max_seq_len=d.max_seq_len, drop_long=d.drop_long,

@@ -19,16 +19,23 @@ micro-batch, and the loss is divided by the label tokens of all processes togeth
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import subprocess
 import sys
 
+import bitsandbytes as bnb
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
-from qlora_lite.errors import LaunchError
+from qlora_lite.errors import LaunchError, ModelLoadError
+from qlora_lite.kernels.footprint import IGNORE_INDEX
+from qlora_lite.model.loading import decoder_blocks
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +113,6 @@ def relaunch(num_processes: int, args: list[str]) -> int:
     return subprocess.run(argv, env=env, check=False).returncode
 
 
-def configure_process_logging() -> None:
-    """Processes other than the main one log only warnings (one copy of each progress line)."""
-    if in_launched_process() and not is_main_process():
-        logging.getLogger("qlora_lite").setLevel(logging.WARNING)
-
-
 def check_same_checkpoint(accelerator, checkpoint, output_dir) -> None:
     """Refuse to start when the processes found different checkpoints to resume (a collective: all call it).
 
@@ -164,7 +165,7 @@ def pad_to_equal_batches(examples: list[dict], batch_size: int, num_batches: int
     if len(examples) >= target:
         return examples
     ids = list(template["input_ids"][:8])
-    filler = {"input_ids": ids, "labels": [-100] * len(ids)}
+    filler = {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)}
     return examples + [filler] * (target - len(examples))
 
 
@@ -174,8 +175,6 @@ def all_reduce_grads(params: list[nn.Parameter], bucket_elements: int = 1 << 24)
     Gradients travel in fp32 buckets of about ``bucket_elements`` values: few collectives, and a
     bounded extra buffer (64 MB) instead of a second copy of every gradient.
     """
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return
     grads = [p.grad for p in params if p.grad is not None]
@@ -208,8 +207,6 @@ def store_4bit_as(model: nn.Module, dtype: torch.dtype) -> int:
     Raises:
         ValueError: a layer whose packed size is not a multiple of ``dtype``'s size.
     """
-    import bitsandbytes as bnb
-
     count = 0
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
@@ -227,20 +224,6 @@ def store_4bit_as(model: nn.Module, dtype: torch.dtype) -> int:
         module.quant_storage, module.quant_state = dtype, weight.quant_state
         count += 1
     return count
-
-
-def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks (``LlamaDecoderLayer`` ...) that FSDP gathers one at a time.
-
-    Raises:
-        LaunchError: the model names no block class (transformers' ``_no_split_modules``).
-    """
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise LaunchError(f"--fsdp: cannot find the decoder blocks of {type(model).__name__} (it lists no "
-                          "_no_split_modules); train it without --fsdp")
-    return blocks
 
 
 def base_bytes(model: nn.Module, exclude: set[nn.Parameter]) -> tuple[int, int]:
@@ -272,11 +255,6 @@ def shard_frozen_base(model: nn.Module, accelerator, trainable: list[nn.Paramete
     Returns:
         The same model object, sharded; its forward runs under the accelerator's autocast.
     """
-    import functools
-
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     device = accelerator.device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     store_4bit_as(model, dtype)
@@ -288,7 +266,11 @@ def shard_frozen_base(model: nn.Module, accelerator, trainable: list[nn.Paramete
         p.data = p.data.to(device)
         torch.distributed.broadcast(p.data, src=0)
     mesh = init_device_mesh(device.type, (accelerator.num_processes,))
-    for block in decoder_blocks(model):
+    try:
+        _, blocks = decoder_blocks(model)
+    except ModelLoadError as e:
+        raise LaunchError(f"--fsdp: {e}; train it without --fsdp") from None
+    for block in blocks:
         fully_shard(block, mesh=mesh, ignored_params=keep & set(block.parameters()))
     fully_shard(model, mesh=mesh, ignored_params=keep)
     local, total = base_bytes(model, keep)

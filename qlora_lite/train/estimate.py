@@ -14,8 +14,8 @@ The model is described by its shapes; each part of the peak is counted in bytes:
   computed chunk by chunk.
 - ``runtime``: what the process holds before any model (torch, libraries, allocator).
 - ``heap``: on the CPU, freed buffers glibc keeps for reuse (dequantized weights, matmul outputs):
-  measured as about three blocks of dequantized weights (0.26 GB at 1.1B in bf16). Returning every large buffer to
-  the OS (``MALLOC_MMAP_THRESHOLD_=1048576``) removed it but made steps 1.9x slower (page faults).
+  measured as about three blocks of dequantized weights. Returning every large buffer to the OS
+  (``MALLOC_MMAP_THRESHOLD_``) removes it but makes steps much slower (page faults; BENCHMARKS.md).
 
 The constants were checked against measured peaks (tools/benchmark.py compares the two).
 """
@@ -26,10 +26,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qlora_lite.config import DEMO_MODEL, select_targets
 from qlora_lite.errors import EstimateError
-from qlora_lite.kernels.checkpoint_policy import NO_CHECKPOINTING
-from qlora_lite.kernels.chunked_loss import CHUNKED_LOSS_MODELS, loss_chunk_for
-from qlora_lite.model.folder import DEMO_MODEL
+from qlora_lite.kernels.footprint import CHUNKED_LOSS_MODELS, NO_CHECKPOINTING, loss_chunk_for
 
 GIB = 1024**3
 
@@ -43,15 +42,14 @@ NO_DQ_CONST_BYTES = 4 / 64
 OPTIMIZER_BYTES = {"paged_adamw_8bit": 2.0, "adamw_8bit": 2.0, "paged_adamw_32bit": 8.0, "adamw": 8.0}
 
 
-# Process memory besides the model. CPU: torch + transformers + bitsandbytes imported hold 0.44 GB
-# of RSS, and the first training step pages in another ~0.12 GB (autograd and oneDNN kernels, thread
-# stacks), measured by tools/benchmark.py. CUDA: the allocator's peak excludes the context.
+# Process memory besides the model. CPU: torch + transformers + bitsandbytes imported, plus what the
+# first training step pages in (autograd and oneDNN kernels, thread stacks), measured by
+# tools/benchmark.py (BENCHMARKS.md). CUDA: the allocator's peak excludes the context.
 RUNTIME_BYTES = {"cpu": int(0.56e9), "cuda": int(0.05e9)}
 
 
-# Freed-but-kept glibc heap during CPU training, in blocks of bf16 linear weights. Measured on the 1.1B
-# benchmark model: peaks 1.91-2.11 GB (balanced) and 1.91 GB (memory) against 1.66-1.76 GB without it;
-# the 0.12B model is small enough that it hardly shows.
+# Freed-but-kept glibc heap during CPU training, in blocks of linear weights, fitted to the measured
+# 1.1B peaks (BENCHMARKS.md, "Where the memory goes"); small models hardly show it.
 HEAP_BLOCKS = 3
 
 
@@ -175,13 +173,9 @@ def model_shape(config: dict, where: str = "config") -> ModelShape:
 
 
 def lora_targets(shape: ModelShape, target_modules: str | list[str]) -> list[tuple[str, int, int]]:
-    """The block's linear layers LoRA wraps: ``all-linear`` or name suffixes (``q_proj,v_proj``)."""
-    if isinstance(target_modules, str):
-        if target_modules.strip() == "all-linear":
-            return list(shape.linears)
-        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
-    chosen = [lin for lin in shape.linears if any(lin[0] == t or lin[0].endswith("." + t) or
-                                                   lin[0].split(".")[-1] == t for t in target_modules)]
+    """The block's linear layers LoRA wraps, chosen by the rule training uses (``config.select_targets``)."""
+    names, _ = select_targets([name for name, _, _ in shape.linears], target_modules)
+    chosen = [lin for lin in shape.linears if lin[0] in names]
     if not chosen:
         names = ", ".join(name for name, _, _ in shape.linears)
         raise EstimateError(f"target modules {target_modules!r} match no linear layer; this model has: {names}")
@@ -301,7 +295,7 @@ def _activation_bytes(shape: ModelShape, targets, tokens: int, rank: int, bits: 
     A block's working set: norms, q/k/v/o and attention outputs (~12 values of width H per token),
     the MLP's gate, up, activation and product (4 of width I), and each adapter's rank-r input.
     With a 4-bit base and checkpointing, the recomputed block keeps its dequantized weights
-    until their backward (qlora_lite.fastpath: one dequantization per layer saved).
+    until their backward (``kernels.lora_4bit``: one dequantization per layer saved).
     """
     h, inter = shape.hidden, shape.intermediate
     lora_per_token = len(targets) * rank * value

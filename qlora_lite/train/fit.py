@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qlora_lite.kernels.checkpoint_policy import NO_CHECKPOINTING
+from qlora_lite.kernels.footprint import NO_CHECKPOINTING
 from qlora_lite.model.precision import estimated_compute_dtype
 from qlora_lite.train.estimate import MemoryEstimate, estimate_memory
 
@@ -67,7 +67,7 @@ def available_memory(device: str) -> int | None:
     Returns None where it cannot be read (e.g. macOS has no /proc/meminfo).
     """
     if device == "cuda":
-        import torch
+        import torch  # noqa: PLC0415 (torch-free at import, for qlora-lite estimate)
 
         return int(torch.cuda.mem_get_info()[0])
     try:

@@ -4,10 +4,6 @@ Reading order: ``train`` (the entry point) prepares everything, ``_Loop`` runs t
 Data order is a pure function of (seed, epoch) and dropout masks of (seed, step, process), so a
 resumed run replays exactly the batches and masks the uninterrupted run would have seen; with the
 restored adapter, optimizer and scheduler its losses equal the uninterrupted ones.
-
-Testing hook: the environment variable ``QLORA_LITE_STOP_AFTER_STEPS=k`` stops the run right after
-optimizer step ``k`` (an absolute step number; checkpoints due at ``k`` are written, nothing else),
-as a crash would, without changing the schedule. Then ``--resume`` continues it.
 """
 
 from __future__ import annotations
@@ -15,12 +11,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from qlora_lite.checkpoint.folder import (
     latest_checkpoint,
@@ -41,7 +42,7 @@ from qlora_lite.data.sources import source_sha256
 from qlora_lite.errors import MetricsError, TrainingError
 from qlora_lite.model.adapter import save_adapter
 from qlora_lite.model.folder import load_tokenizer, resolve_model_dir
-from qlora_lite.model.loss import IGNORE_INDEX, batch_loss_sum, eval_sums, evaluate, label_tokens
+from qlora_lite.model.loss import batch_loss_sum, eval_sums, label_tokens
 from qlora_lite.model.precision import lora_dtype_for, resolve_compute_dtype
 from qlora_lite.storage.output_dir import check_writable, write_failure
 from qlora_lite.train.batches import epoch_batches, load_training_data, plan_steps
@@ -58,8 +59,6 @@ from qlora_lite.train.optim import apply_current_settings, build_optimizer, buil
 from qlora_lite.train.tracking import finish_trackers, log_record, requested_trackers, start_trackers
 
 log = logging.getLogger(__name__)
-STOP_ENV = "QLORA_LITE_STOP_AFTER_STEPS"
-__all__ = ["IGNORE_INDEX", "TrainResult", "TrainingError", "batch_loss_sum", "evaluate", "train"]
 
 
 @dataclass
@@ -74,7 +73,6 @@ class TrainResult:
     eval_metrics: dict[str, float] = field(default_factory=dict)
     train_loss: float | None = None
     resumed_from: Path | None = None
-    stopped_early: bool = False
     main_process: bool = True  # False in the other processes of a multi-process launch (they write nothing)
 
 
@@ -107,7 +105,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory so far: allocated CUDA memory on a GPU, else the process's peak RSS."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
@@ -125,13 +122,9 @@ def train(config: Config) -> TrainResult:
     """Fine-tune a LoRA adapter as ``config`` says; the adapter lands at the top of ``config.train.output``.
 
     Raises:
-        errors.ConfigError, data.DataError, quant.ModelLoadError, checkpoint.CheckpointError,
+        errors.ConfigError, errors.DataError, errors.ModelLoadError, errors.CheckpointError,
         TrainingError: with a message meant for the user.
     """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-
     config.validate(required=("model.model", "data.data", "train.output"))
     t = config.train
     trackers = requested_trackers(t.report_to)
@@ -170,8 +163,6 @@ def _train(config: Config, accelerator, output_dir: Path, model_dir: Path, lock,
     """``train`` once the output folder is checked (and locked, if it exists); ``resume_from`` is the
     checkpoint to continue (None: from step 0) and ``saved_state`` its trainer state; ``trackers``
     the --report-to names the accelerator was built with."""
-    from accelerate.utils import set_seed
-
 
     t = config.train
     tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
@@ -236,8 +227,6 @@ class _Loop:
         self.last_loss: float | None = None
         if self.t.eval_steps and not eval_examples:
             log.warning("--eval-steps %d does nothing without --eval-data or --eval-fraction", self.t.eval_steps)
-        stop = os.environ.get(STOP_ENV, "").strip()
-        self.stop_after = int(stop) if stop else None
 
     def _epoch_chunks(self, epoch: int) -> list[list[int]]:
         return epoch_batches(len(self.train_examples), self.t.batch_size, self.t.seed, epoch, self.acc.num_processes)
@@ -277,26 +266,19 @@ class _Loop:
             self.model, self.optimizer = self.acc.prepare(model, optimizer)
 
     def run(self) -> TrainResult:
-        from tqdm import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not self.acc.is_main_process)
-        stopped = False
         # Log lines go above the progress bar instead of through it.
         with bar, logging_redirect_tqdm(loggers=[logging.getLogger("qlora_lite")]):
             try:
-                while self.step < self.total_steps and not stopped:
+                while self.step < self.total_steps:
                     self._next_step(bar)
-                    stopped = self.stop_after is not None and self.stop_after <= self.step < self.total_steps
             except KeyboardInterrupt:
                 where = self.last_checkpoint or "none yet"
                 log.warning("interrupted during step %d; last complete checkpoint: %s (continue with --resume)",
                             self.step + 1, where)
                 raise
-        if stopped:
-            log.warning("stopped after step %d (%s is set)", self.step, STOP_ENV)
-        return self._finish(stopped)
+        return self._finish()
 
     def _next_step(self, bar) -> None:
         """One optimizer step on the next ``grad_accum`` micro-batches of the current epoch."""
@@ -407,11 +389,9 @@ class _Loop:
                                                    scaler=self.acc.scaler)
         self.acc.wait_for_everyone()
 
-    def _finish(self, stopped: bool) -> TrainResult:
+    def _finish(self) -> TrainResult:
         result = TrainResult(self.output_dir, None, self.metrics.path, None, self.step, dict(self.last_eval),
-                             self.last_loss, self.resumed_from, stopped, self.acc.is_main_process)
-        if stopped:
-            return result
+                             self.last_loss, self.resumed_from, self.acc.is_main_process)
         if self.acc.is_main_process:
             try:
                 result.adapter_dir = save_adapter(self.acc.unwrap_model(self.model), self.output_dir,

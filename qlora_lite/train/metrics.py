@@ -81,10 +81,10 @@ def plot_loss(run_dir: str | Path, output: str | Path | None = None) -> Path:
     Raises:
         MetricsError: no metrics file, or no finite loss in it.
     """
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (slow to import; only when a plot is drawn)
 
     matplotlib.use("Agg")  # files only: never needs a display
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (slow to import; only when a plot is drawn)
 
     run_dir = Path(run_dir)
     metrics_path = run_dir / METRICS_NAME if run_dir.is_dir() else run_dir

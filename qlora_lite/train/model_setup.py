@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from qlora_lite.errors import EstimateError
-from qlora_lite.kernels.checkpoint_policy import NO_CHECKPOINTING
+from qlora_lite.kernels.footprint import NO_CHECKPOINTING
 from qlora_lite.model.build import build_model
 from qlora_lite.model.folder import resolve_model_dir
 from qlora_lite.train.fit import (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 
+import bitsandbytes as bnb
 import torch
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,6 @@ def build_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import bitsandbytes as bnb
 
     cls = {
         "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,

@@ -14,6 +14,7 @@ from qlora_lite.checkpoint.resume import guard_output_dir
 from qlora_lite.checkpoint.run_folder import LOCK_NAME, RunLock, mark_run
 from qlora_lite.cli import main
 from qlora_lite.errors import CheckpointError
+from qlora_lite.storage.output_dir import PROBE_PREFIX
 
 
 def invoke(*args):
@@ -49,7 +50,7 @@ def test_a_killed_write_of_ours_is_still_cleaned_up(tmp_path):
 
 
 def test_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from qlora_lite.run_folder import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from qlora_lite.checkpoint.run_folder import RunLock; "
                                f"RunLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -96,3 +97,15 @@ def test_resume_never_replaces_the_starting_adapter_or_the_users_yaml(finished_r
     result = invoke(*args, "--resume", "--max-steps", 2, "--config", yaml_file)
     assert result.exit_code != 0 and "config.yaml (changed since qlora-lite wrote it)" in result.output
     assert yaml_file.read_text() == mine
+
+
+def test_another_process_probing_the_output_is_not_a_foreign_file(tmp_path):
+    """With several processes, one may see the write probe another creates for an instant; the guard
+    must not call the folder someone else's for it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f"{PROBE_PREFIX}12345").touch()
+    guard_output_dir(out, None, resume=False)  # an empty folder, as far as runs go
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="notes.txt"):
+        guard_output_dir(out, None, resume=False)

@@ -13,7 +13,6 @@ from tiny_models import write_chat_jsonl
 from qlora_lite.cli import main
 from qlora_lite.cli.train import TRAIN_FIELDS
 from qlora_lite.config import option_name
-from qlora_lite.train.loop import STOP_ENV
 from qlora_lite.train.metrics import read_metrics
 from qlora_lite.train.optim import lr_factor
 
@@ -108,13 +107,14 @@ def test_yaml_config_with_flag_override(tiny_llama, tmp_path, one_thread):
     assert (adapter["r"], adapter["target_modules"]) == (2, ["q_proj", "v_proj"])
 
 
-def test_stop_then_resume_through_the_command_line(tiny_llama, tmp_path, one_thread):
+def test_ctrl_c_then_resume_through_the_command_line(tiny_llama, tmp_path, one_thread, ctrl_c_after, caplog):
     data, out = write_chat_jsonl(tmp_path / "train.jsonl", n=8), tmp_path / "run"
     args = ("train", "--model", tiny_llama, "--data", data, "--output", out, "--bits", 16, "--rank", 4,
             "--max-seq-len", 64, "--batch-size", 2, "--max-steps", 4, "--save-steps", 2, "--optimizer", "adamw")
-    result = invoke(*args, env={STOP_ENV: "3"})
-    assert result.exit_code == 0, result.output
-    assert "stopped after step 3" in result.output
+    with ctrl_c_after(3):
+        result = invoke(*args)
+    assert result.exit_code == 1 and "Aborted" in result.output, result.output
+    assert "last complete checkpoint" in caplog.text and "checkpoint-2" in caplog.text and "--resume" in caplog.text
     again = invoke(*args)  # without --resume the finished-or-not run is protected
     assert again.exit_code != 0 and "--resume" in again.output
     result = invoke(*args, "--resume")
@@ -123,13 +123,14 @@ def test_stop_then_resume_through_the_command_line(tiny_llama, tmp_path, one_thr
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
 
 
-def test_resume_with_a_new_lr_trains_with_it(tiny_llama, tmp_path, one_thread):
+def test_resume_with_a_new_lr_trains_with_it(tiny_llama, tmp_path, one_thread, ctrl_c_after):
     """Resume allows --lr and --weight-decay to change; the new values must be the ones used."""
     data, out = write_chat_jsonl(tmp_path / "train.jsonl", n=8), tmp_path / "run"
     args = ("train", "--model", tiny_llama, "--data", data, "--output", out, "--bits", 16, "--rank", 4,
             "--max-seq-len", 64, "--batch-size", 2, "--max-steps", 4, "--save-steps", 2, "--optimizer", "adamw",
             "--lr-scheduler", "linear", "--warmup-steps", 1)
-    assert invoke(*args, "--lr", "1e-3", env={STOP_ENV: "2"}).exit_code == 0
+    with ctrl_c_after(2):
+        assert invoke(*args, "--lr", "1e-3").exit_code == 1
     result = invoke(*args, "--lr", "4e-4", "--weight-decay", "0.1", "--resume")
     assert result.exit_code == 0, result.output
     lrs = {r["step"]: r["lr"] for r in read_metrics(out)}
@@ -185,7 +186,8 @@ def test_help_names_folders_alike_and_says_what_each_command_does():
     assert COMMANDS["demo"][1].endswith("merge, GGUF.")
 
 
-def test_training_on_parquet_resumes_and_refuses_a_changed_parquet_file(tiny_llama, tmp_path, one_thread, caplog):
+def test_training_on_parquet_resumes_and_refuses_a_changed_parquet_file(tiny_llama, tmp_path, one_thread, caplog,
+                                                                         ctrl_c_after):
     import pandas as pd
 
     rows = [json.loads(line) for line in write_chat_jsonl(tmp_path / "t.jsonl", n=8).read_text().splitlines()]
@@ -196,8 +198,8 @@ def test_training_on_parquet_resumes_and_refuses_a_changed_parquet_file(tiny_lla
             "--max-seq-len", 64, "--batch-size", 2, "--max-steps", 4, "--save-steps", 2, "--optimizer", "adamw",
             "--data-cache", tmp_path / "cache")
     caplog.set_level("INFO", logger="qlora_lite")
-    result = invoke(*args, env={STOP_ENV: "2"})
-    assert result.exit_code == 0, result.output
+    with ctrl_c_after(2):
+        assert invoke(*args).exit_code == 1
     assert "kept 8 of 8 (chat)" in caplog.text and "(tokenized cache)" not in caplog.text
     rows[3]["messages"][1]["content"] = "a changed answer"
     pd.DataFrame(rows).to_parquet(data)

@@ -119,13 +119,15 @@ def test_a_new_error_class_raised_in_any_command_reaches_the_user_as_a_message(t
     assert output == "Error: metrics.jsonl: something new went wrong; do this instead\n"
 
 
-def test_help_imports_no_torch():
-    code = "import sys; from qlora_lite.cli import main; main(['--help'], standalone_mode=False); " \
+@pytest.mark.parametrize(("args", "shown"), [(["--help"], "export-gguf"), (["estimate", "--model", "demo"], "total")])
+def test_help_and_estimate_import_no_torch(args, shown):
+    """``--help`` and ``estimate`` answer in a moment: neither imports torch."""
+    code = f"import sys; from qlora_lite.cli import main; main({args!r}, standalone_mode=False); " \
            "sys.exit('torch' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert run.returncode == 0, run.stderr
-    assert "export-gguf" in run.stdout
+    assert shown in run.stdout
 
 
 # ---------------------------------------------------------------- damaged model folders (item 11)
@@ -275,13 +277,14 @@ def test_merge_into_read_only_folder_fails_before_loading(tiny_llama, adapter_co
 
 def test_disk_full_at_the_final_adapter_save_keeps_the_checkpoints_and_resume_finishes(
         tiny_llama, tmp_path, monkeypatch):
-    import safetensors.torch
 
     from qlora_lite.checkpoint.folder import COMPLETE_MARKER
 
     data = write_chat_jsonl(tmp_path / "train.jsonl", n=8)
     run = tmp_path / "run"
-    real_save = safetensors.torch.save_file
+    from qlora_lite.storage import durable
+
+    real_save = durable.save_file
 
     def full_disk(tensors, filename, metadata=None):
         if os.path.dirname(filename) == str(run):  # the adapter at the top of the run, not a checkpoint
@@ -290,7 +293,7 @@ def test_disk_full_at_the_final_adapter_save_keeps_the_checkpoints_and_resume_fi
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
         return real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(durable, "save_file", full_disk)
     args = train_args(tiny_llama, data, run, "--max-steps", 2, "--save-steps", 1)
     output = clean_error(invoke(*args))
     assert "No space left on device" in output.replace("no space", "No space")
@@ -298,7 +301,7 @@ def test_disk_full_at_the_final_adapter_save_keeps_the_checkpoints_and_resume_fi
     assert not list(run.glob("*.tmp")) and not (run / "adapter_model.safetensors").exists()
     assert all((run / f"checkpoint-{s}" / COMPLETE_MARKER).is_file() for s in (1, 2))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save)  # space freed: the advice works
+    monkeypatch.setattr(durable, "save_file", real_save)  # space freed: the advice works
     result = invoke(*args, "--resume")
     assert result.exit_code == 0, result.output
     saved = load_file(run / "adapter_model.safetensors")

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from qlora_lite.cli import main
-from qlora_lite.model.folder import DEMO_DATA, DEMO_MODEL
+from qlora_lite.config import DEMO_DATA, DEMO_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,9 +11,10 @@ import torch
 from click.testing import CliRunner
 
 from qlora_lite.cli import main
+from qlora_lite.config import DEMO_MODEL
 from qlora_lite.inference.evaluate import evaluate_jsonl, exact_match
 from qlora_lite.inference.generate import greedy_answers, load_for_inference, prompt_ids
-from qlora_lite.model.folder import DEMO_MODEL, resolve_model_dir
+from qlora_lite.model.folder import resolve_model_dir
 
 
 def chat_record(question: str, answer: str) -> dict:

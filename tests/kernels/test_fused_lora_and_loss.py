@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from tiny_models import ProjectionMatmuls
 
 from qlora_lite.kernels import lora_4bit as fastpath
 from qlora_lite.kernels.chunked_loss import causal_lm_loss, chunked_causal_lm_loss
+from qlora_lite.model import lora
 from qlora_lite.model.bnb import dequantize_weight, quantize_linear
 from qlora_lite.model.build import build_model
+from qlora_lite.model.loading import DTYPES
 from qlora_lite.model.lora import LoRALinear
-from qlora_lite.model.precision import DTYPES
 
 
 def _layer(dropout=0.0, bias=False, dtype=torch.bfloat16):
@@ -23,9 +26,20 @@ def _layer(dropout=0.0, bias=False, dtype=torch.bfloat16):
     return layer
 
 
+@contextlib.contextmanager
+def plain_path(enabled: bool = False):
+    """Every LoRA layer through the plain (unfused) path, unless ``enabled``: the reference the fused
+    path is compared with."""
+    if enabled:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(lora, "fast_lora_applies", lambda layer, x: False)
+        yield
+
+
 def _run(layer, x, enabled, seed=1):
-    fastpath.ENABLED = enabled
-    try:
+    with plain_path(enabled):
         torch.manual_seed(seed)
         x = x.clone().requires_grad_(True)
         y = layer(x)
@@ -33,8 +47,6 @@ def _run(layer, x, enabled, seed=1):
         grads = [x.grad, layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()]
         layer.zero_grad(set_to_none=True)
         return y.detach(), grads
-    finally:
-        fastpath.ENABLED = True
 
 
 def _fp32_reference(layer, x, seed=1):
@@ -119,12 +131,9 @@ def test_checkpointed_model_step_same_loss_and_grads(tiny_llama, policy, dtype):
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     results = []
     for enabled in (True, False):
-        fastpath.ENABLED = enabled
-        try:
+        with plain_path(enabled):
             loss = causal_lm_loss(model, ids, ids, chunk=16) if enabled else model(input_ids=ids, labels=ids).loss
             loss.backward()
-        finally:
-            fastpath.ENABLED = True
         grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
         results.append((loss.item(), grads))

@@ -208,8 +208,9 @@ _CHILD = textwrap.dedent("""
     def hwm():
         return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
     import torch
-    from qlora_lite.export import merge_adapter, plan_merge
-    from qlora_lite.quant import quantize_linear
+    from qlora_lite.merge.plan import plan_merge
+    from qlora_lite.merge.write import merge_adapter
+    from qlora_lite.model.bnb import quantize_linear
     # Fixed costs, the same for any model size: imports (bitsandbytes alone is ~90 MB), the first
     # 4-bit quantization's lazy initialisation, the planning step.
     quantize_linear(torch.ones(64, 64), None, bits=4)
@@ -343,7 +344,8 @@ def test_streamed_model_gives_from_pretrained_logits_exactly(tiny_model_factory,
     """verify_merge runs the merged side block by block; its logits must be from_pretrained's, bit for bit."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_lite.merge.stream_forward import decoder_blocks, streamed_logits, streamed_model
+    from qlora_lite.merge.stream_forward import streamed_logits, streamed_model
+    from qlora_lite.model.loading import decoder_blocks
 
     folder = tiny_model_factory(arch, shards=shards)
     ids = probe()

@@ -85,9 +85,9 @@ def test_qlora_parity_with_dequantized_16bit_copy(tiny_llama):
             if hasattr(module, "quant_state") or type(module).__name__ == "Linear4bit":
                 plain.get_submodule(name).weight.copy_(dequantize_weight(module).to(torch.bfloat16))
     torch.manual_seed(0)
-    inject_lora(quantized, "all-linear", rank=4, alpha=8)
+    inject_lora(quantized, "all-linear", rank=4, alpha=8, dropout=0.0)
     torch.manual_seed(0)
-    inject_lora(plain, "all-linear", rank=4, alpha=8)
+    inject_lora(plain, "all-linear", rank=4, alpha=8, dropout=0.0)
     _randomize_lora(quantized)
     _randomize_lora(plain)
     ids = _ids()
@@ -138,7 +138,7 @@ def test_each_architecture_loads_in_4bit_and_learns(tiny_model_factory, any_arch
 def test_merge_unmerge(tiny_model_factory, bits):
     for arch in ("llama", "gpt2"):
         model = load_base_model(tiny_model_factory(arch), bits=bits)
-        inject_lora(model, "all-linear", rank=4, alpha=8)
+        inject_lora(model, "all-linear", rank=4, alpha=8, dropout=0.0)
         _randomize_lora(model)
         layer = next(iter(lora_layers(model).values()))
         base_before = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}

@@ -1,7 +1,7 @@
 """End-to-end crash safety of ``qlora-lite train`` on a tiny 4-bit model (issue 7).
 
-Real SIGKILLs of a training subprocess at points inside checkpoint writes (the
-``QLORA_LITE_CRASH_AT`` hook kills the process with SIGKILL at an exact phase), then ``--resume``:
+Real SIGKILLs of a training subprocess at points inside checkpoint writes (the subprocess wraps the
+file operation of that point and SIGKILLs itself right after it), then ``--resume``:
 the run continues from the newest complete checkpoint and ends exactly where an uninterrupted run
 ends (per-step loss and lr within 1e-6, identical adapter). Also: refused resumes, NaN stop, and a
 train -> resume -> merge run with unpickling disabled.
@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_lite.checkpoint.folder import COMPLETE_MARKER, CRASH_ENV, latest_checkpoint, list_checkpoints
+from qlora_lite.checkpoint.folder import COMPLETE_MARKER, latest_checkpoint, list_checkpoints
 from qlora_lite.config import load_config
 from qlora_lite.errors import CheckpointError
 
@@ -34,6 +34,22 @@ SETTINGS = {"bits": 4, "rank": 64, "alpha": 128.0, "dropout": 0.1, "batch_size":
             "max_steps": 6, "save_steps": 2, "optimizer": "adamw_8bit", "max_seq_len": 32, "lr": 1e-3,
             "seed": 3, "warmup_steps": 1, "format": "text"}
 WORDS = "the quick brown fox jumps over the lazy dog add two numbers plus minus equals hello how are you".split()
+# SIGKILL inside the checkpoint write of step {step}: right after checkpoint-{step} is renamed into place
+# (before its COMPLETE marker), or when rotation starts deleting an older checkpoint (its marker gone).
+KILL_AT = {
+    "renamed": (
+        "import os, signal\nfrom pathlib import Path\n_rename = os.rename\n"
+        "def _renamed(src, dst):\n    _rename(src, dst)\n"
+        "    if Path(dst).name == 'checkpoint-{step}':\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.rename = _renamed\n"),
+    "rotating": (
+        "import os, shutil, signal\nfrom pathlib import Path\n_rmtree = shutil.rmtree\n"
+        "def _removing(path, *a, **k):\n    path = Path(path)\n"
+        "    if (path.name != 'checkpoint-{step}' and path.name.startswith('checkpoint-')\n"
+        "            and (path.parent / 'checkpoint-{step}' / 'COMPLETE').exists()):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n    return _rmtree(path, *a, **k)\n"
+        "shutil.rmtree = _removing\n"),
+}
 NO_PICKLE = ("import pickle\n"
              "def _refuse(*a, **k):\n    raise AssertionError('unpickling attempted')\n"
              "class _Refuse(pickle.Unpickler):\n    def __init__(self, *a, **k):\n        _refuse()\n"
@@ -58,10 +74,12 @@ def _config(model: Path, data: Path, output: Path, **changes):
 
 
 def _start_killed_run(model, data, output, crash_at: str, **changes) -> subprocess.Popen:
-    """Start ``qlora-lite train`` (unpickling disabled) in a subprocess that SIGKILLs itself at ``crash_at``."""
-    env = {**os.environ, CRASH_ENV: crash_at, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", NO_PICKLE, "train", *_args(model, data, output, **changes)],
+    """Start ``qlora-lite train`` (unpickling disabled) in a subprocess that SIGKILLs itself at
+    ``crash_at`` (``"STEP:PHASE"``, a ``KILL_AT`` phase; empty: never)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    step, _, phase = crash_at.partition(":")
+    prelude = KILL_AT[phase].replace("{step}", step) if crash_at else ""
+    return subprocess.Popen([sys.executable, "-c", prelude + NO_PICKLE, "train", *_args(model, data, output, **changes)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -127,7 +145,7 @@ def setup(one_thread, tiny_llama, tmp_path_factory):
     _kill_when_exists(killed["external"][1], root / "external" / "checkpoint-2" / COMPLETE_MARKER)
     reference = root / "reference"
     result = train(_config(tiny_llama, data, reference))
-    assert result.steps == 6 and not result.stopped_early
+    assert result.steps == 6
     outputs = {}
     for name, (output, proc) in killed.items():
         _wait_killed(proc)

@@ -183,7 +183,7 @@ def test_auto_checkpoint_policy_is_the_fastest_that_fits():
 def test_auto_skips_checkpointing_when_it_would_save_little():
     """A tiny model or a short sequence trains without checkpointing (faster, about the same peak);
     a long one keeps it, because there checkpointing is most of what fits."""
-    from qlora_lite.kernels.checkpoint_policy import NO_CHECKPOINTING
+    from qlora_lite.kernels.footprint import NO_CHECKPOINTING
     from qlora_lite.train.fit import CHECKPOINTING_WORTH, choose_checkpoint_policy
 
     plenty = 64 * 2**30
@@ -201,7 +201,7 @@ def test_auto_skips_checkpointing_when_it_would_save_little():
 
 def test_loss_chunk_follows_the_vocabulary():
     """Training computes the loss in chunks of about 8M logits; the estimate counts what it holds."""
-    from qlora_lite.kernels.chunked_loss import loss_chunk_for
+    from qlora_lite.kernels.footprint import loss_chunk_for
 
     assert [loss_chunk_for(v) for v in (320, 32000, 50257, 128256, 151936)] == [1024, 256, 128, 64, 64]
     assert estimate_memory(LLAMA_7B, seq_len=2048).breakdown["logits"] == 10 * 256 * 32000

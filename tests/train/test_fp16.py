@@ -20,7 +20,7 @@ from qlora_lite.errors import CheckpointError, ScalerStateError
 from qlora_lite.kernels.lora_4bit import fast_lora_applies
 from qlora_lite.model.build import build_model
 from qlora_lite.model.lora import lora_layers
-from qlora_lite.train.loop import STOP_ENV, train
+from qlora_lite.train.loop import train
 from qlora_lite.train.metrics import read_metrics
 
 
@@ -154,17 +154,18 @@ def cpu_fp16_amp(monkeypatch):
             self.native_amp = True
             self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=2)
 
-    monkeypatch.setattr(accelerate, "Accelerator", CpuFp16Accelerator)
+    from qlora_lite.train import loop
+
+    monkeypatch.setattr(loop, "Accelerator", CpuFp16Accelerator)
 
 
 def test_resumed_fp16_run_continues_the_loss_scale_exactly(tiny_llama, tmp_path, monkeypatch, cpu_fp16_amp,
-                                                           one_thread):
+                                                           one_thread, ctrl_c_after):
     data = write_chat_jsonl(tmp_path / "train.jsonl")
     settings = dict(lora_dtype="fp32")  # what train.py picks for fp16 on a GPU (the scaler refuses fp16 weights)
     full = train(_fp16_config(tiny_llama, data, tmp_path / "full", **settings))
-    monkeypatch.setenv(STOP_ENV, "2")
-    train(_fp16_config(tiny_llama, data, tmp_path / "resumed", **settings))
-    monkeypatch.delenv(STOP_ENV)
+    with ctrl_c_after(2), pytest.raises(KeyboardInterrupt):
+        train(_fp16_config(tiny_llama, data, tmp_path / "resumed", **settings))
     resumed = train(_fp16_config(tiny_llama, data, tmp_path / "resumed", resume=True, **settings))
     assert resumed.resumed_from.name == "checkpoint-2"
 
