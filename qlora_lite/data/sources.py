@@ -17,6 +17,7 @@ Only this module knows about file kinds; the rest of the data stage sees ``(posi
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import json
 import os
@@ -102,17 +103,29 @@ def source_sha256(path: str, split: str = "train", config_name: str | None = Non
     """
     p = Path(path).expanduser()
     if p.is_file():
-        return file_sha256(p)
+        return _file_digest(p)
     digest = hashlib.sha256()
     if p.is_dir():
         for file in sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f, p)):
-            digest.update(f"{file.relative_to(p).as_posix()}\0{file_sha256(file)}\n".encode())
+            digest.update(f"{file.relative_to(p).as_posix()}\0{_file_digest(file)}\n".encode())
         return digest.hexdigest()
     if p.suffix.lower() in KNOWN_SUFFIXES or not HUB_ID.match(str(path)):
         raise DataError(f"{path}: no such file or folder (check the data path)")
     dataset = _hub_dataset(str(path), split, config_name)
     digest.update(f"hub\0{path}\0{config_name}\0{split}\0{dataset._fingerprint}".encode())
     return digest.hexdigest()
+
+
+def _file_digest(file: Path) -> str:
+    """``file_sha256``, read once per process while the file keeps its inode, size and change times (the
+    tokenized cache and the run fingerprint both ask for it)."""
+    stat = file.stat()
+    return _digest_of(str(file.resolve()), (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+
+
+@functools.lru_cache(maxsize=256)
+def _digest_of(path: str, version: tuple) -> str:
+    return file_sha256(path)
 
 
 def _hidden(file: Path, root: Path) -> bool:
@@ -223,12 +236,12 @@ def _csv(p: Path, delimiter: str) -> Source:
     return Source(str(p), read, locate)
 
 
-def _datasets_module():
+def _datasets_module(what: str):
+    """The ``datasets`` package; ``what`` says in the error why it was needed."""
     try:
         import datasets  # noqa: PLC0415 (optional extra; it takes seconds to import)
     except ImportError:
-        raise DataError(f"reading a datasets folder or a hub dataset id needs the datasets package: {INSTALL_DATASETS}") \
-            from None
+        raise DataError(f"{what} needs the datasets package: {INSTALL_DATASETS}") from None
     return datasets
 
 
@@ -238,7 +251,7 @@ def _from_dataset(name: str, dataset) -> Source:
 
 
 def _datasets_folder(p: Path, split: str) -> Source:
-    datasets = _datasets_module()
+    datasets = _datasets_module(f"{p}: reading a folder written by datasets' save_to_disk")
     try:
         dataset = datasets.load_from_disk(str(p))
     except Exception as exc:  # noqa: BLE001 (datasets raises many kinds; each becomes one message)
@@ -251,7 +264,7 @@ def _datasets_folder(p: Path, split: str) -> Source:
 
 
 def _hub_dataset(dataset_id: str, split: str, config_name: str | None):
-    datasets = _datasets_module()
+    datasets = _datasets_module(f"{dataset_id}: no such file or folder; reading it as a hub dataset id")
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or \
         os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0")
     try:

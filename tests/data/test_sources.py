@@ -198,6 +198,19 @@ def test_hub_id_passes_config_and_split_and_fails_offline_with_advice(tokenizer,
         data.load_dataset("org/math", tokenizer, config_name="small")
 
 
+def test_without_the_datasets_package_folders_and_hub_ids_say_what_to_install(tokenizer, tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "state.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets raises ImportError
+    with pytest.raises(DataError, match=r"saved: reading a folder written by datasets' save_to_disk needs the "
+                                        r"datasets package: pip install 'qlora-lite\[datasets\]'"):
+        data.load_dataset(tmp_path / "saved", tokenizer)
+    with pytest.raises(DataError, match=r"^data/trian: no such file or folder; reading it as a hub dataset id needs"):
+        data.load_dataset("data/trian", tokenizer)
+
+
 def test_field_map_reads_columns_of_other_names(tokenizer, tmp_path):
     rows = [{"question": r["instruction"], "answer": r["output"], "output": "not this"} for r in ALPACA]
     pd.DataFrame(rows).to_csv(tmp_path / "qa.csv", index=False)
