@@ -23,6 +23,11 @@ from qlora_lite.errors import ConfigError, EstimateError
 DEMO_MODEL = Path(__file__).resolve().parent / "demo" / "model"
 DEMO_DATA = Path(__file__).resolve().parent / "demo" / "data"
 
+# Fields the data formats read, which --field-map may fill from columns of other names.
+FIELD_TARGETS = ("instruction", "input", "output", "text", "messages", "conversations")
+# Experiment trackers --report-to can send the metrics to (through accelerate's trackers).
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
 
 def _opt(default: Any, help: str, choices: tuple | None = None, flag: str | None = None) -> Any:
     """A dataclass field carrying its help text, allowed values and (optional) CLI flag spelling."""
@@ -76,9 +81,22 @@ class LoraConfig:
 class DataConfig:
     """Training and evaluation data."""
 
-    data: str | None = _opt(None, "Training data: a JSONL file (alpaca, chat messages or raw text; preference "
-                                  "pairs prompt/chosen/rejected for --method dpo or orpo).")
-    eval_data: str | None = _opt(None, "Held-out JSONL file for evaluation.")
+    data: str | None = _opt(
+        None, "Training data (alpaca, chat messages, ShareGPT conversations or raw text; preference pairs "
+        "prompt/chosen/rejected in JSONL for --method dpo or orpo): a .jsonl, .json (array "
+        "of records), .parquet, .csv or .tsv file, a folder of Parquet shards or written by datasets' "
+        "save_to_disk, or a hub dataset id (online, or in the datasets cache).")
+    eval_data: str | None = _opt(None, "Held-out data for evaluation, in any form --data takes.")
+    data_split: str = _opt(
+        "train", "Split to read from a hub dataset, a save_to_disk DatasetDict folder or a folder of split-named "
+        "Parquet shards.")
+    eval_split: str | None = _opt(
+        None, "Split of --eval-data (default: --data-split), e.g. --data org/name --eval-data org/name "
+        "--eval-split test.")
+    data_config: str | None = _opt(None, "Configuration (subset) of a hub dataset that has several.")
+    field_map: str | None = _opt(
+        None, "Read fields from columns of other names: FIELD=COLUMN,... (e.g. output=answer,instruction=question); "
+        "in YAML also a mapping. FIELD is one of " + ", ".join(FIELD_TARGETS) + ".")
     eval_fraction: float = _opt(0.0, "Hold out this fraction of --data for evaluation when --eval-data is not given.")
     format: str = _opt("auto", "Data format; auto detects it from the fields.",
                        ("auto", "alpaca", "chat", "text", "preference"))
@@ -89,7 +107,12 @@ class DataConfig:
                                   "pair is dropped when either response would be cut).")
     packing: bool = _opt(False, "Pack several examples into each sequence (no attention across examples).")
     train_on_inputs: bool = _opt(False, "Also compute the loss on the prompt, not only on the response.")
-    skip_bad_lines: bool = _opt(False, "Skip malformed JSONL lines (and report them) instead of stopping.")
+    data_cache: str = _opt(
+        "auto", "Folder of the tokenized-data cache (safetensors, no pickle): a second run on the same data, "
+        "tokenizer, template and settings starts without tokenizing. auto: $QLORA_LITE_CACHE, else "
+        "~/.cache/qlora-lite/tokenized ($XDG_CACHE_HOME respected); none: no cache.")
+    skip_bad_lines: bool = _opt(
+        False, "Skip malformed records (JSONL lines, Parquet/CSV rows) and report them instead of stopping.")
 
 
 @dataclass
@@ -143,6 +166,11 @@ class TrainConfig:
     eval_steps: int = _opt(0, "Evaluate every N steps (0: only at the end).")
     save_total_limit: int = _opt(0, "Keep only the newest N checkpoints (0: keep all).")
     logging_steps: int = _opt(1, "Write a metrics.jsonl line every N steps.")
+    report_to: str = _opt(
+        "none", "Also send the metrics (and the config) to: none, or a comma-separated list of " +
+        ", ".join(TRACKERS) + " (each needs its package: pip install 'qlora-lite[tensorboard]', "
+        "'qlora-lite[wandb]', 'qlora-lite[mlflow]'). Logs land in --output/tracking; W&B runs offline "
+        "without network.")
     seed: int = _opt(42, "Random seed for initialization, shuffling and dropout.")
     resume: bool = _opt(False, "Continue from the newest complete checkpoint in --output.")
     num_processes: int = _opt(1, "Processes to launch through accelerate (one per GPU; gloo on the CPU).")
@@ -230,9 +258,39 @@ class Config:
              "--fsdp shards 4-bit or 16-bit bases; 8-bit (LLM.int8) weights cannot be sharded: use --bits 4"),
         ]
         problems += [message for ok, message in checks if not ok]
+        problems += parse_field_map(self.data.field_map)[1]
+        problems += [f"--report-to {name!r} is not one of none, {', '.join(TRACKERS)}"
+                     for name in report_targets(self.train.report_to) if name not in TRACKERS]
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
         return self
+
+
+def parse_field_map(text: str | None) -> tuple[dict[str, str], list[str]]:
+    """``"output=answer,instruction=question"`` -> ``({"output": "answer", ...}, problems)``.
+
+    Problems (one line each): an entry without ``=``, an unknown target field, a target given twice.
+    """
+    mapping: dict[str, str] = {}
+    problems = []
+    for entry in filter(None, (e.strip() for e in (text or "").split(","))):
+        target, sep, source = (part.strip() for part in entry.partition("="))
+        if not sep or not target or not source:
+            problems.append(f"--field-map entry {entry!r} is not FIELD=COLUMN (e.g. output=answer)")
+        elif target not in FIELD_TARGETS:
+            problems.append(f"--field-map: {target!r} is not a field qlora-lite reads; map one of "
+                            f"{', '.join(FIELD_TARGETS)} (FIELD=COLUMN, e.g. output=answer)")
+        elif target in mapping:
+            problems.append(f"--field-map maps {target!r} twice")
+        else:
+            mapping[target] = source
+    return mapping, problems
+
+
+def report_targets(text: str) -> list[str]:
+    """``"tensorboard,wandb"`` -> ``["tensorboard", "wandb"]``; ``"none"`` or "" -> ``[]``."""
+    names = [n.strip().lower() for n in (text or "").split(",") if n.strip()]
+    return [n for n in names if n != "none"]
 
 
 def option_name(field_name: str) -> str:
@@ -340,6 +398,8 @@ def _coerce(value: Any, tp: type, name: str) -> Any:
         return None
     if tp is str and isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
+    if tp is str and isinstance(value, dict):  # field_map: {output: answer} in YAML
+        return ",".join(f"{k}={v}" for k, v in value.items())
     try:
         if tp is bool and isinstance(value, str):
             lowered = value.lower()

@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No tokenized-data cache in ~/.cache: tests that count tokenizer calls would see hits from other
+# tests' identical data; the cache's own tests name their folder.
+os.environ.setdefault("QLORA_LITE_CACHE", "none")
 # Tiny matmuls gain nothing from a second thread, and on 2 shared cores spinning thread pools only
 # cost; one thread also gives every process of a test (subprocesses too) the same numerics.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -3,6 +3,8 @@
 * README.md: the configuration reference between the ``config-reference`` markers, from
   ``config.reference_markdown()`` (the dataclass help texts).
 * examples/*.yaml: commented training configs; every key's comment is its config field help text.
+* examples/data/demo_*.csv: the demo data as a spreadsheet would export it (question, answer columns),
+  for examples/demo-csv.yaml.
 
     python3 tools/gen_docs.py            # rewrite both
     python3 tools/gen_docs.py --check    # exit 1 and name the stale files (used by the tests)
@@ -12,7 +14,10 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import io
+import json
 import sys
 from pathlib import Path
 
@@ -86,6 +91,24 @@ DPO_STEPS = [
     "The reference of this DPO run is the SFT adapter it starts from (scored once, before the first step).",
 ]
 
+# The same demo from a spreadsheet export: columns named question/answer, read through --field-map (as
+# alpaca records, whose prompt template needs the longer sequences).
+DEMO_CSV = ("The bundled demo model on the demo data as CSV columns question/answer (--field-map)", "demo",
+            "well under 1 GB (CPU RSS)",
+            {**DEMO[3], "data": "data/demo_train.csv", "eval_data": "data/demo_eval.csv", "format": "auto",
+             "field_map": "instruction=question,output=answer", "output": "runs/demo-csv", "max_seq_len": 160})
+
+
+def demo_csv(split: str) -> str:
+    """examples/data/demo_{split}.jsonl (one user and one assistant turn each) as question,answer CSV."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["question", "answer"])
+    for line in (ROOT / "examples" / "data" / f"demo_{split}.jsonl").read_text().splitlines():
+        user, assistant = json.loads(line)["messages"]
+        writer.writerow([user["content"], assistant["content"]])
+    return out.getvalue()
+
 
 def field_comment(f: dataclasses.Field) -> str:
     choices = f.metadata.get("choices")
@@ -123,6 +146,9 @@ def expected_files() -> dict[Path, str]:
     files = {ROOT / "examples" / f"{name}.yaml": example_yaml(name, *spec) for name, spec in EXAMPLES.items()}
     files[ROOT / "examples" / "demo.yaml"] = example_yaml("demo", *DEMO)
     files[ROOT / "examples" / "dpo.yaml"] = example_yaml("dpo", *DPO, notes=DPO_STEPS)
+    files[ROOT / "examples" / "demo-csv.yaml"] = example_yaml("demo-csv", *DEMO_CSV)
+    for split in ("train", "eval"):
+        files[ROOT / "examples" / "data" / f"demo_{split}.csv"] = demo_csv(split)
     readme = (ROOT / "README.md").read_text()
     if START in readme and END in readme:
         head, rest = readme.split(START, 1)

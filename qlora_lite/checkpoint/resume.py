@@ -2,9 +2,9 @@
 the guard that keeps a run from writing over the user's files.
 
 Resume compatibility (``check_resume_compatible``): settings that change which examples form which
-step, or the shape/meaning of the trained weights, are refused (dataset, batch size, grad accum,
-seed, model, bits/quantization, LoRA rank/alpha/targets/dtype, max_seq_len, packing, data format,
-process count, optimizer); settings that only change the future of the run warn (lr, schedule,
+step, or the shape/meaning of the trained weights, are refused (dataset, its split, config and field
+map, batch size, grad accum, seed, model, bits/quantization, LoRA rank/alpha/targets/dtype,
+max_seq_len, packing, data format, process count, optimizer); settings that only change the future of the run warn (lr, schedule,
 max_steps/epochs, save/eval/logging steps, dropout, clipping, weight decay).
 
 The training entry point checks all of this from ``checkpoint.folder.read_trainer_state`` (JSON only) before
@@ -27,6 +27,7 @@ from qlora_lite.storage.output_dir import PROBE_PREFIX
 # same run (other data order, other step contents, other weight shapes/meaning). Others only warn.
 FINGERPRINT_KEYS: dict[str, tuple[str, bool]] = {
     "dataset_sha256": ("dataset", True), "eval_fraction": ("eval fraction (changes the training split)", True),
+    "data_split": ("data split", True), "data_config": ("data config", True), "field_map": ("field map", True),
     "format": ("data format", True), "max_seq_len": ("max seq len", True), "packing": ("packing", True),
     "drop_long": ("drop long", True), "train_on_inputs": ("train on inputs", True),
     "batch_size": ("batch size", True), "grad_accum": ("grad accum", True), "seed": ("seed", True),
@@ -41,6 +42,7 @@ FINGERPRINT_KEYS: dict[str, tuple[str, bool]] = {
     "eval_steps": ("eval steps", False), "save_total_limit": ("save total limit", False),
     "logging_steps": ("logging steps", False), "dropout": ("LoRA dropout", False),
     "gradient_checkpointing": ("gradient checkpointing", False), "eval_data": ("eval data", False),
+    "eval_split": ("eval split", False),
     "examples_per_epoch": ("examples per epoch", True),
     "method": ("training method", True), "dpo_loss": ("DPO loss", True), "beta": ("beta", False),
     "label_smoothing": ("label smoothing", False), "orpo_lambda": ("ORPO lambda", False),
@@ -119,8 +121,11 @@ def check_resume_compatible(saved_state: dict, fingerprint: dict) -> list[str]:
     return [w + " (allowed on resume)" for w in warned]
 
 
+# The folder of --report-to logs (TensorBoard events, W&B and MLflow files) inside --output.
+TRACKING_DIR = "tracking"
+
 # Names a qlora-lite run may write at the top of its output folder (guard_output_dir accepts them).
-RUN_FILES = {CONFIG_NAME, WEIGHTS_NAME, RECORD_NAME, "metrics.jsonl", "config.yaml", "loss.png", "README.md",
+RUN_FILES = {TRACKING_DIR, CONFIG_NAME, WEIGHTS_NAME, RECORD_NAME, "metrics.jsonl", "config.yaml", "loss.png", "README.md",
              "train.log", "eval.json", "eval_results.json", TRAINER_STATE, "run.json", "fingerprint.json",
              RUN_MARKER, LOCK_NAME, "reference_logps.safetensors"}
 

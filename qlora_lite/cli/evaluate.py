@@ -1,4 +1,4 @@
-"""``qlora-lite eval``: loss, perplexity and exact-match of a model (plus adapter) on a JSONL file."""
+"""``qlora-lite eval``: loss, perplexity and exact-match of a model (plus adapter) on a data file or dataset."""
 
 from __future__ import annotations
 
@@ -7,18 +7,21 @@ import json
 import click
 
 from qlora_lite.cli.options import config_options, with_defaults
+from qlora_lite.config import parse_field_map
+from qlora_lite.errors import ConfigError
 
 
 @click.command("eval")
 @click.option("--model", "model", required=True, metavar="DIR",
               help="Base model folder (a merged model works too); `demo` is the bundled demo model.")
 @click.option("--adapter", default=None, metavar="DIR", help="LoRA adapter folder (ours or PEFT's) to apply.")
-@click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
-              help="JSONL file to score (alpaca, chat messages or raw text; or prompt/chosen/rejected pairs).")
+@click.option("--data", "data", required=True, metavar="PATH",
+              help="Data to score (alpaca, chat messages, ShareGPT or raw text, or prompt/chosen/rejected pairs): .jsonl, .json, .parquet, .csv, "
+                   "a folder of Parquet shards or from datasets' save_to_disk, or a hub dataset id.")
 @click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None,
               help="Load the base in 4, 8 or 16 bits.  [default: the adapter's training bits, else 16]")
-@config_options("format", "max_seq_len", "skip_bad_lines", "quant_type", "double_quant", "trust_remote_code",
-                "allow_bin_weights", "beta")
+@config_options("format", "data_split", "data_config", "field_map", "max_seq_len", "skip_bad_lines", "quant_type",
+                "double_quant", "trust_remote_code", "allow_bin_weights", "beta")
 @click.option("--reference-adapter", default=None, metavar="DIR",
               help="Preference pairs: the reference of the reward metrics, e.g. the SFT adapter a DPO run "
                    "started from (its --adapter)  [default: the base, adapter off]")
@@ -28,7 +31,7 @@ from qlora_lite.cli.options import config_options, with_defaults
               help="Skip the generation-based exact-match (loss and perplexity only; faster).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def command(model, adapter, data, bits, reference_adapter, limit, batch_size, no_exact, as_json, **flags):
-    """Score MODEL (plus an adapter) on the examples of a JSONL file.
+    """Score MODEL (plus an adapter) on the examples of a data file or dataset.
 
     Reports the mean loss and perplexity of the response tokens. When the examples carry expected
     answers (alpaca `output`, the last assistant turn of a chat), each prompt is also answered by
@@ -54,9 +57,13 @@ def command(model, adapter, data, bits, reference_adapter, limit, batch_size, no
 
     if (limit is not None and limit < 1) or batch_size < 1:
         raise click.BadParameter("--limit and --batch-size must be at least 1")
+    field_map, problems = parse_field_map(flags["field_map"])
+    if problems:  # before the model loads
+        raise ConfigError("; ".join(problems))
     if not flags["beta"] > 0:  # before the model is loaded
         raise click.BadParameter("--beta must be positive")
-    preference = is_preference_file(data, flags["format"])
+    source = dict(split=flags["data_split"], config_name=flags["data_config"], field_map=field_map)
+    preference = is_preference_file(data, flags["format"], **source)
     if reference_adapter and not preference:
         raise click.BadParameter(f"--reference-adapter is for files of preference pairs; {data} holds other examples")
 
@@ -69,7 +76,7 @@ def command(model, adapter, data, bits, reference_adapter, limit, batch_size, no
     if preference:
         # the pairs first: a bad file fails before any model is loaded
         pairs = load_pairs(data, load_tokenizer(model, flags["trust_remote_code"]), max_seq_len=flags["max_seq_len"],
-                           limit=limit, skip_bad_lines=flags["skip_bad_lines"])
+                           limit=limit, skip_bad_lines=flags["skip_bad_lines"], **source)
         reference = None
         if reference_adapter:  # one model at a time: the reference is scored, then freed
             ref_model, tokenizer = load(reference_adapter)
@@ -84,7 +91,8 @@ def command(model, adapter, data, bits, reference_adapter, limit, batch_size, no
         lm, tokenizer = load(adapter)
         result = evaluate_jsonl(lm, tokenizer, data, fmt=flags["format"],
                                 max_seq_len=flags["max_seq_len"], limit=limit, batch_size=batch_size,
-                                exact=not no_exact, skip_bad_lines=flags["skip_bad_lines"])
+                                exact=not no_exact, skip_bad_lines=flags["skip_bad_lines"],
+                                split=flags["data_split"], config_name=flags["data_config"], field_map=field_map)
     result.update(model=model, adapter=adapter)
     if as_json:
         click.echo(json.dumps(result))

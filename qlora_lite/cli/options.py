@@ -9,7 +9,8 @@ import click
 from qlora_lite.config import SECTIONS, field_type, option_name
 
 # Folders and files are named alike in every command's --help (click would say TEXT).
-METAVARS = {"model": "DIR", "adapter": "DIR", "output": "DIR", "data": "FILE", "eval_data": "FILE"}
+METAVARS = {"model": "DIR", "adapter": "DIR", "output": "DIR", "data": "PATH", "eval_data": "PATH",
+            "field_map": "FIELD=COLUMN,...", "report_to": "NAME,..."}
 
 
 def config_options(*field_names: str):

@@ -11,13 +11,15 @@ from qlora_lite.cli.options import config_options
 # Every config field a training run reads, in --help order (num_processes belongs to the launcher).
 TRAIN_FIELDS = (
     "model", "data", "output", "eval_data", "eval_fraction", "format",
+    "data_split", "eval_split", "data_config", "field_map",
     "method", "beta", "dpo_loss", "label_smoothing", "orpo_lambda",
     "bits", "quant_type", "double_quant", "compute_dtype",
     "rank", "alpha", "dropout", "target_modules", "rslora", "dora", "lora_dtype", "adapter",
-    "max_seq_len", "drop_long", "packing", "train_on_inputs", "skip_bad_lines",
-    "batch_size", "grad_accum", "lr", "weight_decay", "lora_plus_ratio", "max_grad_norm", "max_steps", "epochs", "warmup_steps",
+    "max_seq_len", "drop_long", "packing", "train_on_inputs", "skip_bad_lines", "data_cache",
+    "batch_size", "grad_accum", "lr", "weight_decay", "lora_plus_ratio", "max_grad_norm", "max_steps", "epochs",
+    "warmup_steps",
     "lr_scheduler", "optimizer", "gradient_checkpointing", "checkpoint_policy",
-    "save_steps", "eval_steps", "save_total_limit", "logging_steps", "seed", "resume",
+    "save_steps", "eval_steps", "save_total_limit", "logging_steps", "report_to", "seed", "resume",
     "trust_remote_code", "allow_bin_weights", "num_processes", "fsdp",
 )
 
@@ -75,7 +77,7 @@ def setup_logging() -> None:
                    "flags given on the command line override it.")
 @config_options(*TRAIN_FIELDS)
 def command(config_file: str | None, **values) -> None:
-    """Fine-tune a LoRA adapter on a 4/8/16-bit frozen base from a JSONL file.
+    """Fine-tune a LoRA adapter on a 4/8/16-bit frozen base from JSONL, JSON, Parquet, CSV or a dataset.
 
     \b
     Example:

@@ -1,6 +1,7 @@
 """Data formats: reading a JSONL file with FILE:LINE errors, detecting its format, validating records.
 
-Formats, one JSON object per line, detected from the fields or forced with ``--format``:
+Formats of a record (a JSONL line, a Parquet or CSV row, ...), detected from the fields or forced with
+``--format`` (``data.mapping`` first renames fields per --field-map and turns ShareGPT into chat):
   alpaca  {"instruction": str, "input": str (optional), "output": str}
   chat    {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
           rendered with the tokenizer's chat template (DEFAULT_CHAT_TEMPLATE when it has none);
@@ -18,7 +19,6 @@ import codecs
 import difflib
 import json
 from collections import Counter
-from pathlib import Path
 
 from qlora_lite.errors import DataError
 
@@ -30,55 +30,67 @@ MAX_LISTED_PROBLEMS = 50
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
-def problem_message(path, problems: list[str], hint: str) -> str:
-    """The DataError text for bad lines: a count and ``hint`` (what to do), then at most
-    MAX_LISTED_PROBLEMS of the ``"FILE:LINE: reason"`` lines."""
+def problem_message(path, problems: list[str], hint: str, unit: str = "line") -> str:
+    """The DataError text for bad lines (or rows): a count and ``hint`` (what to do), then at most
+    MAX_LISTED_PROBLEMS of the ``"FILE:LINE: reason"`` (``"FILE row N: reason"``) lines."""
     shown = problems[:MAX_LISTED_PROBLEMS]
     more = len(problems) - len(shown)
-    lines = [f"{len(problems)} bad line(s) in {path} ({hint}):", *shown]
+    lines = [f"{len(problems)} bad {unit}(s) in {path} ({hint}):", *shown]
     if more:
         lines.append(f"... and {more} more")
     return "\n".join(lines)
 
 
-def _type_name(value) -> str:
+def type_name(value) -> str:
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(value), "a number")
 
 
-def read_lines(path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
-    """(line number, object) pairs and (line number, "FILE:LINE: reason") for every bad line.
+def iter_lines(path):
+    """Yield ``(line number, object, None)`` per JSON object and ``(line number, None, "FILE:LINE: reason")``
+    per bad line, reading the file line by line (a large file is never held whole); blank lines are skipped.
 
-    Line numbers are kept with the problems so that ``data.dataset.load_dataset`` can merge them in file
-    order with the records that fail validation later. Raises DataError when the file cannot be read.
+    Raises DataError when the file cannot be opened or read.
     """
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                if number == 1 and line.startswith(codecs.BOM_UTF8):
+                    line = line[len(codecs.BOM_UTF8):]
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield number, None, (f"{path}:{number}: invalid UTF-8 (byte 0x{line[exc.start]:02x} at column "
+                                         f"{exc.start + 1}); save the file as UTF-8")
+                    continue
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    yield number, None, f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})"
+                    continue
+                if not isinstance(record, dict):
+                    yield number, None, f"{path}:{number}: expected a JSON object per line, got {type_name(record)}"
+                    continue
+                yield number, record, None
     except FileNotFoundError:
         raise DataError(f"{path}: no such file (check the data path)") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read the file ({exc.strerror})") from None
+
+
+def read_lines(path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+    """(line number, object) pairs and (line number, "FILE:LINE: reason") for every bad line (``iter_lines``).
+
+    Raises DataError when the file cannot be read.
+    """
     records, problems = [], []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if number == 1 and line.startswith(codecs.BOM_UTF8):
-            line = line[len(codecs.BOM_UTF8):]
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            problems.append((number, f"{path}:{number}: invalid UTF-8 (byte 0x{line[exc.start]:02x} at column "
-                                     f"{exc.start + 1}); save the file as UTF-8"))
-            continue
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            problems.append((number, f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})"))
-            continue
-        if not isinstance(record, dict):
-            problems.append((number, f"{path}:{number}: expected a JSON object per line, got {_type_name(record)}"))
-            continue
-        records.append((number, record))
+    for number, record, problem in iter_lines(path):
+        if problem is None:
+            records.append((number, record))
+        else:
+            problems.append((number, problem))
     return records, problems
 
 
@@ -107,7 +119,7 @@ def read_jsonl(path, skip_bad_lines: bool = False) -> tuple[list[tuple[int, dict
 def _guess_format(record: dict) -> str | None:
     if "chosen" in record and "rejected" in record:
         return "preference"
-    if "messages" in record:
+    if "messages" in record or "conversations" in record:
         return "chat"
     if "instruction" in record or "output" in record:
         return "alpaca"
@@ -119,20 +131,25 @@ def detect_format(records, path) -> str:
     "preference" (chosen/rejected pairs) is read by ``data.preference``.
 
     Args:
-        records: dicts or (line number, dict) pairs as ``read_jsonl`` returns them.
-        path: the file, for the error message.
+        records: dicts or (position, dict) pairs, any iterable (read once).
+        path: the source, for the error message.
 
     Raises:
-        DataError: no record has 'messages', 'instruction'/'output' or 'text'.
+        DataError: no record has 'messages'/'conversations', 'instruction'/'output' or 'text'.
     """
-    dicts = [r[1] if isinstance(r, tuple) else r for r in records]
-    votes = Counter(f for f in map(_guess_format, dicts) if f is not None)
+    votes: Counter = Counter()
+    first = None
+    for record in records:
+        record = record[1] if isinstance(record, tuple) else record
+        first = record if first is None else first
+        votes[_guess_format(record)] += 1
+    votes.pop(None, None)
     if not votes:
-        fields = sorted(dicts[0]) if dicts else []
-        raise DataError(f"{path}: cannot detect the data format: no line has 'messages' (chat), "
-                        f"'instruction' and 'output' (alpaca), 'text' (raw text) or 'chosen' and 'rejected' "
-                        f"(preference pairs); first line's fields: "
-                        f"{fields}. Rename the fields or set --format.")
+        fields = sorted(first) if first else []
+        raise DataError(f"{path}: cannot detect the data format: no record has 'messages' or 'conversations' "
+                        f"(chat, ShareGPT), 'instruction' and 'output' (alpaca), 'text' (raw text) or 'chosen' and "
+                        f"'rejected' (preference pairs); first record's fields: {fields}. Name the columns with "
+                        "--field-map (e.g. output=answer,instruction=question), rename the fields, or set --format.")
     return max(("preference", "chat", "alpaca", "text"), key=lambda f: votes[f])  # first maximum wins ties
 
 
@@ -142,7 +159,7 @@ def _field_problem(record: dict, name: str, optional: bool = False) -> str | Non
     value = record[name]
     if optional and value is None:
         return None
-    return None if isinstance(value, str) else f"field '{name}' must be a string, got {_type_name(value)}"
+    return None if isinstance(value, str) else f"field '{name}' must be a string, got {type_name(value)}"
 
 
 def validate_record(record: dict, fmt: str) -> str | None:
@@ -161,10 +178,10 @@ def validate_record(record: dict, fmt: str) -> str | None:
         return "field 'messages' must be a non-empty list of {role, content} objects"
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            return f"messages[{i}] must be an object with 'role' and 'content', got {_type_name(message)}"
+            return f"messages[{i}] must be an object with 'role' and 'content', got {type_name(message)}"
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
-                what = "missing" if key not in message else f"must be a string, got {_type_name(message[key])}"
+                what = "missing" if key not in message else f"must be a string, got {type_name(message[key])}"
                 return f"messages[{i}].{key} {what}"
     for i, message in enumerate(messages):
         if message["role"] not in CHAT_ROLES:  # a typo ("asistant") would be trained on as prompt text

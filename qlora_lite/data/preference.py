@@ -18,7 +18,9 @@ from __future__ import annotations
 from jinja2 import TemplateError
 
 from qlora_lite.data.dataset import DataStats
-from qlora_lite.data.formats import detect_format, problem_message, read_lines, validate_record
+from qlora_lite.data.formats import detect_format, problem_message, validate_record
+from qlora_lite.data.mapping import normalize_record
+from qlora_lite.data.sources import open_source
 from qlora_lite.data.tokenize import (
     _bos_prefix,
     _encode,
@@ -127,8 +129,11 @@ def fit_pair(pair: dict, max_seq_len: int) -> tuple[dict | None, bool]:
 
 
 def load_preference_dataset(path, tokenizer, *, format: str = "auto", max_seq_len: int = 512,
-                            drop_long: bool = False, skip_bad_lines: bool = False) -> tuple[list[dict], DataStats]:
-    """Read, validate and tokenize a file of preference pairs (see the module docstring).
+                            drop_long: bool = False, skip_bad_lines: bool = False, split: str = "train",
+                            config_name: str | None = None, field_map: dict[str, str] | None = None
+                            ) -> tuple[list[dict], DataStats]:
+    """Read, validate and tokenize preference pairs from any source ``--data`` takes (a JSONL file,
+    Parquet, CSV, a datasets folder or hub id: ``sources.open_source``; see the module docstring).
 
     Returns:
         ``(pairs, stats)``: ``tokenize_pair`` dicts, each side at most ``max_seq_len`` tokens.
@@ -139,9 +144,20 @@ def load_preference_dataset(path, tokenizer, *, format: str = "auto", max_seq_le
     """
     if format not in ("auto", "preference"):
         raise DataError(f"preference tuning reads prompt/chosen/rejected pairs; --format {format} is not one")
-    records, problems = read_lines(path)
+    source = open_source(str(path), split, config_name)
+    records, problems = [], []
+    for position, record, problem in source.items():
+        if problem is not None:
+            problems.append((position, problem))
+            continue
+        mapped, reason = normalize_record(record, field_map or {})
+        if reason is not None:
+            problems.append((position, f"{source.locate(position)}: {reason}"))
+        else:
+            records.append((position, mapped))
+    path = source.name
     if not records and not problems:
-        raise DataError(f"{path}: the file has no examples (it is empty); add one JSON object per line")
+        raise DataError(f"{path}: the source has no examples (it is empty)")
     if format == "auto" and records and (found := detect_format(records, path)) != "preference":
         raise DataError(f"{path}: preference tuning needs {{\"prompt\", \"chosen\", \"rejected\"}} records, but the "
                         f"file holds {found} examples; train those with --method sft")
@@ -160,7 +176,7 @@ def load_preference_dataset(path, tokenizer, *, format: str = "auto", max_seq_le
                     reason = (f"the prompt has {pair['prompt_len']} tokens, which leaves no room for a response "
                               f"within --max-seq-len {max_seq_len}; shorten it or raise --max-seq-len")
         if reason is not None:
-            problems.append((number, f"{path}:{number}: {reason}"))
+            problems.append((number, f"{source.locate(number)}: {reason}"))
             continue
         pair, truncated = fit_pair(pair, max_seq_len)
         if pair is None or (truncated and drop_long):
@@ -171,7 +187,7 @@ def load_preference_dataset(path, tokenizer, *, format: str = "auto", max_seq_le
     stats.skipped_lines = [message for _, message in sorted(problems)]
     if problems and not skip_bad_lines:
         raise DataError(problem_message(path, stats.skipped_lines, "preference pairs; fix them, or pass "
-                                                                   "--skip-bad-lines"))
+                                                                   "--skip-bad-lines", source.unit))
     stats.kept = len(pairs)
     if not pairs:
         raise DataError(f"{path}: no usable pair among {stats.total} line(s): {stats.dropped_too_long} longer than "

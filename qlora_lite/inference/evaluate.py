@@ -7,8 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qlora_lite.data.dataset import load_dataset
-from qlora_lite.data.formats import detect_format, read_jsonl, read_lines
+from qlora_lite.data.dataset import load_dataset, read_usable_records, source_format
 from qlora_lite.data.preference import load_preference_dataset
 from qlora_lite.data.tokenize import render_example
 from qlora_lite.inference.generate import greedy_answers, model_device, prompt_ids
@@ -57,10 +56,13 @@ def exact_match(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], fmt: 
 
 def evaluate_jsonl(model: nn.Module, tokenizer, path: str | Path, *, fmt: str = "auto", max_seq_len: int = 512,
                    limit: int | None = None, batch_size: int = 8, exact: bool = True,
-                   skip_bad_lines: bool = False, keep_answers: bool = False) -> dict:
-    """Loss, perplexity and (when the records carry answers) greedy exact-match on a JSONL file.
+                   skip_bad_lines: bool = False, keep_answers: bool = False, split: str = "train",
+                   config_name: str | None = None, field_map: dict[str, str] | None = None) -> dict:
+    """Loss, perplexity and (when the records carry answers) greedy exact-match on a data source.
 
     Args:
+        path: a data file, folder or hub dataset id (``data.sources``); split, config_name, field_map
+            as ``data.dataset.load_dataset`` takes them.
         fmt: data format (auto, alpaca, chat, text); ``text`` records have no answers to match.
         limit: use only the first ``limit`` usable records (all when None).
         exact: also run the generation-based exact-match (the slow part).
@@ -71,16 +73,16 @@ def evaluate_jsonl(model: nn.Module, tokenizer, path: str | Path, *, fmt: str = 
         ``"exact_match", "correct", "total", "samples"`` when answers exist.
 
     Raises:
-        errors.DataError: unreadable file or records, with FILE:LINE.
+        errors.DataError: unreadable source or records, with FILE:LINE or FILE row N.
     """
+    source = dict(split=split, config_name=config_name, field_map=field_map)
     examples, _ = load_dataset(str(path), tokenizer, format=fmt, max_seq_len=max_seq_len, drop_long=False,
-                               train_on_inputs=False, skip_bad_lines=skip_bad_lines)
+                               train_on_inputs=False, skip_bad_lines=skip_bad_lines, **source)
     examples = examples[:limit] if limit else examples
     result = {"data": str(path), "examples": len(examples)}
     result.update(evaluate(model, examples, batch_size, tokenizer.pad_token_id))
-    records, _ = read_jsonl(str(path), skip_bad_lines=skip_bad_lines)
+    records, _, fmt, _ = read_usable_records(str(path), format=fmt, **source)  # load_dataset raised on bad ones
     records = [r for _, r in records]
-    fmt = detect_format(records, str(path)) if fmt == "auto" else fmt
     result["format"] = fmt
     if exact and fmt != "text":
         pairs = [render_example(r, tokenizer, fmt) for r in records]
@@ -91,12 +93,12 @@ def evaluate_jsonl(model: nn.Module, tokenizer, path: str | Path, *, fmt: str = 
     return result
 
 
-def is_preference_file(path: str | Path, fmt: str = "auto") -> bool:
-    """Whether ``eval`` scores ``path`` as preference pairs (``--format preference``, or detected)."""
+def is_preference_file(path: str | Path, fmt: str = "auto", **source) -> bool:
+    """Whether ``eval`` scores ``path`` as preference pairs (``--format preference``, or detected);
+    ``source``: split, config_name, field_map of the source."""
     if fmt != "auto":
         return fmt == "preference"
-    records, _ = read_lines(str(path))
-    return bool(records) and detect_format(records, str(path)) == "preference"
+    return source_format(str(path), fmt, **source) == "preference"
 
 
 @torch.no_grad()
@@ -141,11 +143,12 @@ def evaluate_pairs(model: nn.Module, tokenizer, pairs: list[dict], *, batch_size
 
 
 def load_pairs(path: str | Path, tokenizer, *, max_seq_len: int = 512, limit: int | None = None,
-               skip_bad_lines: bool = False) -> list[dict]:
+               skip_bad_lines: bool = False, **source) -> list[dict]:
     """The first ``limit`` (all when None) usable pairs of a preference file, tokenized.
 
     Raises:
         data.DataError: unreadable file or pairs, with FILE:LINE.
     """
-    pairs, _ = load_preference_dataset(str(path), tokenizer, max_seq_len=max_seq_len, skip_bad_lines=skip_bad_lines)
+    pairs, _ = load_preference_dataset(str(path), tokenizer, max_seq_len=max_seq_len, skip_bad_lines=skip_bad_lines,
+                                       **source)
     return pairs[:limit] if limit else pairs

@@ -8,7 +8,8 @@ import math
 
 import torch
 
-from qlora_lite.config import Config
+from qlora_lite.config import Config, parse_field_map
+from qlora_lite.data.cache import resolve_cache_dir
 from qlora_lite.data.dataset import load_dataset, split_eval
 from qlora_lite.data.packing import pack_examples
 from qlora_lite.data.preference import load_preference_dataset
@@ -41,20 +42,23 @@ def load_training_data(config: Config, tokenizer) -> tuple[list[dict], list[dict
     """Tokenize and validate the train (and eval) data; runs before the model is loaded so bad data fails fast.
 
     Raises:
-        errors.DataError: unreadable or unusable data, with FILE:LINE.
+        errors.DataError: unreadable or unusable data, with FILE:LINE or FILE row N.
     """
     d = config.data
-    kwargs = dict(format=d.format, max_seq_len=d.max_seq_len, drop_long=d.drop_long, skip_bad_lines=d.skip_bad_lines)
+    kwargs = dict(format=d.format, max_seq_len=d.max_seq_len, drop_long=d.drop_long, skip_bad_lines=d.skip_bad_lines,
+                  split=d.data_split, config_name=d.data_config, field_map=parse_field_map(d.field_map)[0])
     if config.train.method == "sft":
-        load, kwargs = load_dataset, {**kwargs, "train_on_inputs": d.train_on_inputs}
+        load = load_dataset
+        kwargs.update(train_on_inputs=d.train_on_inputs, cache_dir=resolve_cache_dir(d.data_cache))
     else:  # dpo, orpo: preference pairs
         load = load_preference_dataset
     train_examples, stats = load(d.data, tokenizer, **kwargs)
-    log.info("train data %s: %s", d.data, stats.summary())
+    log.info("train data %s: %s%s", d.data, stats.summary(), " (tokenized cache)" if stats.from_cache else "")
     eval_examples: list[dict] = []
     if d.eval_data:
-        eval_examples, eval_stats = load(d.eval_data, tokenizer, **kwargs)
-        log.info("eval data %s: %s", d.eval_data, eval_stats.summary())
+        eval_examples, eval_stats = load(d.eval_data, tokenizer, **{**kwargs, "split": d.eval_split or d.data_split})
+        log.info("eval data %s: %s%s", d.eval_data, eval_stats.summary(),
+                 " (tokenized cache)" if eval_stats.from_cache else "")
     elif d.eval_fraction > 0:
         train_examples, eval_examples = split_eval(train_examples, d.eval_fraction, config.train.seed)
         log.info("held out %d of %d examples for evaluation", len(eval_examples),

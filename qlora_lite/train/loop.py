@@ -29,17 +29,22 @@ from qlora_lite.checkpoint.folder import (
     read_trainer_state,
     save_checkpoint,
 )
-from qlora_lite.checkpoint.resume import check_resume_compatible, guard_output_dir, make_fingerprint
+from qlora_lite.checkpoint.resume import (
+    TRACKING_DIR,
+    check_resume_compatible,
+    guard_output_dir,
+    make_fingerprint,
+)
 from qlora_lite.checkpoint.run_folder import RunLock, mark_run
 from qlora_lite.config import Config
 from qlora_lite.data.packing import collate
+from qlora_lite.data.sources import source_sha256
 from qlora_lite.errors import MetricsError, TrainingError
 from qlora_lite.model.adapter import save_adapter
 from qlora_lite.model.folder import load_tokenizer, resolve_model_dir
 from qlora_lite.model.loss import batch_loss_sum, eval_sums, label_tokens
 from qlora_lite.model.precision import lora_dtype_for, resolve_compute_dtype
 from qlora_lite.model.preference import chosen_tokens, metrics_from_sums, preference_eval
-from qlora_lite.storage.durable import file_sha256
 from qlora_lite.storage.output_dir import check_writable, write_failure
 from qlora_lite.train.batches import epoch_batches, load_training_data, plan_steps
 from qlora_lite.train.distributed import (
@@ -59,6 +64,7 @@ from qlora_lite.train.preference import (
     objective_for,
     write_reference,
 )
+from qlora_lite.train.tracking import finish_trackers, log_record, requested_trackers, start_trackers
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +85,11 @@ class TrainResult:
 
 
 def run_fingerprint(config: Config, num_processes: int, **extra) -> dict:
-    """What a resumed run is checked against (``checkpoint.check_resume_compatible``): settings and data hash."""
-    return make_fingerprint(config.to_dict(), file_sha256(config.data.data), num_processes=num_processes, **extra)
+    """What a resumed run is checked against (``checkpoint.check_resume_compatible``): settings and data hash
+    (of the file, of every file of a folder, or of a hub dataset's cached revision)."""
+    d = config.data
+    digest = source_sha256(d.data, d.data_split, d.data_config)
+    return make_fingerprint(config.to_dict(), digest, num_processes=num_processes, **extra)
 
 
 def resolve_precision(config: Config, saved_state: dict | None = None) -> None:
@@ -126,6 +135,7 @@ def train(config: Config) -> TrainResult:
     """
     config.validate(required=("model.model", "data.data", "train.output"))
     t = config.train
+    trackers = requested_trackers(t.report_to)
     output_dir = Path(t.output)
     resume_from = latest_checkpoint(output_dir) if t.resume else None
     saved_state = read_trainer_state(resume_from) if resume_from is not None else None
@@ -139,7 +149,8 @@ def train(config: Config) -> TrainResult:
     # the demo) may have set another, which Accelerator() would refuse.
     AcceleratorState._reset_state()
     # cpu=True without CUDA: lets `accelerate launch`/torchrun start several CPU processes (gloo).
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), log_with=trackers or None,
+                              project_dir=str(output_dir / TRACKING_DIR))
     if not accelerator.is_main_process:
         logging.getLogger("qlora_lite").setLevel(logging.WARNING)  # one process reports progress
     model_dir = resolve_model_dir(config.model.model)
@@ -149,15 +160,17 @@ def train(config: Config) -> TrainResult:
     if accelerator.is_main_process and output_dir.is_dir():  # refuse a second run before loading anything
         lock.acquire()
     try:
-        return _train(config, accelerator, output_dir, model_dir, lock, resume_from, saved_state)
+        return _train(config, accelerator, output_dir, model_dir, lock, resume_from, saved_state, trackers)
     finally:
+        finish_trackers(accelerator)
         lock.release()
 
 
 def _train(config: Config, accelerator, output_dir: Path, model_dir: Path, lock, resume_from: Path | None,
-           saved_state: dict | None) -> TrainResult:
+           saved_state: dict | None, trackers: list[str]) -> TrainResult:
     """``train`` once the output folder is checked (and locked, if it exists); ``resume_from`` is the
-    checkpoint to continue (None: from step 0) and ``saved_state`` its trainer state."""
+    checkpoint to continue (None: from step 0) and ``saved_state`` its trainer state; ``trackers``
+    the --report-to names the accelerator was built with."""
 
     t = config.train
     tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
@@ -189,6 +202,7 @@ def _train(config: Config, accelerator, output_dir: Path, model_dir: Path, lock,
             config.save(output_dir / "config.yaml")
             mark_run(output_dir, ("config.yaml",))
             write_reference(output_dir, loop.reference)
+        start_trackers(accelerator, config, trackers, loop.step)
         return loop.run()
     except Exception as e:
         if is_out_of_memory(e):
@@ -382,6 +396,7 @@ class _Loop:
                          self.last_eval["eval_rewards/margins"])
         if self.step % t.logging_steps == 0 or last or "eval_loss" in record:
             self.metrics.write(record)
+            log_record(self.acc, record)
         extra = {} if self.objective is None else {"acc": f"{record['rewards/accuracies']:.2f}",
                                                    "margin": f"{record['rewards/margins']:.3f}"}
         bar.set_postfix(loss=f"{record['loss']:.4f}", **extra, lr=f"{record['lr']:.2e}",

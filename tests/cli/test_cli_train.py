@@ -184,3 +184,30 @@ def test_help_names_folders_alike_and_says_what_each_command_does():
     from qlora_lite.cli import COMMANDS
 
     assert COMMANDS["demo"][1].endswith("merge, GGUF.")
+
+
+def test_training_on_parquet_resumes_and_refuses_a_changed_parquet_file(tiny_llama, tmp_path, one_thread, caplog,
+                                                                         ctrl_c_after):
+    import pandas as pd
+
+    rows = [json.loads(line) for line in write_chat_jsonl(tmp_path / "t.jsonl", n=8).read_text().splitlines()]
+    data, out = tmp_path / "train.parquet", tmp_path / "run"
+    pd.DataFrame(rows).to_parquet(data)
+    original = data.read_bytes()
+    args = ("train", "--model", tiny_llama, "--data", data, "--output", out, "--bits", 16, "--rank", 4,
+            "--max-seq-len", 64, "--batch-size", 2, "--max-steps", 4, "--save-steps", 2, "--optimizer", "adamw",
+            "--data-cache", tmp_path / "cache")
+    caplog.set_level("INFO", logger="qlora_lite")
+    with ctrl_c_after(2):
+        assert invoke(*args).exit_code == 1
+    assert "kept 8 of 8 (chat)" in caplog.text and "(tokenized cache)" not in caplog.text
+    rows[3]["messages"][1]["content"] = "a changed answer"
+    pd.DataFrame(rows).to_parquet(data)
+    refused = CliRunner().invoke(main, [str(a) for a in (*args, "--resume")])
+    assert refused.exit_code != 0 and "dataset changed (sha256" in refused.output, refused.output
+    data.write_bytes(original)
+    caplog.clear()
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "kept 8 of 8 (chat) (tokenized cache)" in caplog.text  # the first run's tokens
+    assert "trained 4 steps" in result.output and [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]

@@ -74,14 +74,19 @@ def test_examples_yaml_load_and_validate():
                 assert lines[i - 1].lstrip().startswith("#"), f"{path.name}:{i + 1} has no comment"
 
 
-def test_demo_yaml_trains_from_any_folder(tmp_path, monkeypatch, one_thread):
-    """examples/demo.yaml names the bundled model as `demo` and its data beside it: no hub download."""
+@pytest.mark.parametrize("name, data", [("demo", "demo_train.jsonl"), ("demo-csv", "demo_train.csv")])
+def test_demo_yaml_trains_from_any_folder(tmp_path, monkeypatch, one_thread, caplog, name, data):
+    """examples/demo*.yaml name the bundled model as `demo` and its data beside them: no hub download.
+    The CSV one reads the question/answer columns through its field_map: every row is kept."""
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(main, ["train", "--config", str(ROOT / "examples" / "demo.yaml"), "--max-steps", "1",
-                                       "--output", "out"])
+    with caplog.at_level("INFO", logger="qlora_lite"):
+        result = CliRunner().invoke(main, ["train", "--config", str(ROOT / "examples" / f"{name}.yaml"),
+                                           "--max-steps", "1", "--output", "out"])
     assert result.exit_code == 0, result.output
     saved = (tmp_path / "out" / "config.yaml").read_text()
-    assert "model: demo" in saved and str(ROOT / "examples" / "data" / "demo_train.jsonl") in saved
+    assert "model: demo" in saved and str(ROOT / "examples" / "data" / data) in saved
+    expected = "kept 2000 of 2000 (chat)" if name == "demo" else "kept 2000 of 2000 (alpaca)"
+    assert f"train data {ROOT / 'examples' / 'data' / data}: {expected}" in caplog.text
 
 
 def test_demo_pairs_are_the_generator_output_and_dpo_yaml_continues_the_demo_sft(tmp_path, monkeypatch, one_thread):

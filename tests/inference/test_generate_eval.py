@@ -175,3 +175,24 @@ def test_demo_shortcut_names_the_bundled_model_in_every_command(tmp_path):
     bundled = Path(__file__).resolve().parents[2] / "qlora_lite" / "demo" / "model"
     assert resolve_model_dir("demo") == bundled.resolve()
     assert read_config("demo")[0]["model_type"] == "llama"
+
+
+def test_eval_command_reads_a_sharegpt_parquet_file_like_its_chat_jsonl(tiny_llama, tmp_path):
+    import pandas as pd
+
+    turns = [("add 2 and 3", "5"), ("add 4 and 1", "5"), ("say hi", "hi")]
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": q},
+                                                            {"role": "assistant", "content": a}]} for q, a in turns])
+    pd.DataFrame([{"dialog": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in turns]) \
+        .to_parquet(tmp_path / "s.parquet")
+    results = []
+    for args in (["--data", chat], ["--data", tmp_path / "s.parquet", "--field-map", "conversations=dialog"]):
+        out = CliRunner().invoke(main, ["eval", "--model", str(tiny_llama), "--bits", "16", "--json",
+                                        *map(str, args)])
+        assert out.exit_code == 0, out.output
+        results.append(json.loads(out.output.strip().splitlines()[-1]))
+    assert results[0]["format"] == results[1]["format"] == "chat" and results[1]["total"] == 3
+    for key in ("eval_loss", "eval_tokens", "exact_match"):
+        assert results[0][key] == results[1][key], key
+    bad = CliRunner().invoke(main, ["eval", "--model", str(tiny_llama), "--data", str(chat), "--field-map", "reply"])
+    assert bad.exit_code != 0 and "'reply' is not FIELD=COLUMN" in bad.output
