@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,17 +32,14 @@ from qlora_lite.checkpoint.resume import (
     TRACKING_DIR,
     check_resume_compatible,
     guard_output_dir,
-    make_fingerprint,
 )
 from qlora_lite.checkpoint.run_folder import RunLock, mark_run
 from qlora_lite.config import Config
 from qlora_lite.data.packing import collate
-from qlora_lite.data.sources import source_sha256
 from qlora_lite.errors import MetricsError, TrainingError
 from qlora_lite.model.adapter import save_adapter
 from qlora_lite.model.folder import load_tokenizer, resolve_model_dir
 from qlora_lite.model.loss import batch_loss_sum, eval_sums, label_tokens
-from qlora_lite.model.precision import lora_dtype_for, resolve_compute_dtype
 from qlora_lite.model.preference import chosen_tokens, metrics_from_sums, preference_eval
 from qlora_lite.storage.output_dir import check_writable, write_failure
 from qlora_lite.train.batches import epoch_batches, load_training_data, plan_steps
@@ -54,8 +50,8 @@ from qlora_lite.train.distributed import (
     rescale_position,
     shard_frozen_base,
 )
-from qlora_lite.train.metrics import METRICS_NAME, MetricsLog, plot_loss
-from qlora_lite.train.model_setup import build_model_from_config
+from qlora_lite.train.metrics import METRICS_NAME, MetricsLog, peak_memory_bytes, plot_loss
+from qlora_lite.train.model_setup import build_model_from_config, resolve_precision, run_fingerprint
 from qlora_lite.train.optim import apply_current_settings, build_optimizer, build_scheduler, lora_plus_groups
 from qlora_lite.train.preference import (
     N_SUMS,
@@ -82,39 +78,6 @@ class TrainResult:
     train_loss: float | None = None
     resumed_from: Path | None = None
     main_process: bool = True  # False in the other processes of a multi-process launch (they write nothing)
-
-
-def run_fingerprint(config: Config, num_processes: int, **extra) -> dict:
-    """What a resumed run is checked against (``checkpoint.check_resume_compatible``): settings and data hash
-    (of the file, of every file of a folder, or of a hub dataset's cached revision)."""
-    d = config.data
-    digest = source_sha256(d.data, d.data_split, d.data_config)
-    return make_fingerprint(config.to_dict(), digest, num_processes=num_processes, **extra)
-
-
-def resolve_precision(config: Config, saved_state: dict | None = None) -> None:
-    """Replace ``auto`` compute and LoRA dtypes in ``config`` by concrete ones (logged, and recorded in
-    config.yaml and the run fingerprint as what ran).
-
-    A resumed run keeps the dtypes it was trained in where the user left them on auto, so moving a run
-    to a machine of another CPU class resumes the same run (a warning says when that is slow here).
-    """
-    m, lo = config.model, config.lora
-    saved = (saved_state or {}).get("fingerprint", {})
-    for section, name in ((m, "compute_dtype"), (lo, "lora_dtype")):
-        if getattr(section, name) == "auto" and saved.get(name) not in (None, "auto"):
-            setattr(section, name, saved[name])
-            log.info("resume: %s %s, as the run was trained", name.replace("_", " "), saved[name])
-    m.compute_dtype = resolve_compute_dtype(m.compute_dtype)
-    lo.lora_dtype = lora_dtype_for(lo.lora_dtype, m.compute_dtype)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory so far: allocated CUDA memory on a GPU, else the process's peak RSS."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 from pathlib import Path
+
+import torch
 
 from qlora_lite.errors import MetricsError
 
@@ -123,3 +126,11 @@ def plot_loss(run_dir: str | Path, output: str | Path | None = None) -> Path:
     fig.savefig(output)
     plt.close(fig)
     return output
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: allocated CUDA memory on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
