@@ -81,7 +81,7 @@ def load_ours(job: dict):
     from qlora_lite.model.build import build_model
 
     model = build_model(job["model"], bits=4, rank=job["rank"], alpha=2 * job["rank"], dropout=0.0,
-                        adapter=job.get("init_adapter"), gradient_checkpointing=True, seed=0,
+                        adapter=job.get("init_adapter"), gradient_checkpointing=True, seed=0, dora=job.get("dora", False),
                         checkpoint_policy=job.get("checkpoint_policy", "balanced"),
                         compute_dtype=job.get("compute_dtype", "auto"))
     return model.to(DEVICE) if CUDA else model

