@@ -24,6 +24,7 @@ from qlora_lite.config import LoraConfig, select_targets
 from qlora_lite.errors import LoRATargetError
 from qlora_lite.kernels.lora_4bit import fast_lora_applies, lora_4bit_forward
 from qlora_lite.model.bnb import dequantize_weight, is_linear_like, linear_shape
+from qlora_lite.model.loading import release_freed_memory
 
 
 def lora_scaling(rank: int, alpha: float, rslora: bool = False) -> float:
@@ -93,9 +94,11 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters()
         if use_dora:  # B is zero: the magnitudes start as the base's row norms, so step 0 is the base
             with torch.no_grad():
-                norms = torch.linalg.norm(dequantize_weight(base_layer), dim=1)
+                square = dequantize_weight(base_layer).square().sum(dim=1)  # (out,) fp32: ||W_i||^2
+            # the frozen base's part of every later norm, kept so no forward needs the whole weight again
+            self.register_buffer("base_row_square", square, persistent=False)
             # fp32 whatever lora_dtype is: a bf16 magnitude would make m / ||W|| differ from 1 at step 0
-            self.lora_magnitude_vector = nn.Parameter(norms)
+            self.lora_magnitude_vector = nn.Parameter(square.sqrt())
 
     def reset_lora_parameters(self) -> None:
         """A Kaiming-uniform, B zero: the first forward equals the base layer's exactly."""
@@ -126,15 +129,27 @@ class LoRALinear(nn.Module):
             return result + self._dora_term(result, lora_x, update).to(result.dtype)
         return result + update.to(result.dtype)
 
+    @torch.no_grad()
+    def _dora_norm(self, dtype: torch.dtype) -> torch.Tensor:
+        """Row norms of ``W + s*B@A`` (out,), fp32, without building the (out, in) matrix:
+        ``||W_i||^2 + 2s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T``. ``W A^T`` is the base layer applied to
+        the r rows of A (in ``dtype``, what the layer computes in); the rest is (r, r)-sized."""
+        a, b = self.lora_A.weight, self.lora_B.weight.float()  # (r, in), (out, r)
+        wa = self.base_layer(a.to(dtype)).float()  # (r, out) = A @ W^T (+ bias)
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is not None:
+            wa = wa - bias.float()
+        cross = (wa.t() * b).sum(dim=1)
+        quad = ((b @ (a.float() @ a.float().t())) * b).sum(dim=1)
+        s = self.scaling
+        return (self.base_row_square + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
+
     def _dora_rescale(self, fused: torch.Tensor) -> torch.Tensor:
         """DoRA without dropout from the fused ``W x + b + s*B A x``: ``(m/n) * (fused - b) + b``."""
-        with torch.no_grad():
-            norm = torch.linalg.norm(dequantize_weight(self.base_layer) + self.delta_weight(), dim=1)
-        scale = self.lora_magnitude_vector.float() / norm
+        # in the compute dtype, as PEFT does: an fp32 copy of every output would be kept for the backward
+        scale = (self.lora_magnitude_vector.float() / self._dora_norm(fused.dtype)).to(fused.dtype)
         bias = getattr(self.base_layer, "bias", None)
-        if bias is None:
-            return (fused.float() * scale).to(fused.dtype)
-        return ((fused.float() - bias.float()) * scale + bias.float()).to(fused.dtype)
+        return fused * scale if bias is None else (fused - bias) * scale + bias
 
     def _dora_term(self, result: torch.Tensor, lora_x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """What DoRA adds to ``base(x)``: ``(m/n - 1) * W x + (m/n) * s*B A x``, n the row norms of
@@ -142,15 +157,13 @@ class LoRALinear(nn.Module):
 
         Shapes: result (..., out), lora_x (..., in), update (..., out).
         """
-        with torch.no_grad():
-            weight = dequantize_weight(self.base_layer)  # fp32 (out, in), dropped after this forward
-            norm = torch.linalg.norm(weight + self.delta_weight(), dim=1)
-        scale = self.lora_magnitude_vector.float() / norm  # (out,): the magnitudes get their gradient here
+        scale = self.lora_magnitude_vector.float() / self._dora_norm(result.dtype)  # (out,): m gets its gradient here
+        bias = getattr(self.base_layer, "bias", None)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-            bias = getattr(self.base_layer, "bias", None)
-            base = result if bias is None else result - bias
+            base = result
         else:
-            base = nn.functional.linear(lora_x.float(), weight)
+            base = self.base_layer(lora_x.to(result.dtype))
+        base = base if bias is None else base - bias
         return (scale - 1) * base.float() + scale * update.float()
 
     def merge(self) -> None:
@@ -223,6 +236,8 @@ def inject_lora(
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
         setattr(parent, child, LoRALinear(base, rank, alpha, dropout, rslora, lora_dtype, use_dora))
+        if use_dora:  # the layer dequantized its base once for its norms: give that heap back at once
+            release_freed_memory()
     mark_only_lora_trainable(model)
     return names
 
