@@ -159,3 +159,20 @@ def test_dora_learns_the_demo_task_about_as_well_as_lora_at_the_same_rank(tmp_pa
 
     lora, dora = eval_loss(False), eval_loss(True)
     assert lora < 0.05 and dora <= lora * 1.1, (dora, lora)
+
+
+def test_export_gguf_folds_dora_in(dora_adapter, tmp_path):
+    """``export-gguf --adapter`` merges through the same plan: the GGUF file runs as base + DoRA adapter."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_lite.gguf.writer import export_gguf
+
+    base, folder, ours = dora_adapter
+    path = export_gguf(base, tmp_path / "dora.gguf", adapter_dir=folder, out_type="f16", progress=False)
+    ids = probe()
+    expected = logits(ours, ids)
+    got = logits(AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32), ids)
+    plain = logits(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), ids)
+    diff = (got - expected).abs().max().item()
+    assert diff <= 2e-3 * expected.abs().max().item(), diff
+    assert diff < 0.2 * (expected - plain).abs().max().item(), "the DoRA adapter must be in the GGUF file"
