@@ -33,7 +33,8 @@ def command(model, config_file, seq_len, fsdp, loss_chunk, device, budget, as_js
 
     Nothing but config.json is read, so this answers in a second for any model size.
     """
-    from qlora_lite.config import load_config, parse_size
+    from qlora_lite.config import load_config
+    from qlora_lite.flag_values import parse_size
     from qlora_lite.train.estimate import estimate_memory
     from qlora_lite.train.fit import (
         available_memory,

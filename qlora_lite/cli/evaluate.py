@@ -7,8 +7,8 @@ import json
 import click
 
 from qlora_lite.cli.options import config_options, with_defaults
-from qlora_lite.config import parse_field_map
 from qlora_lite.errors import ConfigError
+from qlora_lite.flag_values import parse_field_map
 
 
 @click.command("eval")

@@ -22,13 +22,13 @@ from pathlib import Path
 from transformers import AutoConfig, GenerationConfig
 
 from qlora_lite.checkpoint.run_folder import RUN_MARKER
-from qlora_lite.config import parse_size
 from qlora_lite.data.tokenize import DEFAULT_CHAT_TEMPLATE
 from qlora_lite.errors import (
     EstimateError,
     MergeError,
     MergeVerificationError,
 )
+from qlora_lite.flag_values import parse_size
 from qlora_lite.merge.plan import MergePlan, iter_merged_tensors, plan_merge, quant_record
 from qlora_lite.merge.verify import verify_merge
 from qlora_lite.model.folder import resolve_model_dir

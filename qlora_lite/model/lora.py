@@ -20,8 +20,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from qlora_lite.config import LoraConfig, select_targets
+from qlora_lite.config import LoraConfig
 from qlora_lite.errors import LoRATargetError
+from qlora_lite.flag_values import select_targets
 from qlora_lite.kernels.lora_4bit import fast_lora_applies, lora_4bit_forward
 from qlora_lite.model.bnb import dequantize_weight, is_linear_like, linear_shape
 from qlora_lite.model.loading import release_freed_memory

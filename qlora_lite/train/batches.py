@@ -8,11 +8,12 @@ import math
 
 import torch
 
-from qlora_lite.config import Config, parse_field_map
+from qlora_lite.config import Config
 from qlora_lite.data.cache import resolve_cache_dir
 from qlora_lite.data.dataset import load_dataset, split_eval
 from qlora_lite.data.packing import pack_examples
 from qlora_lite.data.preference import load_preference_dataset
+from qlora_lite.flag_values import parse_field_map
 
 log = logging.getLogger(__name__)
 

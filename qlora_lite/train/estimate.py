@@ -26,8 +26,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qlora_lite.config import DEMO_MODEL, select_targets
+from qlora_lite.config import DEMO_MODEL
 from qlora_lite.errors import EstimateError
+from qlora_lite.flag_values import select_targets
 from qlora_lite.kernels.footprint import CHUNKED_LOSS_MODELS, NO_CHECKPOINTING, loss_chunk_for
 
 GIB = 1024**3
@@ -173,7 +174,7 @@ def model_shape(config: dict, where: str = "config") -> ModelShape:
 
 
 def lora_targets(shape: ModelShape, target_modules: str | list[str]) -> list[tuple[str, int, int]]:
-    """The block's linear layers LoRA wraps, chosen by the rule training uses (``config.select_targets``)."""
+    """The block's linear layers LoRA wraps, chosen by the rule training uses (``flag_values.select_targets``)."""
     names, _ = select_targets([name for name, _, _ in shape.linears], target_modules)
     chosen = [lin for lin in shape.linears if lin[0] in names]
     if not chosen:

@@ -16,8 +16,9 @@ import socket
 from pathlib import Path
 
 from qlora_lite.checkpoint.resume import TRACKING_DIR
-from qlora_lite.config import TRACKERS, Config, report_targets
+from qlora_lite.config import Config
 from qlora_lite.errors import ConfigError
+from qlora_lite.flag_values import TRACKERS, report_targets
 
 log = logging.getLogger(__name__)
 WANDB_HOST = ("api.wandb.ai", 443)

@@ -12,10 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from qlora_lite.config import load_config, parse_field_map
+from qlora_lite.config import load_config
 from qlora_lite.data import dataset as data
 from qlora_lite.data import sources
 from qlora_lite.errors import ConfigError, DataError
+from qlora_lite.flag_values import parse_field_map
 from qlora_lite.storage.durable import file_sha256
 
 ALPACA = [{"instruction": f"add {a} and {b}", "input": "", "output": str(a + b)} for a, b in [(2, 3), (4, 1), (7, 7)]]

@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from qlora_lite.cli import main
-from qlora_lite.config import parse_size
 from qlora_lite.errors import EstimateError
+from qlora_lite.flag_values import parse_size
 from qlora_lite.train.estimate import estimate_memory
 from qlora_lite.train.fit import suggest_settings
 
