@@ -35,11 +35,12 @@ def command(model, config_file, seq_len, fsdp, loss_chunk, device, budget, as_js
     """
     from qlora_lite.config import load_config
     from qlora_lite.flag_values import parse_size
-    from qlora_lite.train.estimate import estimate_memory
+    from qlora_lite.train.estimate import estimate_memory, read_config
     from qlora_lite.train.fit import (
         available_memory,
         choose_checkpoint_policy,
         estimate_settings,
+        longest_sequence,
         suggest_settings,
     )
 
@@ -47,12 +48,19 @@ def command(model, config_file, seq_len, fsdp, loss_chunk, device, budget, as_js
     settings = {**estimate_settings(cfg, device), "seq_len": seq_len or cfg.data.max_seq_len, "fsdp": fsdp,
                 "loss_chunk": "auto" if loss_chunk is None else (loss_chunk or None)}
     limit = parse_size(budget, bare_unit="gib") if budget else None
-    if settings["checkpoint_policy"] == "auto":  # the fastest that fits the budget, else as training decides
+    auto_policy = settings["checkpoint_policy"] == "auto"
+    if auto_policy:  # the fastest that fits the budget, else as training decides
         others = {k: v for k, v in settings.items() if k != "checkpoint_policy"}
         settings["checkpoint_policy"] = choose_checkpoint_policy(
             model, limit or available_memory(device), share=1.0 if limit else None, **others)[0]
     estimate = estimate_memory(model, **settings)
     suggestion = suggest_settings(model, limit, **settings) if limit is not None else None
+    longest = None
+    if limit is not None:  # under auto, a long sequence trains with the policy that keeps least
+        frugal = {**settings, "checkpoint_policy": "memory", "gradient_checkpointing": True} if auto_policy else settings
+        context = int(read_config(model)[0].get("max_position_embeddings") or 1 << 20)
+        longest = longest_sequence(model, limit, limit=context, **frugal)
+        longest = (longest, longest == context)
 
     result = estimate.to_dict()
     if limit is not None:
@@ -60,12 +68,15 @@ def command(model, config_file, seq_len, fsdp, loss_chunk, device, budget, as_js
         result["fits"] = estimate.fits(limit)
         result["suggestion"] = (None if suggestion is None else
                                 {"changes": suggestion[0], "total": suggestion[1].total})
-    click.echo(json.dumps(result, indent=2) if as_json else _report(model, estimate, limit, suggestion))
+        result["longest_seq_len"] = longest[0]
+    click.echo(json.dumps(result, indent=2) if as_json else _report(model, estimate, limit, suggestion, longest,
+                                                                    auto_policy))
     if limit is not None and not estimate.fits(limit):
         raise SystemExit(1)  # scripts can ask "does it fit?" by the exit status
 
 
-def _report(model, estimate, limit, suggestion) -> str:
+def _report(model, estimate, limit, suggestion, longest: tuple[int, bool] | None = None,
+            auto_policy: bool = False) -> str:
     gib = 1024**3
     s = estimate.settings
     lines = [f"Peak memory estimate for {model}",
@@ -91,6 +102,11 @@ def _report(model, estimate, limit, suggestion) -> str:
         changes = " ".join(_flag(k, v) for k, v in suggestion[0].items())
         lines.append(f"Does NOT fit {limit / gib:.2f} GiB. These settings would ({suggestion[1].total / gib:.2f} "
                      f"GiB): {changes}")
+    if longest and longest[0]:
+        whole = " (the model's whole context, max_position_embeddings)" if longest[1] else ""
+        lines.append(f"Longest sequence within {limit / gib:.2f} GiB: about {longest[0]} tokens{whole} (--max-seq-len), "
+                     "as estimated with these settings" + (" and the policy auto falls back to (memory)" if auto_policy
+                                                           else "") + ".")
     return "\n".join(lines)
 
 

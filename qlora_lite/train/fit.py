@@ -41,6 +41,21 @@ def suggest_settings(config: dict | str | Path, budget: int, **settings) -> tupl
     return (changes, estimate) if estimate.fits(budget) else None
 
 
+def longest_sequence(config: dict | str | Path, budget: int, limit: int = 1 << 20, **settings) -> int:
+    """The longest ``seq_len`` whose estimated peak fits ``budget`` with the other ``settings`` as they
+    are (bisection; the estimate grows with the length). 0 when not even 1 token fits; at most ``limit``.
+    """
+    if not estimate_memory(config, **{**settings, "seq_len": 1}).fits(budget):
+        return 0
+    low, high = 1, limit
+    if estimate_memory(config, **{**settings, "seq_len": high}).fits(budget):
+        return high
+    while high - low > 1:  # fits at low, not at high
+        mid = (low + high) // 2
+        low, high = (mid, high) if estimate_memory(config, **{**settings, "seq_len": mid}).fits(budget) else (low, mid)
+    return low
+
+
 def _halvings(value: int, floor: int) -> list[int]:
     out = []
     while value // 2 >= floor:

@@ -208,3 +208,27 @@ def test_loss_chunk_follows_the_vocabulary():
     assert estimate_memory(LLAMA_7B, seq_len=2048, loss_chunk=None).breakdown["logits"] == 10 * 2048 * 32000
     capped = {**LLAMA_7B, "model_type": "gemma2", "final_logit_softcapping": 30.0}  # no chunked loss there
     assert estimate_memory(capped, seq_len=2048).breakdown["logits"] == 10 * 2048 * 32000
+
+
+def test_budget_says_the_longest_sequence_that_fits():
+    """``estimate --budget`` names the longest --max-seq-len whose estimate fits: one token more does not."""
+    from qlora_lite.train.fit import longest_sequence
+
+    budget = 12 * 2**30
+    longest = longest_sequence(LLAMA_7B, budget, checkpoint_policy="memory")
+    assert 512 < longest < 1 << 20
+    assert estimate_memory(LLAMA_7B, seq_len=longest, checkpoint_policy="memory").fits(budget)
+    assert not estimate_memory(LLAMA_7B, seq_len=longest + 1, checkpoint_policy="memory").fits(budget)
+    assert longest_sequence(LLAMA_7B, 2**20, checkpoint_policy="memory") == 0  # not even the weights fit
+    assert longest_sequence(LLAMA_7B, budget, limit=1024, checkpoint_policy="memory") == 1024  # the context caps it
+
+
+def test_cli_budget_reports_the_longest_sequence(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**LLAMA_7B, "max_position_embeddings": 1 << 20}))
+    result = CliRunner().invoke(main, ["estimate", "--model", str(tmp_path), "--budget", "12", "--json"])
+    assert result.exit_code == 0, result.output
+    longest = json.loads(result.output)["longest_seq_len"]
+    assert estimate_memory(LLAMA_7B, seq_len=longest, checkpoint_policy="memory").fits(12 * 2**30)
+    text = CliRunner().invoke(main, ["estimate", "--model", str(tmp_path), "--budget", "12"]).output
+    assert f"about {longest} tokens" in text and "falls back to (memory)" in text
