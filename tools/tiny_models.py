@@ -88,6 +88,8 @@ def tiny_config(arch: str, vocab_size: int):
                                     bos_token_id=1, eos_token_id=2)
     if arch == "gemma":
         common["head_dim"] = 16
+    if arch == "qwen3":  # its default head_dim: transformers' GGUF reader does not take another from the file
+        common["head_dim"] = 128
     if arch == "phi3":
         common["pad_token_id"] = 0
     return AutoConfig.for_model(arch, **common)

@@ -26,7 +26,7 @@ import click
                    "(files of the model or adapter folder never are).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def command(model, adapter, output, out_type, modelfile, merge_base, bits, overwrite, quiet):
-    """Write a GGUF file (Llama, Mistral, Qwen2) with tokenizer, special tokens and chat template.
+    """Write a GGUF file (Llama, Mistral, Qwen2, Qwen3) with tokenizer, special tokens and chat template.
 
     Tensors are streamed one at a time, so memory stays near one tensor even for large models.
     q8_0 quantizes the weight matrices to 8 bits in blocks of 32 (as llama.cpp's Q8_0); a matrix

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 # Hugging Face model_type -> GGUF architecture (Mistral is the Llama graph in llama.cpp).
-SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 OUT_TYPES = ("f16", "bf16", "q8_0")
 _SKIP = re.compile(r"rotary_emb\.inv_freq$|\.attn\.(masked_)?bias$")
 
@@ -120,8 +120,8 @@ def _layout(plan: MergePlan, arch: str, out_type: str) -> list[tuple[str, str, s
     """``(checkpoint_key, gguf_name, ggml_type, shape)`` per written tensor, in checkpoint order."""
     gguf = _gguf()
     config = plan.config
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
-                                    config["num_hidden_layers"])
+    arches = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+    tmap = gguf.get_tensor_name_map(arches[arch], config["num_hidden_layers"])
     tied = config.get("tie_word_embeddings", False)
     layout = []
     for entry in plan.entries:

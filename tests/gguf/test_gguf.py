@@ -56,7 +56,7 @@ def load_gguf(path):
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("out_type", ["f16", "bf16", "q8_0"])
 def test_gguf_reads_back_with_merged_logits(merged, reference_logits, tmp_path, arch, out_type):
     """Written with --adapter (streamed merge) and read back by transformers' GGUF loader."""
@@ -142,7 +142,7 @@ def test_llama_qk_permutation_inverts_transformers_reader():
 
 
 def test_unsupported_architecture_is_a_clear_error(tiny_model_factory, tmp_path):
-    with pytest.raises(GGUFExportError, match="supported: llama, mistral, qwen2"):
+    with pytest.raises(GGUFExportError, match="supported: llama, mistral, qwen2, qwen3"):
         export_gguf(tiny_model_factory("gpt2"), tmp_path / "x.gguf", progress=False)
     result = CliRunner().invoke(main, ["export-gguf", "--model", str(tiny_model_factory("phi3")), "--output",
                                        str(tmp_path / "y.gguf"), "--quiet"])
