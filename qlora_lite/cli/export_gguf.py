@@ -11,8 +11,8 @@ import click
 @click.option("--model", "model", required=True, metavar="DIR",
               help="Model folder: a merged folder from `qlora-lite merge`, or the base when --adapter is given.")
 @click.option("--adapter", "adapter", default=None, metavar="DIR",
-              help="Adapter to merge on the way (streamed, no temporary folder). This merge is NOT checked against "
-                   "base+adapter; for a checked merge run `qlora-lite merge` and export its folder instead.")
+              help="Adapter to merge on the way: `qlora-lite merge`, with its check against base+adapter, into a "
+                   "temporary folder beside --output (removed afterwards), then the export of that folder.")
 @click.option("--output", "output", required=True, metavar="FILE", help="GGUF file to write, e.g. model.gguf.")
 @click.option("--type", "out_type", type=click.Choice(["f16", "bf16", "q8_0"]), default="f16", show_default=True,
               help="Storage of the weight matrices (norms and biases stay F32).")

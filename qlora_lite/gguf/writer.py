@@ -14,17 +14,20 @@ import logging
 import math
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 
-from qlora_lite.errors import GGUFExportError, GGUFVerifyError
+from qlora_lite.errors import GGUFExportError, GGUFVerifyError, MergeVerificationError
 from qlora_lite.gguf.ollama import write_modelfile
 from qlora_lite.gguf.verify import ExpectedGGUF, format_problems, verify_gguf
 from qlora_lite.gguf.vocab import add_tokenizer
 from qlora_lite.merge.plan import MergePlan, iter_merged_tensors, plan_merge
+from qlora_lite.merge.write import merge_adapter
 from qlora_lite.model.folder import resolve_model_dir
 from qlora_lite.storage.output_dir import check_writable, write_failure
 
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 # Hugging Face model_type -> GGUF architecture (Mistral is the Llama graph in llama.cpp).
 SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 OUT_TYPES = ("f16", "bf16", "q8_0")
+# The dtype an adapter is merged in before the export: the file's own (f16, bf16: exact), fp32 for q8_0.
+MERGE_DTYPE = {"f16": "fp16", "bf16": "bf16", "q8_0": "fp32"}
 _SKIP = re.compile(r"rotary_emb\.inv_freq$|\.attn\.(masked_)?bias$")
 
 
@@ -194,7 +199,9 @@ def export_gguf(
     The file is written under a temporary name beside ``output_file``, read back and checked
     (``gguf.verify.verify_gguf``: tensors, their bytes, metadata) and only then renamed into place,
     so ``output_file`` is never half written and an existing file there survives a failed export.
-    The merge with ``adapter_dir`` is not compared with base+adapter here (``merge_adapter`` does that).
+    With ``adapter_dir`` the adapter is first merged by ``merge.write.merge_adapter`` into a temporary
+    folder beside ``output_file``, with its check against base+adapter, in the dtype the GGUF file
+    holds (so no value is rounded twice); the folder is removed afterwards.
 
     Args:
         out_type: f16, bf16 or q8_0 for the 2-D weights (norms and biases stay F32).
@@ -209,6 +216,7 @@ def export_gguf(
         The GGUF path.
 
     Raises:
+        errors.MergeVerificationError: the merge with ``adapter_dir`` failed its check (nothing written).
         GGUFExportError: unsupported architecture, tokenizer or tensor; bad output type; an
             output that exists (without ``overwrite``) or belongs to the model or adapter folder; a
             Modelfile already beside the output without ``overwrite``.
@@ -231,11 +239,29 @@ def export_gguf(
         raise GGUFExportError(f"{model_dir}: model type {model_type!r} cannot be exported to GGUF yet; supported: "
                               f"{', '.join(sorted(SUPPORTED))} (for others use llama.cpp's convert_hf_to_gguf.py "
                               "on the merged folder from `qlora-lite merge`)")
-    plan = plan_merge(model_dir, adapter_dir, merge_base=merge_base, bits=bits, quant_type=quant_type,
-                      double_quant=double_quant)
+    tok_dir = Path(adapter_dir) if adapter_dir and (Path(adapter_dir) / "tokenizer.json").exists() else model_dir
+    if adapter_dir is not None:  # the verified merge first, then the export of what it wrote
+        output.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.merge-"))
+        try:
+            merged = work / "merged"
+            merge_adapter(model_dir, adapter_dir, merged, merge_base=merge_base, dtype=MERGE_DTYPE[out_type],
+                          progress=progress, bits=bits, quant_type=quant_type, double_quant=double_quant)
+            return _export(merged, output, config, model_type, out_type, tok_dir, modelfile, progress, echo)
+        except MergeVerificationError:
+            raise  # its message names the .failed folder kept in ``work`` for inspection
+        finally:
+            if not (work / "merged.failed").exists():
+                shutil.rmtree(work, ignore_errors=True)
+    return _export(model_dir, output, config, model_type, out_type, tok_dir, modelfile, progress, echo)
+
+
+def _export(model_dir: Path, output: Path, config: dict, model_type: str, out_type: str, tok_dir: Path,
+            modelfile: bool, progress: bool, echo) -> Path:
+    """``export_gguf`` of a folder with nothing left to merge (checks done)."""
+    plan = plan_merge(model_dir)
     for note in plan.notes:
         log.warning(note)
-    tok_dir = Path(adapter_dir) if adapter_dir and (Path(adapter_dir) / "tokenizer.json").exists() else model_dir
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.partial")
     try:

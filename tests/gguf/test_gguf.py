@@ -437,3 +437,27 @@ def test_existing_output_needs_overwrite_and_model_files_are_never_replaced(merg
                                        "--overwrite", "--quiet"])
     assert result.exit_code == 0, result.output
     assert mine.read_bytes()[:4] == b"GGUF"
+
+
+def test_export_with_adapter_runs_the_merge_check_and_writes_nothing_when_it_fails(merged, tmp_path, monkeypatch):
+    """``--adapter`` merges through ``merge``'s own verified path first: a wrong merge is refused before any
+    GGUF byte is written; only the failed merge is kept, for inspection, where the message says."""
+    from qlora_lite.errors import MergeVerificationError
+    from qlora_lite.merge import plan as plan_module
+
+    base, adapter, _ = merged("llama")
+    real = plan_module.merged_tensor
+
+    def corrupt(plan, key, tensor):
+        out = real(plan, key, tensor)
+        return out * 1.5 if key.endswith("layers.0.self_attn.v_proj.weight") else out
+
+    monkeypatch.setattr(plan_module, "merged_tensor", corrupt)
+    with pytest.raises(MergeVerificationError, match="v_proj") as error:
+        export_gguf(base, tmp_path / "model.gguf", adapter_dir=adapter, progress=False)
+    assert not (tmp_path / "model.gguf").exists() and not list(tmp_path.glob("*.partial"))
+    kept = [p for p in tmp_path.glob(".model.gguf.merge-*/merged.failed")]
+    assert len(kept) == 1 and str(kept[0]) in str(error.value)
+    monkeypatch.setattr(plan_module, "merged_tensor", real)  # a correct merge leaves no temporary folder
+    export_gguf(base, tmp_path / "ok.gguf", adapter_dir=adapter, progress=False)
+    assert not list(tmp_path.glob(".ok.gguf.merge-*"))
