@@ -195,13 +195,15 @@ def layer_alpha(config: dict, name: str, rank: int) -> float:
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False,
-                 dtype: torch.dtype | None = None) -> list[str]:
+                 dtype: torch.dtype | None = None, dropout: float | None = None) -> list[str]:
     """Wrap the layers named in the adapter with LoRALinear and load its weights, in place.
 
     Rank comes from each tensor's shape (so PEFT's ``rank_pattern`` is honoured), alpha from
     ``alpha_pattern`` or ``lora_alpha``.
 
     Args:
+        dropout: the LoRA dropout of the run that goes on training the adapter (``--dropout``); None
+            keeps the file's ``lora_dropout``.
         dtype: dtype of the loaded A and B; None keeps the file's (exact values: PEFT saves fp32 by
             default). Training passes its LoRA dtype, so an fp32 adapter trains like a fresh bf16 one.
 
@@ -220,7 +222,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
         alpha = layer_alpha(config, name, rank)
         dora = bool(config.get("use_dora"))
         layer = base if isinstance(base, LoRALinear) else LoRALinear(
-            base, rank, alpha, config.get("lora_dropout", 0.0), config.get("use_rslora", False), new_dtype, dora)
+            base, rank, alpha, config.get("lora_dropout", 0.0) if dropout is None else dropout,
+            config.get("use_rslora", False), new_dtype, dora)
         if dora and parts["lora_magnitude_vector"].shape != (layer.out_features,):
             raise AdapterError(f"{adapter_dir}: the DoRA magnitudes of {name} have shape "
                                f"{tuple(parts['lora_magnitude_vector'].shape)}, the layer {layer.out_features} outputs")

@@ -102,7 +102,8 @@ def build_model(
     if adapter:
         # Training casts A and B to lora_dtype (the fused 4-bit path needs them in the compute dtype);
         # inference keeps the file's values exactly.
-        load_adapter(model, adapter, trainable=trainable, dtype=DTYPES[lora_dtype] if trainable else None)
+        load_adapter(model, adapter, trainable=trainable, dtype=DTYPES[lora_dtype] if trainable else None,
+                     dropout=dropout if trainable else None)  # training on: this run's --dropout applies
     elif trainable:
         if seed is not None:
             torch.manual_seed(seed)

@@ -186,3 +186,16 @@ def test_rslora_scaling(tiny_llama):
     assert layer.scaling == pytest.approx(8 / 4)
     assert layer.lora_A.weight.dtype == torch.bfloat16 and not torch.all(layer.lora_A.weight == 0)
     assert torch.all(layer.lora_B.weight == 0)
+
+
+def test_training_on_from_an_adapter_uses_this_runs_dropout(tiny_llama, tmp_path):
+    """--adapter with --dropout: the run trains with the dropout it was given, not the file's; inference
+    keeps the file's (it applies no dropout anyway)."""
+    from qlora_lite.model.adapter import save_adapter
+
+    start = build_model(str(tiny_llama), bits=16, rank=4, alpha=8, dropout=0.0, seed=0)
+    folder = save_adapter(start, tmp_path / "start")
+    trained = build_model(str(tiny_llama), bits=16, adapter=str(folder), dropout=0.2, trainable=True)
+    assert {layer.lora_dropout.p for layer in lora_layers(trained).values()} == {0.2}
+    frozen = build_model(str(tiny_llama), bits=16, adapter=str(folder), dropout=0.2, trainable=False)
+    assert all(isinstance(layer.lora_dropout, torch.nn.Identity) for layer in lora_layers(frozen).values())
