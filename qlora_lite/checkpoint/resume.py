@@ -20,7 +20,6 @@ from qlora_lite.checkpoint.run_folder import LOCK_NAME, RUN_MARKER, not_ours, re
 from qlora_lite.checkpoint.state import TRAINER_STATE
 from qlora_lite.errors import CheckpointError
 from qlora_lite.model.adapter import CONFIG_NAME, RECORD_NAME, WEIGHTS_NAME
-from qlora_lite.storage.durable import file_sha256  # noqa: F401 (file_sha256: train uses it from here)
 from qlora_lite.storage.output_dir import PROBE_PREFIX
 
 # fingerprint key -> (what the user reads, refused?). Refused: the saved state cannot continue the

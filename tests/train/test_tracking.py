@@ -50,6 +50,14 @@ def test_tensorboard_gets_the_metrics_jsonl_numbers_and_the_config_and_a_resume_
     assert hparams and hparams[-1]["lora.rank"] == 4 and hparams[-1]["data.data"] == str(data)
 
 
+def _train_reporting_to(tracker: str, model, tmp_path, out):
+    """Two steps of a tiny 16-bit run into ``out`` with ``--report-to tracker``."""
+    data = write_chat_jsonl(tmp_path / "train.jsonl", n=4)
+    return invoke("train", "--model", model, "--data", data, "--output", out, "--bits", 16, "--rank", 4,
+                  "--max-seq-len", 64, "--batch-size", 2, "--max-steps", 2, "--optimizer", "adamw",
+                  "--report-to", tracker)
+
+
 def test_wandb_without_network_logs_offline_into_the_output(tiny_llama, tmp_path, one_thread, monkeypatch):
     pytest.importorskip("wandb")
     from qlora_lite.train import tracking
@@ -57,10 +65,8 @@ def test_wandb_without_network_logs_offline_into_the_output(tiny_llama, tmp_path
     monkeypatch.setattr(tracking, "WANDB_HOST", ("127.0.0.1", 9))  # nothing listens there: no network
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    data, out = write_chat_jsonl(tmp_path / "train.jsonl", n=4), tmp_path / "run"
-    result = invoke("train", "--model", tiny_llama, "--data", data, "--output", out, "--bits", 16, "--rank", 4,
-                    "--max-seq-len", 64, "--batch-size", 2, "--max-steps", 2, "--optimizer", "adamw",
-                    "--report-to", "wandb")
+    out = tmp_path / "run"
+    result = _train_reporting_to("wandb", tiny_llama, tmp_path, out)
     assert result.exit_code == 0, result.output
     runs = list((out / "tracking" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb")), list((out / "tracking").rglob("*"))
@@ -84,10 +90,8 @@ def test_mlflow_gets_the_metrics_jsonl_numbers(tiny_llama, tmp_path, one_thread,
     store = (tmp_path / "mlruns").as_uri()  # a file store: the test needs no database or server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    data, out = write_chat_jsonl(tmp_path / "train.jsonl", n=4), tmp_path / "run"
-    result = invoke("train", "--model", tiny_llama, "--data", data, "--output", out, "--bits", 16, "--rank", 4,
-                    "--max-seq-len", 64, "--batch-size", 2, "--max-steps", 2, "--optimizer", "adamw",
-                    "--report-to", "mlflow")
+    out = tmp_path / "run"
+    result = _train_reporting_to("mlflow", tiny_llama, tmp_path, out)
     assert result.exit_code == 0, result.output
     client = mlflow.tracking.MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name("run").experiment_id])
