@@ -292,7 +292,7 @@ def _export(model_dir: Path, output: Path, config: dict, model_type: str, out_ty
         if fallbacks:
             echo(fallbacks)
     if modelfile:
-        write_modelfile(output, tok_dir)
+        write_modelfile(output, tok_dir, model_dir)
     return output
 
 
