@@ -150,26 +150,36 @@ def as_trained_weight(weight: torch.Tensor, conv1d: bool, quant: dict, as_comput
     return deq.t() if conv1d else deq
 
 
-def merged_tensor(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tensor:
-    """The merged value of one base tensor: fp32 for merged/quantized weights, else as stored.
+def merge_base_weight(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """One base tensor as the training model held it: what the adapter was added to.
 
-    Under the dequantized policy every other float tensor passes through the compute dtype, as the
-    training model held it.
+    A 4-bit weight is quantized and dequantized to the compute dtype as the training forward does it,
+    an 8-bit one is its int8 codes times their scales (fp32). Under the dequantized policy every other
+    float tensor passes through the compute dtype; under ``original`` it is the checkpoint's.
     """
     if key in plan.quantized:
-        tensor = as_trained_weight(tensor, key in plan.conv1d, plan.quant)
-    elif plan.quant.get("compute_dtype") is not None and tensor.is_floating_point():
-        tensor = tensor.to(plan.quant["compute_dtype"])
-    if key in plan.lora:
-        lora_A, lora_B, scaling, magnitude = plan.lora[key]
-        tensor = merge_weight(tensor, lora_A, lora_B, scaling, fan_in_fan_out=key in plan.conv1d, magnitude=magnitude)
+        return as_trained_weight(tensor, key in plan.conv1d, plan.quant, as_computed=plan.quant["bits"] == 4)
+    if plan.quant.get("compute_dtype") is not None and tensor.is_floating_point():
+        return tensor.to(plan.quant["compute_dtype"])
     return tensor
 
 
-def iter_merged_tensors(plan: MergePlan, progress: bool = False):
-    """Yield ``(checkpoint_key, merged_tensor)`` in checkpoint order, one tensor in memory at a time."""
+def merged_tensor(plan: MergePlan, key: str, base: torch.Tensor) -> torch.Tensor:
+    """The merged value of one tensor from its merge base (``merge_base_weight``): fp32 where an adapter
+    is merged in, else the base itself."""
+    if key not in plan.lora:
+        return base
+    lora_A, lora_B, scaling, magnitude = plan.lora[key]
+    return merge_weight(base, lora_A, lora_B, scaling, fan_in_fan_out=key in plan.conv1d, magnitude=magnitude)
+
+
+def iter_merged_tensors(plan: MergePlan, progress: bool = False, with_base: bool = False):
+    """Yield ``(checkpoint_key, merged_tensor)`` in checkpoint order, one tensor in memory at a time;
+    with ``with_base``, ``(checkpoint_key, merge_base, merged_tensor)`` (the merge check's inputs)."""
     bar = tqdm(total=len(plan.entries), unit="tensor", desc="merge", disable=not progress)
     for entry, tensor in iter_tensors(plan.entries):
-        yield entry.name, merged_tensor(plan, entry.name, tensor)
+        base = merge_base_weight(plan, entry.name, tensor)
+        merged = merged_tensor(plan, entry.name, base)
+        yield (entry.name, base, merged) if with_base else (entry.name, merged)
         bar.update(1)
     bar.close()

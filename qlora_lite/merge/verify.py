@@ -1,15 +1,21 @@
-"""The merge check: every merged tensor against an exact reconstruction, then one probe forward.
+"""The merge check: every merged tensor against an exact reconstruction as it is written, the files
+read back, then one probe forward.
 
-1. Weights. Each stored tensor is compared with ``W + scale * B @ A`` computed in fp64 from the
-   base, independently of the merge arithmetic (``model.lora.merge_weight``): ``W`` is the weight training
-   multiplied by (quantized, then dequantized to the compute dtype along the training forward's own
-   path) or, for ``original``, the checkpoint's. A correct merge differs from that exact value only
-   by rounding to the output dtype (at most half a unit in its last place) plus the fp32 arithmetic of
-   the merge, so the bound follows from the dtypes and a wrong value fails however small the model's
-   tolerance for noise is. Tensors without an adapter must be bit-identical to what the plan says
-   (the base's value, in the output dtype). Comparing forwards instead could not tell a correct merge
-   of a model that amplifies bf16 rounding from a wrong one.
-2. Probe. The merged folder runs forward on a probe input, and so does the base's model definition
+1. Weights, in the merge's stream (``StreamCheck``). Each merged tensor, rounded to the output dtype
+   as it is about to be written, is compared with ``W + scale * B @ A`` computed in fp64 from the
+   same merge base, independently of the merge arithmetic (``model.lora.merge_weight``): ``W`` is the
+   weight training multiplied by (``merge.plan.merge_base_weight``: quantized, then dequantized to
+   the compute dtype along the training forward's own path) or, for ``original``, the checkpoint's.
+   A correct merge differs from that exact value only by rounding to the output dtype (at most half a
+   unit in its last place) plus the fp32 arithmetic of the merge, so the bound follows from the dtypes
+   and a wrong value fails however small the model's tolerance for noise is. Tensors without an
+   adapter must be bit-identical to their merge base in the output dtype. Comparing forwards instead
+   could not tell a correct merge of a model that amplifies bf16 rounding from a wrong one. The base
+   is computed once for both: it is the training model's weight by construction (the same function
+   builds the training model), so a second computation would verify nothing about the merge.
+2. Files (``check_files``). The written folder holds exactly the planned tensors, names, dtypes and
+   shapes, and each tensor's bytes read back from disk have the CRC-32 of the bytes step 1 checked.
+3. Probe. The merged folder runs forward on a probe input, and so does the base's model definition
    (its config.json) holding the values step 1 accepted, both in fp32 on the CPU (never
    bf16: CPUs without bf16 kernels run it orders of magnitude slower) and streamed one decoder block
    at a time (``merge.stream_forward.streamed_logits``). The same values in fp32 give the same logits, so
@@ -18,23 +24,24 @@
    fp32 arithmetic rounded to the other neighbour is within step 1's bound yet could move the logits
    of a model that amplifies small changes.
 
-Both steps hold a few tensors (the reconstruction in row chunks) or one decoder block, never a model.
+Every step holds a few tensors (the reconstruction in row chunks) or one decoder block, never a model.
 """
 
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig
 
-from qlora_lite.merge.plan import MergePlan, as_trained_weight
+from qlora_lite.merge.plan import MergePlan, merge_base_weight
 from qlora_lite.merge.stream_forward import streamed_logits
 from qlora_lite.model.folder import weight_files
 from qlora_lite.model.loading import DTYPES, release_freed_memory
-from qlora_lite.storage.safetensors_io import iter_tensors, read_headers, read_rows
+from qlora_lite.storage.safetensors_io import TensorEntry, read_headers
 
 # Mantissa bits stored by each output dtype: round-to-nearest errs by at most 2**-(bits+1) relative.
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
@@ -52,6 +59,8 @@ PROBE_TOLERANCE = 1e-4
 
 # Elements of a tensor compared at once (in fp64), so the check never holds a large matrix.
 _CHUNK_ELEMENTS = 1 << 18
+# Bytes read back at once when the files are checksummed.
+_READ_BYTES = 1 << 26
 
 
 @dataclass
@@ -72,26 +81,20 @@ def probe_ids(vocab_size: int, length: int = 32) -> torch.Tensor:
 
 
 def as_trained(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tensor:
-    """A base tensor as the 4-bit training model multiplied by it: quantized, dequantized to the compute dtype."""
-    return as_trained_weight(tensor, key in plan.conv1d, plan.quant, as_computed=True) if key in plan.quantized else tensor
-
-
-def _merge_base(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tensor:
-    """The weight the adapter adds to, as training held it (8-bit: the int8 codes times their scales)."""
-    if key in plan.quantized:
-        return as_trained(plan, key, tensor) if plan.quant["bits"] == 4 else as_trained_weight(
-            tensor, key in plan.conv1d, plan.quant)
-    if plan.quant.get("compute_dtype") is not None and tensor.is_floating_point():
-        return tensor.to(plan.quant["compute_dtype"])  # the dequantized policy: as training held it
-    return tensor
+    """A base tensor as the training model multiplied by it (the probe's and the tests' reference side)."""
+    return merge_base_weight(plan, key, tensor) if key in plan.quantized else tensor
 
 
 def _half_ulp(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Half a unit in the last place of ``dtype`` at each value of ``exact`` (fp64), subnormals included."""
+    """Half a unit in the last place of ``dtype`` at each value of ``exact`` (fp64), subnormals included.
+
+    Read off the fp64 exponent bits: ``exact`` lies in [2**(e-1023), 2**(e-1022)) for biased exponent
+    e, where ``dtype``'s half unit is 2**(e-1024-bits), an fp64 with biased exponent e-1-bits.
+    """
     bits, info = MANTISSA_BITS[dtype], torch.finfo(dtype)
-    _, exponent = torch.frexp(exact)  # exact = m * 2**exponent, 0.5 <= |m| < 1
-    smallest = info.smallest_normal * 2.0 ** -bits  # the spacing of subnormals
-    return torch.clamp(torch.ldexp(torch.ones_like(exact), exponent - 1 - bits), min=smallest) / 2
+    exponent = (exact.view(torch.int64) >> 52) & 0x7FF
+    half = ((exponent - 1 - bits).clamp_(min=1) << 52).view(torch.float64)
+    return half.clamp_(min=info.smallest_normal * 2.0 ** -bits / 2)  # below: the spacing of subnormals
 
 
 def _chunk_ratio(plan: MergePlan, key: str, start: int, base: torch.Tensor, stored: torch.Tensor,
@@ -123,46 +126,81 @@ def _chunk_ratio(plan: MergePlan, key: str, start: int, base: torch.Tensor, stor
     return torch.where(torch.isfinite(error), error / bound, torch.full_like(error, float("inf"))), error
 
 
-def _check_tensor(plan: MergePlan, entry, stored_entry, out: torch.dtype, dtype: str) -> tuple[float, str | None]:
-    """One merged tensor against its reconstruction, in row chunks (only a quantized weight is read
-    whole: its quantization statistics span the tensor).
+@dataclass
+class StreamCheck:
+    """Step 1 of the check, fed each tensor as the merge writes it (``tensor``), then read by
+    ``verify_merge``: the first problem, the tensor closest to its bound, and each tensor's CRC-32."""
 
-    Returns:
-        ``(worst ratio to the bound, problem or None)``.
-    """
-    key, where = entry.name, f"tensor {entry.name} in {stored_entry.file.name}"
-    exact_only = key not in plan.quantized and key not in plan.lora  # must be the base's, bit for bit
-    whole = _merge_base(plan, key, next(iter_tensors([entry]))[1]) if key in plan.quantized else None
-    shape = tuple(entry.shape) or (1,)
-    row_elements = max(1, stored_entry.nbytes // stored_entry.dtype.itemsize // max(1, shape[0]))
-    rows = max(1, _CHUNK_ELEMENTS // row_elements)
-    worst = 0.0
-    for start in range(0, max(1, shape[0]), rows):
-        stored = read_rows(stored_entry, start, start + rows)
-        base = whole[start:start + rows] if whole is not None else _merge_base(
-            plan, key, read_rows(entry, start, start + rows))
-        if exact_only:
+    plan: MergePlan
+    dtype: str
+    checked: int = 0
+    worst: tuple[str | None, float] = (None, 0.0)
+    problem: str | None = None
+    problem_ratio: float = float("inf")
+    crcs: dict[str, int] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # tensor -> the shard file it is written to
+
+    def tensor(self, key: str, base: torch.Tensor, stored: torch.Tensor) -> None:
+        """Check one merged tensor as it will be written (``stored``, in the output dtype) against its
+        merge base, in row chunks; record its bytes' CRC-32."""
+        out = DTYPES[self.dtype]
+        self.crcs[key] = zlib.crc32(stored.contiguous().view(-1).view(torch.uint8).numpy())
+        if self.problem is not None:
+            return
+        where = f"tensor {key}" + (f" in {self.files[key]}" if key in self.files else "")
+        expected_dtype = out if base.is_floating_point() else base.dtype
+        if stored.dtype != expected_dtype or stored.shape != base.shape:
+            self.problem = f"{where} is {stored.dtype} {tuple(stored.shape)}, expected {expected_dtype} {tuple(base.shape)}"
+            return
+        if key not in self.plan.lora:  # must be the base's, bit for bit
             if not torch.equal(stored, base.to(out) if base.is_floating_point() else base):
-                return float("inf"), (f"{where} has no adapter, so it must equal the base's value in {dtype} bit for "
-                                      "bit, and it does not")
-            continue
-        ratio, error = _chunk_ratio(plan, key, start, base, stored, out)
-        index = int(ratio.argmax())
-        value = ratio.reshape(-1)[index].item()
-        if not value <= 1.0:
-            row, col = divmod(index, ratio.shape[-1]) if ratio.ndim == 2 else (index, 0)
-            return value, (f"{where} differs from W + scale * B @ A (computed in fp64 from the base) by "
-                           f"{error.reshape(-1)[index].item():.3g} at index {[start + row, col]}, {value:.3g} times "
-                           f"the bound there (half a {dtype} unit in the last place plus the merge's fp32 rounding)")
-        worst = max(worst, value)
-    return worst, None
+                self.problem = (f"{where} has no adapter, so it must equal the base's value in {self.dtype} bit for "
+                                "bit, and it does not")
+            self.checked += 1
+            return
+        rows = max(1, _CHUNK_ELEMENTS // max(1, stored[0].numel() if stored.ndim else 1))
+        worst = 0.0
+        for start in range(0, max(1, stored.shape[0] if stored.ndim else 1), rows):
+            ratio, error = _chunk_ratio(self.plan, key, start, base[start:start + rows], stored[start:start + rows], out)
+            index = int(ratio.argmax())
+            value = ratio.reshape(-1)[index].item()
+            if not value <= 1.0:
+                row, col = divmod(index, ratio.shape[-1]) if ratio.ndim == 2 else (index, 0)
+                self.problem, self.problem_ratio = (
+                    f"{where} differs from W + scale * B @ A (computed in fp64 from the base) by "
+                    f"{error.reshape(-1)[index].item():.3g} at index {[start + row, col]}, {value:.3g} times the bound "
+                    f"there (half a {self.dtype} unit in the last place plus the merge's fp32 rounding)"), value
+                return
+            worst = max(worst, value)
+        self.checked += 1
+        if worst >= self.worst[1]:
+            self.worst = (key, worst)
+
+    def result(self) -> MergeCheck:
+        if self.problem is not None:
+            return MergeCheck(self.checked, self.worst[0], self.problem_ratio, None, None, self.problem)
+        return MergeCheck(self.checked, self.worst[0], self.worst[1], None, None)
 
 
-def check_weights(plan: MergePlan, merged_dir: Path, dtype: str) -> MergeCheck:
-    """Compare every tensor of ``merged_dir`` with its reconstruction from the base, one at a time.
+def _crc_on_disk(entry: TensorEntry) -> int:
+    crc, left = 0, entry.nbytes
+    buffer = bytearray(min(left, _READ_BYTES))
+    with open(entry.file, "rb") as handle:
+        handle.seek(entry.offset)
+        while left:
+            view = memoryview(buffer)[: min(left, len(buffer))]
+            got = handle.readinto(view)
+            if not got:
+                break
+            crc, left = zlib.crc32(view[:got], crc), left - got
+    return crc if not left else -1
+
+
+def check_files(plan: MergePlan, merged_dir: Path, dtype: str, crcs: dict[str, int]) -> str | None:
+    """Step 2: the folder holds exactly the planned tensors, with the bytes step 1 checked.
 
     Returns:
-        MergeCheck without the probe; ``problem`` names the first tensor that fails and by how much.
+        The first problem, or None.
     """
     out = DTYPES[dtype]
     merged = {e.name: e for e in read_headers(weight_files(merged_dir))}
@@ -170,32 +208,27 @@ def check_weights(plan: MergePlan, merged_dir: Path, dtype: str) -> MergeCheck:
     extra = sorted(set(merged) - {e.name for e in plan.entries})
     if missing or extra:
         what = f"lacks {', '.join(missing[:3])}" if missing else f"has tensors the base lacks: {', '.join(extra[:3])}"
-        return MergeCheck(0, None, float("inf"), None, None, f"the merged folder {what}")
-    checked, worst = 0, (None, 0.0)
+        return f"the merged folder {what}"
     for entry in plan.entries:
         stored = merged[entry.name]
         expected_dtype = out if entry.dtype.is_floating_point else entry.dtype
         if tuple(stored.shape) != tuple(entry.shape) or stored.dtype != expected_dtype:
-            return MergeCheck(checked, entry.name, float("inf"), None, None,
-                              f"tensor {entry.name} in {stored.file.name} is {stored.dtype} {tuple(stored.shape)}, "
-                              f"expected {expected_dtype} {tuple(entry.shape)}")
-        ratio, problem = _check_tensor(plan, entry, stored, out, dtype)
-        if problem is not None:
-            return MergeCheck(checked, entry.name, ratio, None, None, problem)
-        checked += 1
-        if ratio >= worst[1]:
-            worst = (entry.name, ratio)
-        release_freed_memory()
-    return MergeCheck(checked, worst[0], worst[1], None, None)
+            return (f"tensor {entry.name} in {stored.file.name} is {stored.dtype} {tuple(stored.shape)}, "
+                    f"expected {expected_dtype} {tuple(entry.shape)}")
+        if _crc_on_disk(stored) != crcs.get(entry.name):
+            return (f"tensor {entry.name} in {stored.file.name} reads back with other bytes than the merge wrote and "
+                    "checked (a disk or file system problem, or another program writing into the folder)")
+    return None
 
 
 def _vocab_size(plan: MergePlan) -> int:
     return int(AutoConfig.from_pretrained(plan.base_dir).get_text_config().vocab_size)
 
 
-def verify_merge(plan: MergePlan, merged_dir: Path, dtype: str, tolerance: float | None = None,
+def verify_merge(plan: MergePlan, merged_dir: Path, dtype: str, stream: StreamCheck, tolerance: float | None = None,
                  trust_remote_code: bool = False) -> MergeCheck:
-    """Check the merged folder: every tensor against its exact reconstruction, then the probe forward.
+    """Finish the check of a merged folder: step 1's verdict (``stream``, fed while writing), the files
+    read back, then the probe forward.
 
     Args:
         tolerance: largest allowed |logit difference| of the probe (default ``PROBE_TOLERANCE``
@@ -205,7 +238,11 @@ def verify_merge(plan: MergePlan, merged_dir: Path, dtype: str, tolerance: float
         MergeCheck; ``problem`` says what failed first (the probe runs only after the weights pass).
     """
 
-    result = check_weights(plan, merged_dir, dtype)
+    result = stream.result()
+    if result.problem is None and result.tensors != len(plan.entries):
+        result.problem = f"the merge check saw {result.tensors} of the plan's {len(plan.entries)} tensors"
+    if result.problem is None:
+        result.problem = check_files(plan, merged_dir, dtype, stream.crcs)
     if result.problem is not None:
         return result
     ids = probe_ids(_vocab_size(plan))

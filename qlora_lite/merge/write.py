@@ -30,13 +30,14 @@ from qlora_lite.errors import (
 )
 from qlora_lite.flag_values import parse_size
 from qlora_lite.merge.plan import MergePlan, iter_merged_tensors, plan_merge, quant_record
-from qlora_lite.merge.verify import verify_merge
+from qlora_lite.merge.verify import StreamCheck, verify_merge
 from qlora_lite.model.folder import resolve_model_dir
 from qlora_lite.model.loading import DTYPES
 from qlora_lite.storage.durable import write_json_atomic
 from qlora_lite.storage.output_dir import check_writable, write_failure
 from qlora_lite.storage.safetensors_io import (
     plan_shards,
+    shard_file_names,
     write_sharded,
 )
 
@@ -130,12 +131,25 @@ def _place(tmp: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_merged(plan: MergePlan, folder: Path, dtype: str, max_bytes: int, progress: bool) -> list[str]:
-    """Stream merged tensors into shards of ``dtype`` (non-float tensors keep theirs)."""
+def _write_merged(plan: MergePlan, folder: Path, dtype: str, max_bytes: int, progress: bool,
+                  check: StreamCheck | None) -> list[str]:
+    """Stream merged tensors into shards of ``dtype`` (non-float tensors keep theirs), each one
+    through ``check`` on its way to the file."""
     out = DTYPES[dtype]
     specs = [(e.name, out if e.dtype.is_floating_point else e.dtype, e.shape) for e in plan.entries]
-    stream = ((k, t.to(out) if t.is_floating_point() else t) for k, t in iter_merged_tensors(plan, progress))
-    return write_sharded(folder, plan_shards(specs, max_bytes), stream)
+    shards = plan_shards(specs, max_bytes)
+    if check is not None:  # its messages name the file a tensor goes to
+        check.files = {name: file for shard, file in zip(shards, shard_file_names(len(shards))) for name, *_ in shard}
+
+    def stream():
+        for key, base, merged in iter_merged_tensors(plan, progress, with_base=True):
+            stored = merged.to(out) if merged.is_floating_point() else merged
+            if check is not None:
+                check.tensor(key, base, stored)
+            del base, merged
+            yield key, stored
+
+    return write_sharded(folder, shards, stream())
 
 
 def _mark_failed(tmp: Path, output: Path, message: str) -> Path:
@@ -206,11 +220,12 @@ def merge_adapter(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        shards = _write_merged(plan, tmp, dtype, max_bytes, progress)
+        stream = StreamCheck(plan, dtype) if verify else None
+        shards = _write_merged(plan, tmp, dtype, max_bytes, progress, stream)
         _copy_metadata(plan, tmp, dtype)
         check = None
         if verify:
-            check = verify_merge(plan, tmp, dtype, tolerance, trust_remote_code)
+            check = verify_merge(plan, tmp, dtype, stream, tolerance, trust_remote_code)
             if check.problem is not None:
                 failed = _mark_failed(tmp, output, f"merge verification FAILED: {check.problem}")
                 raise MergeVerificationError(_failure_message(check.problem, failed, output, tolerance is not None))

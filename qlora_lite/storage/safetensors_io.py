@@ -162,6 +162,12 @@ def _header(shard: list) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def shard_file_names(count: int) -> list[str]:
+    """``model.safetensors`` for one shard, else ``model-0000i-of-0000n.safetensors``, as transformers names them."""
+    return ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+                                                      for i in range(count)]
+
+
 def write_sharded(
     folder: Path,
     shards: list[list],
@@ -178,7 +184,7 @@ def write_sharded(
         The shard file names. A single shard is named ``model.safetensors`` and gets no index.
     """
     n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    names = shard_file_names(n)
     stream = iter(tensors)
     weight_map, total = {}, 0
     for shard, file_name in zip(shards, names):

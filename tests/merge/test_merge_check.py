@@ -14,6 +14,7 @@ from qlora_lite.merge import write as export
 from qlora_lite.merge.verify import PROBE_TOLERANCE
 from qlora_lite.merge.write import merge_adapter
 from qlora_lite.model.build import build_model
+from qlora_lite.storage.safetensors_io import read_headers
 
 
 def _sensitive_base(folder, tokenizer_dir):
@@ -141,3 +142,25 @@ def test_merge_help_describes_the_exact_check():
     text = " ".join(result.output.split()).replace("- ", "-")  # click wraps after hyphens
     assert "fp64" in text and "bit-identical" in text and f"{PROBE_TOLERANCE:g} times" in text
     assert "3%" not in text
+
+
+def test_bytes_changed_on_disk_after_the_check_fail_naming_the_tensor(sensitive, tmp_path, monkeypatch):
+    """Step 1 checks each tensor as it is written; what then lands on disk must be those bytes."""
+    base, adapter = sensitive
+    real = export.write_sharded
+
+    def write_then_flip(folder, shards, tensors, on_shard=None):
+        names = real(folder, shards, tensors, on_shard)
+        entry = next(e for e in read_headers([folder / names[0]]) if e.name.endswith("layers.1.mlp.up_proj.weight"))
+        with open(entry.file, "r+b") as f:
+            f.seek(entry.offset + entry.nbytes // 2)
+            byte = f.read(1)
+            f.seek(entry.offset + entry.nbytes // 2)
+            f.write(bytes([byte[0] ^ 0x01]))
+        return names
+
+    monkeypatch.setattr(export, "write_sharded", write_then_flip)
+    with pytest.raises(MergeVerificationError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight in "
+                                                     r"model\.safetensors reads back with other bytes"):
+        merge_adapter(base, adapter, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
