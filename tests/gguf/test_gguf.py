@@ -9,7 +9,8 @@ from tiny_models import logits, make_adapter, probe
 
 from qlora_lite.cli import main
 from qlora_lite.errors import GGUFExportError
-from qlora_lite.gguf.writer import export_gguf, permute_qk
+from qlora_lite.gguf.architectures import permute_qk
+from qlora_lite.gguf.writer import export_gguf
 from qlora_lite.merge.write import merge_adapter
 
 # Largest |logit difference| relative to the largest logit, per GGUF type, against the fp32 merge.
@@ -142,11 +143,11 @@ def test_llama_qk_permutation_inverts_transformers_reader():
 
 
 def test_unsupported_architecture_is_a_clear_error(tiny_model_factory, tmp_path):
-    with pytest.raises(GGUFExportError, match="supported: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(GGUFExportError, match="supported: gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3"):
         export_gguf(tiny_model_factory("gpt2"), tmp_path / "x.gguf", progress=False)
-    result = CliRunner().invoke(main, ["export-gguf", "--model", str(tiny_model_factory("phi3")), "--output",
+    result = CliRunner().invoke(main, ["export-gguf", "--model", str(tiny_model_factory("gemma")), "--output",
                                        str(tmp_path / "y.gguf"), "--quiet"])
-    assert result.exit_code == 1 and "'phi3' cannot be exported" in result.output
+    assert result.exit_code == 1 and "'gemma' cannot be exported" in result.output
     assert not list(tmp_path.iterdir())
 
 
