@@ -5,50 +5,15 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_models import logits, make_adapter, probe
+from tiny_models import GGUF_ARCHS, logits, probe
 
 from qlora_lite.cli import main
 from qlora_lite.errors import GGUFExportError
 from qlora_lite.gguf.architectures import permute_qk
 from qlora_lite.gguf.writer import export_gguf
-from qlora_lite.merge.write import merge_adapter
 
 # Largest |logit difference| relative to the largest logit, per GGUF type, against the fp32 merge.
 TOLERANCE = {"f16": 2e-3, "bf16": 2e-2, "q8_0": 4e-2}
-
-
-@pytest.fixture(scope="module")
-def merged(tiny_model_factory, tmp_path_factory):
-    """Per architecture: base, adapter and the fp32 merged folder (the reference for the GGUF files)."""
-    made = {}
-
-    def get(arch):
-        if arch not in made:
-            root = tmp_path_factory.mktemp(f"gguf-{arch}")
-            base = tiny_model_factory(arch)
-            adapter = make_adapter(base, root / "adapter", targets="q_proj,k_proj,v_proj,o_proj,gate_proj")
-            merge_adapter(base, adapter, root / "merged", dtype="fp32", verify=False, progress=False)
-            made[arch] = base, adapter, root / "merged"
-        return made[arch]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def reference_logits(merged):
-    """Per architecture: probe logits of the fp32 merged model and of the base alone (computed once)."""
-    from transformers import AutoModelForCausalLM
-
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            base, _, merged_dir = merged(arch)
-            load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # noqa: E731
-            cache[arch] = logits(load(merged_dir), probe()), logits(load(base), probe())
-        return cache[arch]
-
-    return get
 
 
 def load_gguf(path):
@@ -57,7 +22,7 @@ def load_gguf(path):
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", GGUF_ARCHS)
 @pytest.mark.parametrize("out_type", ["f16", "bf16", "q8_0"])
 def test_gguf_reads_back_with_merged_logits(merged, reference_logits, tmp_path, arch, out_type):
     """Written with --adapter (streamed merge) and read back by transformers' GGUF loader."""
