@@ -205,6 +205,25 @@ def _check_consistency(reader, arch: str) -> list[str]:
     for key, value in fields.items():
         if key.endswith("_token_id") and not 0 <= value < n_tokens:
             problems.append(f"metadata {key}: {value}, outside the {n_tokens}-token vocabulary")
+    return problems + _check_name_lookups(reader)
+
+
+# Tokens llama.cpp's vocabulary loader looks up (and fails without) when general.name contains a marker.
+_NAME_LOOKUPS = {("phi-3", "phi3"): ("</s>", "<unk>", "<s>", "<|endoftext|>")}
+
+
+def _check_name_lookups(reader) -> list[str]:
+    name_field, tokens_field = reader.fields.get("general.name"), reader.fields.get("tokenizer.ggml.tokens")
+    if name_field is None or tokens_field is None:
+        return []
+    name, tokens = name_field.contents(), set(tokens_field.contents())
+    problems = []
+    for markers, looked_up in _NAME_LOOKUPS.items():
+        missing = [t for t in looked_up if t not in tokens]
+        if any(m in name.lower() for m in markers) and missing:
+            problems.append(f"metadata general.name {name!r} makes llama.cpp look up {', '.join(missing)} in the "
+                            "vocabulary, which lacks it, so llama.cpp fails to load the file; the name is the model "
+                            "folder's: rename the folder (or add the tokens to the tokenizer)")
     return problems
 
 
