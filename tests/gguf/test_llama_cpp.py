@@ -115,3 +115,18 @@ def test_phi3_named_file_needs_the_tokens_llama_cpp_looks_up(tiny_model_factory,
     file if <|endoftext|> (among others) is not in the vocabulary: caught at export, with what to do."""
     with pytest.raises(GGUFVerifyError, match=r"general.name 'phi3-.*' makes llama.cpp look up <\|endoftext\|>"):
         export_gguf(tiny_model_factory("phi3"), tmp_path / "p.gguf", progress=False)
+
+
+@pytest.mark.parametrize("arch", GGUF_ARCHS)
+def test_llama_cpp_tokenizes_like_transformers(llama_cpp, merged, tmp_path, arch):
+    """The vocabulary written (byte-level BPE here, whatever the architecture) splits text in llama.cpp
+    as the folder's tokenizer.json does, special tokens included. (Compared with the tokenizers library
+    on the file: transformers 5 loads a qwen2 folder as Qwen2Tokenizer, which applies Qwen2's own
+    pre-tokenizer whatever the file says, and our GPT-2-style test tokenizer splits digits otherwise.)"""
+    from tokenizers import Tokenizer
+
+    _, _, merged_dir = merged(arch)
+    path = export_gguf(merged_dir, tmp_path / "t.gguf", out_type="q8_0", progress=False)
+    text = "The quick brown fox jumps over 12 lazy dogs.</s> hello\n  world!"
+    expected = Tokenizer.from_file(str(merged_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    assert ref.tokenize(path, text) == expected and 2 in expected
