@@ -13,8 +13,8 @@ from qlora_lite.model.build import build_model
 from qlora_lite.model.lora import lora_layers
 
 ARCHS = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2")
-# Every model_type export-gguf writes (Mistral: the llama graph; Gemma 3: its text model).
-GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+# Every model_type export-gguf writes (Mistral: the llama graph; gemma3: the text model of a multimodal folder).
+GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] != 'user' and "
@@ -93,6 +93,12 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
         common["head_dim"] = 16
     if arch == "qwen3":  # its default head_dim: transformers' GGUF reader does not take another from the file
         common["head_dim"] = 128
+    if arch == "gemma3":  # Gemma3ForConditionalGeneration: the gemma3_text model below plus a tiny vision tower
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)
+        return AutoConfig.for_model("gemma3", text_config=tiny_config("gemma3_text", vocab_size).to_dict(),
+                                    vision_config=vision, mm_tokens_per_image=4, image_token_index=0,
+                                    boi_token_index=1, eoi_token_index=2, **overrides)
     if arch in ("gemma2", "gemma3_text"):
         # query_pre_attn_scalar must equal head_dim for llama.cpp, and transformers' GGUF reader leaves it
         # at its default (256), so head_dim is 256 too; a window shorter than probe() makes layers slide.

@@ -14,7 +14,7 @@ import logging
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gguf
 import torch
@@ -37,6 +37,9 @@ class Architecture:
         problems: ``config -> [message]``: what llama.cpp would load but compute differently.
         required_keys: metadata keys (``gguf.Keys`` templates) the read-back check insists on
             beyond the ones every architecture needs.
+        text_config: ``config -> config`` of the language model (a multimodal folder nests it).
+        rename: ``key -> key`` the language model's checkpoint name (GGUF names are looked up by it),
+            or None for a tensor that is not part of it (not written).
     """
 
     name: str
@@ -46,6 +49,8 @@ class Architecture:
     extra_tensors: Callable = lambda config: {}
     problems: Callable = lambda config: []
     required_keys: tuple[str, ...] = ()
+    text_config: Callable = lambda config: config
+    rename: Callable = lambda key: key
 
     @property
     def model_arch(self) -> gguf.MODEL_ARCH:
@@ -250,6 +255,30 @@ GEMMA2 = Architecture("gemma2", _gemma2_hparams, transform=_gemma_transform, pro
 GEMMA3 = Architecture("gemma3", _gemma3_hparams, transform=_gemma_transform, problems=_gemma3_problems,
                       required_keys=_GEMMA_KEYS[:2] + (gguf.Keys.Rope.FREQ_BASE_SWA,))
 
+# A Gemma 3 folder saved from Gemma3ForConditionalGeneration (4B and larger are published so) holds
+# the same language model under language_model.* beside a vision tower. Its text model is written,
+# as llama.cpp's converter does; the vision tower and projector go into llama.cpp's separate mmproj
+# file, which this export does not write (images are not read by the GGUF file alone).
+
+_VISION = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.")
+
+
+def _gemma3_text_config(config: dict) -> dict:
+    return {**config, **config.get("text_config", {}), "model_type": "gemma3_text"}
+
+
+def _gemma3_text_key(key: str) -> str | None:
+    if _VISION.match(key):
+        return None
+    if key.startswith("language_model."):  # as saved: language_model.model.layers.0..., language_model.lm_head
+        return key[len("language_model."):]
+    if key.startswith("model.language_model."):  # transformers 5's module names
+        return "model." + key[len("model.language_model."):]
+    return key
+
+
+GEMMA3_MULTIMODAL = replace(GEMMA3, text_config=_gemma3_text_config, rename=_gemma3_text_key)
+
 # ---------------------------------------------------------------- Phi-3
 # The checkpoint already holds what llama.cpp wants: fused qkv_proj (attn_qkv) and gate_up_proj
 # (ffn_up, gate rows first), rotate-half RoPE (llama.cpp's NEOX mode, no permutation). LongRoPE
@@ -309,4 +338,4 @@ PHI3 = Architecture("phi3", _phi3_hparams, extra_tensors=_phi3_extra, problems=_
 # ---------------------------------------------------------------- Hugging Face model_type -> family
 
 ARCHITECTURES = {"llama": LLAMA, "mistral": LLAMA, "qwen2": QWEN2, "qwen3": QWEN3, "gemma2": GEMMA2,
-                 "gemma3_text": GEMMA3, "phi3": PHI3}
+                 "gemma3_text": GEMMA3, "gemma3": GEMMA3_MULTIMODAL, "phi3": PHI3}

@@ -55,13 +55,14 @@ def _add_hparams(writer, config: dict, arch: Architecture, out_type: str, name: 
 
 def _layout(plan: MergePlan, arch: Architecture, out_type: str) -> list[tuple[str, str, str, tuple[int, ...]]]:
     """``(checkpoint_key, gguf_name, ggml_type, shape)`` per written tensor, in checkpoint order."""
-    config = plan.config
+    config = arch.text_config(plan.config)
     tmap = _gguf().get_tensor_name_map(arch.model_arch, config["num_hidden_layers"])
     layout = []
     for entry in plan.entries:
-        if arch.skip(config, entry.name):
+        key = arch.rename(entry.name)
+        if key is None or arch.skip(config, key):
             continue
-        name = tmap.get_name(entry.name, try_suffixes=(".weight", ".bias"))
+        name = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise GGUFExportError(f"{plan.base_dir}: tensor {entry.name} has no GGUF name for the {arch.name} "
                                   "architecture; this model variant is not supported")
@@ -153,6 +154,7 @@ def export_gguf(
     check_writable(output.parent)
     config = json.loads((model_dir / "config.json").read_text())
     arch = architecture(model_dir, config)
+    config = arch.text_config(config)
     tok_dir = Path(adapter_dir) if adapter_dir and (Path(adapter_dir) / "tokenizer.json").exists() else model_dir
     if adapter_dir is not None:  # the verified merge first, then the export of what it wrote
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +185,7 @@ def architecture(model_dir: Path, config: dict) -> Architecture:
                               f"{', '.join(sorted(ARCHITECTURES))} (for others use llama.cpp's convert_hf_to_gguf.py "
                               "on the merged folder from `qlora-lite merge`)")
     arch = ARCHITECTURES[model_type]
-    problems = arch.problems(config)
+    problems = arch.problems(arch.text_config(config))
     if problems:
         raise GGUFExportError(f"{model_dir}: this {model_type} model cannot be written as a GGUF file llama.cpp "
                               f"computes the same way (nothing was written):{format_problems(problems)}")

@@ -108,7 +108,7 @@ def test_llama_qk_permutation_inverts_transformers_reader():
 
 
 def test_unsupported_architecture_is_a_clear_error(tiny_model_factory, tmp_path):
-    with pytest.raises(GGUFExportError, match="supported: gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3"):
+    with pytest.raises(GGUFExportError, match="supported: gemma2, gemma3, gemma3_text, llama, mistral, phi3, qwen2, qwen3"):
         export_gguf(tiny_model_factory("gpt2"), tmp_path / "x.gguf", progress=False)
     result = CliRunner().invoke(main, ["export-gguf", "--model", str(tiny_model_factory("gemma")), "--output",
                                        str(tmp_path / "y.gguf"), "--quiet"])
