@@ -11,7 +11,7 @@ from qlora_lite.errors import GGUFExportError, GGUFVerifyError
 from qlora_lite.gguf.writer import export_gguf
 
 # max|llama.cpp - transformers (fp32 merge)| / max|transformers|, per GGUF type.
-TOLERANCE = {"f16": 1e-2, "bf16": 3e-2, "q8_0": 5e-2}
+TOLERANCE = {"f16": 1e-2, "bf16": 3e-2, "q8_0": 8e-2}  # q8_0: llama.cpp also rounds activations to 8 bits
 PROMPT = probe()[0].tolist()  # 24 ids: longer than the Gemma windows (8), so layers really slide
 
 
@@ -130,3 +130,25 @@ def test_llama_cpp_tokenizes_like_transformers(llama_cpp, merged, tmp_path, arch
     text = "The quick brown fox jumps over 12 lazy dogs.</s> hello\n  world!"
     expected = Tokenizer.from_file(str(merged_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
     assert ref.tokenize(path, text) == expected and 2 in expected
+
+
+def test_llama_cpp_tokenizes_a_gemma_style_vocabulary_like_its_file(llama_cpp, tmp_path):
+    """Gemma's tokenizer.json kind: BPE with byte fallback, spaces as "\u2581", no prefix space, written as
+    tokenizer model "llama"; llama.cpp splits text (bytes outside the vocabulary too) as the file does."""
+    from tiny_models import CORPUS
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+                            ).save_pretrained(tmp_path / "tok")
+    folder = make_tiny_model("gemma2", tmp_path / "m", tmp_path / "tok")
+    path = export_gguf(folder, tmp_path / "m.gguf", out_type="q8_0", progress=False)
+    for text in ("The quick brown fox jumps over 12 lazy dogs.</s> hello\n  world!", "\u00fcn\u00efc\u00f6d\u00e9 \u2713"):
+        expected = tok.encode(text, add_special_tokens=False).ids
+        assert ref.tokenize(path, text) == expected
+    assert any(3 <= i < 259 for i in expected), "byte-fallback pieces must be exercised"
