@@ -4,7 +4,8 @@ Two tokenizer kinds are written, as llama.cpp's converter does:
 - byte-level BPE (GPT-2 style, Llama 3, Qwen2): ``tokenizer.ggml.model = "gpt2"``, tokens, token
   types, merges, the pre-tokenizer name llama.cpp knows it by.
 - sentencepiece-style BPE with byte fallback (Llama 2, Mistral): ``"llama"``, tokens, scores, types.
-Special token ids, add-BOS/EOS flags and the chat template come from ``gguf.SpecialVocab``.
+Special token ids, add-BOS/EOS flags and the chat template come from ``gguf.SpecialVocab``; the
+add-BOS flag is always written, from what transformers' tokenizer does when the config does not say.
 """
 
 from __future__ import annotations
@@ -111,10 +112,23 @@ def add_tokenizer(writer, tok_dir: Path, vocab_size: int) -> dict[str, int]:
         writer.add_add_space_prefix('"Prepend"' in normalizer or '"prepend_scheme": "always"' in normalizer)
     special = _gguf().SpecialVocab(tok_dir, load_merges=not spm, n_vocab=len(tokens))
     special.add_to_gguf(writer, quiet=True)
+    if "bos" not in special.add_special_token:
+        # Without the key llama.cpp guesses from the tokenizer kind, and Ollama's own engine may guess
+        # differently; what transformers does is what the model was trained with.
+        writer.add_add_bos_token(hf_adds_bos(tok_dir))
     if special.chat_template is None:  # training used the default template; so must inference
 
         writer.add_chat_template(DEFAULT_CHAT_TEMPLATE)
     return dict(special.special_token_ids)
+
+
+def hf_adds_bos(tok_dir: Path) -> bool:
+    """Whether transformers' tokenizer of ``tok_dir`` starts an encoded text with the BOS token."""
+    from transformers import AutoTokenizer  # noqa: PLC0415 (only GGUF export needs the whole tokenizer stack)
+
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    ids = tokenizer("a")["input_ids"]
+    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def token_text(token) -> str | None:

@@ -228,7 +228,7 @@ def _export(model_dir: Path, output: Path, config: dict, arch: Architecture, out
         if fallbacks:
             echo(fallbacks)
     if modelfile:
-        write_modelfile(output, tok_dir)
+        write_modelfile(output, tok_dir, model_dir)
     return output
 
 

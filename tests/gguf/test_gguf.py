@@ -77,22 +77,6 @@ def test_gguf_tokenizer_metadata(merged, tmp_path):
     assert field("llama.rope.dimension_count") == 16
 
 
-def test_modelfile_template_renders_like_the_chat_template(merged, tmp_path):
-    from transformers import AutoTokenizer
-
-    _, _, merged_dir = merged("qwen2")
-    export_gguf(merged_dir, tmp_path / "q.gguf", out_type="q8_0", modelfile=True, progress=False)
-    text = (tmp_path / "Modelfile").read_text()
-    assert text.startswith("FROM ./q.gguf") and 'PARAMETER stop "</s>"' in text
-    template = text.split('TEMPLATE """')[1].split('"""')[0]
-    rendered = (template.replace("{{ if .System }}", "").replace("{{ end }}", "").replace("{{ .System }}", "Be brief.")
-                .replace("{{ .Prompt }}", "Hi there").replace("{{ .Response }}", "Hello!"))
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-                {"role": "assistant", "content": "Hello!"}]
-    expected = AutoTokenizer.from_pretrained(merged_dir).apply_chat_template(messages, tokenize=False)
-    assert expected.startswith(rendered.rstrip("\n")) and len(rendered) > 30
-
-
 def test_llama_qk_permutation_inverts_transformers_reader():
     """Our permutation is exactly undone by the reverse permutation transformers applies on reading."""
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
@@ -214,31 +198,6 @@ def test_byte_level_pre_tokenizer_names():
     assert _pre_tokenizer_name(spec(head + r"\p{N}" + tail)) == "qwen2"
     assert _pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
     assert _pre_tokenizer_name(spec(r"\w+")) == "default"
-
-
-@pytest.mark.parametrize("bos", ["", "{{ bos_token }}"])
-def test_ollama_template_with_and_without_system(bos):
-    """The Go template renders, with and without a system message, what the Jinja template renders."""
-    import re
-
-    from qlora_lite.gguf.ollama import _render, ollama_template
-
-    template = (bos + "{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>\n{{ m['content'] }}"
-                "{{ eos_token }}\n{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endif %}{% endfor %}"
-                "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-    specials = {"bos_token": "<s>", "eos_token": "</s>"}
-    go = ollama_template(template, specials)
-    assert go is not None
-
-    def render_go(system):
-        text = re.sub(r"\{\{ if \.System \}\}(.*?)\{\{ end \}\}", lambda m: m.group(1) if system else "", go,
-                      flags=re.S)
-        return text.replace("{{ .System }}", system).replace("{{ .Prompt }}", "Hi").replace("{{ .Response }}", "Yo")
-
-    for system in ("", "Be brief."):
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
-        assert render_go(system) == _render(template, messages, False, specials)
 
 
 def _corrupt(path, how):
