@@ -137,8 +137,9 @@ def export_gguf(
     Raises:
         errors.MergeVerificationError: the merge with ``adapter_dir`` failed its check (nothing written).
         GGUFExportError: unsupported architecture, tokenizer or tensor; a model setting llama.cpp
-            would compute differently (``gguf.architectures``); bad output type; an output that exists (without ``overwrite``) or belongs to the model or adapter folder; a
-            Modelfile already beside the output without ``overwrite``.
+            would compute differently (``gguf.architectures``); bad output type; an output that
+            exists (without ``overwrite``) or belongs to the model or adapter folder; a Modelfile
+            already beside the output without ``overwrite``.
         errors.GGUFVerifyError: the file read back differs from what was written; it is kept
             as ``<output_file>.failed`` and the message lists each difference.
     """
