@@ -386,3 +386,22 @@ def test_export_with_adapter_runs_the_merge_check_and_writes_nothing_when_it_fai
     monkeypatch.setattr(plan_module, "merged_tensor", real)  # a correct merge leaves no temporary folder
     export_gguf(base, tmp_path / "ok.gguf", adapter_dir=adapter, progress=False)
     assert not list(tmp_path.glob(".ok.gguf.merge-*"))
+
+
+@pytest.mark.parametrize("arch, change, message", [
+    ("gemma2", {"tie_word_embeddings": False}, "llama.cpp's gemma2 always uses token_embd.weight"),
+    ("gemma3_text", {"attn_logit_softcapping": 50.0}, "llama.cpp's gemma3 has no attention softcapping"),
+    ("phi3", {"head_dim": 32}, "head_dim 32 is not hidden_size/num_attention_heads"),
+    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "long_factor": [1.0] * 4,
+                                  "short_factor": [1.0] * 8}}, "rope long_factor has 4 values; llama.cpp needs 8"),
+    ("phi3", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "llama.cpp's phi3 reads only LongRoPE"),
+])
+def test_settings_llama_cpp_computes_differently_are_refused_before_any_work(arch, change, message):
+    from tiny_models import tiny_config
+
+    from qlora_lite.gguf.writer import architecture
+
+    config = {**tiny_config(arch, 320).to_dict(), **change}
+    with pytest.raises(GGUFExportError, match=message):
+        architecture("m", config)
+    architecture("m", tiny_config(arch, 320).to_dict())  # unchanged, it is accepted
