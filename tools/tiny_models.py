@@ -13,6 +13,8 @@ from qlora_lite.model.build import build_model
 from qlora_lite.model.lora import lora_layers
 
 ARCHS = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2")
+# Every model_type export-gguf writes (Mistral: the llama graph; gemma3: the text model of a multimodal folder).
+GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] != 'user' and "
@@ -73,7 +75,8 @@ def train_tiny_tokenizer(folder: Path, vocab_size: int = 320, pad_token: bool = 
     return Path(folder)
 
 
-def tiny_config(arch: str, vocab_size: int):
+def tiny_config(arch: str, vocab_size: int, **overrides):
+    """A 2-layer, 64-wide config of ``arch`` (a transformers model_type); ``overrides`` set any field."""
     from transformers import AutoConfig
 
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -90,18 +93,31 @@ def tiny_config(arch: str, vocab_size: int):
         common["head_dim"] = 16
     if arch == "qwen3":  # its default head_dim: transformers' GGUF reader does not take another from the file
         common["head_dim"] = 128
+    if arch == "gemma3":  # Gemma3ForConditionalGeneration: the gemma3_text model below plus a tiny vision tower
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)
+        return AutoConfig.for_model("gemma3", text_config=tiny_config("gemma3_text", vocab_size).to_dict(),
+                                    vision_config=vision, mm_tokens_per_image=4, image_token_index=0,
+                                    boi_token_index=1, eoi_token_index=2, **overrides)
+    if arch in ("gemma2", "gemma3_text"):
+        # query_pre_attn_scalar must equal head_dim for llama.cpp, and transformers' GGUF reader leaves it
+        # at its default (256), so head_dim is 256 too; a window shorter than probe() makes layers slide.
+        common.update(head_dim=256, query_pre_attn_scalar=256, sliding_window=8)
     if arch == "phi3":
         common["pad_token_id"] = 0
-    return AutoConfig.for_model(arch, **common)
+    return AutoConfig.for_model(arch, **{**common, **overrides})
 
 
-def make_tiny_model(arch: str, folder: Path, tokenizer_dir: Path, shards: int = 1, seed: int = 0) -> Path:
-    """Save a randomly initialised tiny ``arch`` model (bf16 safetensors) plus the tokenizer."""
+def make_tiny_model(arch: str, folder: Path, tokenizer_dir: Path, shards: int = 1, seed: int = 0,
+                    **overrides) -> Path:
+    """Save a randomly initialised tiny ``arch`` model (bf16 safetensors) plus the tokenizer.
+
+    ``overrides``: config fields, as for ``tiny_config``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer)), dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), **overrides), dtype=torch.bfloat16)
     # Give norms and biases non-trivial values so layouts and transposes are really exercised.
     with torch.no_grad():
         for p in model.parameters():
@@ -140,6 +156,11 @@ def make_adapter(base, folder, bits=4, targets="all-linear", seed=1, scale=0.05,
             layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * scale)
     save_adapter(model, folder)
     return folder
+
+
+def lora_targets(arch: str) -> str:
+    """Attention and MLP projections to put LoRA on (Phi-3 fuses q/k/v and gate/up into one each)."""
+    return "qkv_proj,o_proj,gate_up_proj" if arch == "phi3" else "q_proj,k_proj,v_proj,o_proj,gate_proj"
 
 
 def probe(vocab=320, length=24, seed=3):

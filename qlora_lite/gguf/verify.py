@@ -47,6 +47,8 @@ class ExpectedGGUF:
         metadata: key -> ``gguf.GGUFValue`` as handed to the writer (``GGUFWriter.kv_data[0]``).
         specials: special token kind ("bos", "eos", ...) -> id the source tokenizer defines.
         crc32: GGUF tensor name -> CRC-32 of the bytes written for it.
+        required_keys: metadata keys (``gguf.Keys`` templates with ``{arch}``) this architecture needs
+            beyond those every one does.
     """
 
     arch: str
@@ -54,6 +56,7 @@ class ExpectedGGUF:
     metadata: dict = field(default_factory=dict)
     specials: dict[str, int] = field(default_factory=dict)
     crc32: dict[str, int] = field(default_factory=dict)
+    required_keys: tuple[str, ...] = ()
 
     def record(self, name: str, array: np.ndarray) -> np.ndarray:
         """Remember the CRC-32 of ``array``'s bytes (C order, as ``tofile`` writes them); return it unchanged."""
@@ -65,12 +68,17 @@ def _gguf():
     return gguf
 
 
-def required_keys(arch: str, tokenizer_model: str | None, specials: dict[str, int]) -> list[str]:
-    """Metadata keys llama.cpp needs to load and run an ``arch`` model with this tokenizer."""
+def required_keys(arch: str, tokenizer_model: str | None, specials: dict[str, int],
+                  arch_keys: tuple[str, ...] = ()) -> list[str]:
+    """Metadata keys llama.cpp needs to load and run an ``arch`` model with this tokenizer.
+
+    Args:
+        arch_keys: ``gguf.Keys`` templates only this architecture needs (``Architecture.required_keys``).
+    """
     keys = _gguf().Keys
     llm = [keys.LLM.BLOCK_COUNT, keys.LLM.CONTEXT_LENGTH, keys.LLM.EMBEDDING_LENGTH, keys.LLM.FEED_FORWARD_LENGTH,
            keys.Attention.HEAD_COUNT, keys.Attention.HEAD_COUNT_KV, keys.Attention.LAYERNORM_RMS_EPS,
-           keys.Rope.FREQ_BASE] + ([keys.Rope.DIMENSION_COUNT] if arch == "llama" else [])
+           keys.Rope.FREQ_BASE, *arch_keys]
     names = [keys.General.ARCHITECTURE, *(k.format(arch=arch) for k in llm), keys.Tokenizer.MODEL,
              keys.Tokenizer.LIST, keys.Tokenizer.TOKEN_TYPE, keys.Tokenizer.CHAT_TEMPLATE]
     # llama.cpp refuses a BPE ("gpt2") vocabulary without merges and scores a sentencepiece one.
@@ -111,7 +119,8 @@ def _check_metadata(reader, expected: ExpectedGGUF) -> list[str]:
         if not key.startswith("GGUF."):  # the reader's own entries: version and counts
             problems.append(f"metadata {key}: in the file but never written")
     model = reader.fields.get("tokenizer.ggml.model")
-    for key in required_keys(expected.arch, model.contents() if model else None, expected.specials):
+    for key in required_keys(expected.arch, model.contents() if model else None, expected.specials,
+                             expected.required_keys):
         if key not in reader.fields and key not in expected.metadata:  # not written at all
             problems.append(f"metadata {key}: missing; llama.cpp needs it for a {expected.arch} model")
     return problems
@@ -196,6 +205,25 @@ def _check_consistency(reader, arch: str) -> list[str]:
     for key, value in fields.items():
         if key.endswith("_token_id") and not 0 <= value < n_tokens:
             problems.append(f"metadata {key}: {value}, outside the {n_tokens}-token vocabulary")
+    return problems + _check_name_lookups(reader)
+
+
+# Tokens llama.cpp's vocabulary loader looks up (and fails without) when general.name contains a marker.
+_NAME_LOOKUPS = {("phi-3", "phi3"): ("</s>", "<unk>", "<s>", "<|endoftext|>")}
+
+
+def _check_name_lookups(reader) -> list[str]:
+    name_field, tokens_field = reader.fields.get("general.name"), reader.fields.get("tokenizer.ggml.tokens")
+    if name_field is None or tokens_field is None:
+        return []
+    name, tokens = name_field.contents(), set(tokens_field.contents())
+    problems = []
+    for markers, looked_up in _NAME_LOOKUPS.items():
+        missing = [t for t in looked_up if t not in tokens]
+        if any(m in name.lower() for m in markers) and missing:
+            problems.append(f"metadata general.name {name!r} makes llama.cpp look up {', '.join(missing)} in the "
+                            "vocabulary, which lacks it, so llama.cpp fails to load the file; the name is the model "
+                            "folder's: rename the folder (or add the tokens to the tokenizer)")
     return problems
 
 

@@ -3,17 +3,15 @@
 Tensors are streamed: the GGUF header and tensor table are planned from the safetensors headers,
 then each tensor is read, merged (``merge.plan.iter_merged_tensors``, the same code as ``merge``),
 converted and appended, so memory stays at about one tensor. Only the ``gguf`` Python package is
-used; no llama.cpp build. The layout follows llama.cpp's convert_hf_to_gguf.py: Llama-family q/k
-projections are permuted to llama.cpp's rotary layout, 1-D tensors (norms, biases) stay F32.
+used; no llama.cpp build. What differs between model families (names, hyper-parameters, tensor
+transforms) is in ``gguf.architectures``; 1-D tensors (norms, biases) stay F32.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 
 from qlora_lite.errors import GGUFExportError, GGUFVerifyError, MergeVerificationError
+from qlora_lite.gguf.architectures import ARCHITECTURES, Architecture
 from qlora_lite.gguf.ollama import write_modelfile
 from qlora_lite.gguf.verify import ExpectedGGUF, format_problems, verify_gguf
 from qlora_lite.gguf.vocab import add_tokenizer
@@ -34,107 +33,38 @@ from qlora_lite.storage.output_dir import check_writable, write_failure
 log = logging.getLogger(__name__)
 
 
-# Hugging Face model_type -> GGUF architecture (Mistral is the Llama graph in llama.cpp).
-SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 OUT_TYPES = ("f16", "bf16", "q8_0")
 # The dtype an adapter is merged in before the export: the file's own (f16, bf16: exact), fp32 for q8_0.
 MERGE_DTYPE = {"f16": "fp16", "bf16": "bf16", "q8_0": "fp32"}
-_SKIP = re.compile(r"rotary_emb\.inv_freq$|\.attn\.(masked_)?bias$")
 
 
 def _gguf():
     return gguf
 
 
-def _rope_theta(config: dict) -> float:
-    params = config.get("rope_parameters") or {}
-    return float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
-
-
-def _add_hparams(writer, config: dict, arch: str, out_type: str, name: str) -> None:
+def _add_hparams(writer, config: dict, arch: Architecture, out_type: str, name: str) -> None:
     """Architecture hyper-parameters under the keys llama.cpp reads (``{arch}.context_length`` ...)."""
     gguf = _gguf()
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
     writer.add_name(name)
-    writer.add_context_length(config.get("max_position_embeddings", 4096))
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
-    writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
-    writer.add_vocab_size(config["vocab_size"])
-    if arch == "llama":
-        writer.add_rope_dimension_count(head_dim)
-    if head_dim != config["hidden_size"] // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    scaling = _rope_scaling(config)
-    rope_type = scaling.get("rope_type", scaling.get("type"))
-    if rope_type == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(scaling["factor"])
-    elif rope_type not in (None, "default", "llama3"):  # llama3: the rope_freqs tensor, see below
-        log.warning("rope scaling %r is not written to the GGUF file; long-context behaviour may differ", rope_type)
+    arch.hparams(writer, config)
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type]
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _rope_scaling(config: dict) -> dict:
-    """RoPE scaling settings: ``rope_scaling`` (transformers 4) or ``rope_parameters`` (transformers 5)."""
-    return config.get("rope_scaling") or config.get("rope_parameters") or {}
-
-
-def llama3_rope_factors(config: dict) -> torch.Tensor | None:
-    """Llama 3.1+ frequency divisors (head_dim/2,), stored as ``rope_freqs.weight`` as llama.cpp does.
-
-    llama.cpp divides each rotary frequency by its factor; None when the model has no llama3 scaling.
-    """
-    scaling = _rope_scaling(config)
-    if scaling.get("rope_type", scaling.get("type")) != "llama3":
-        return None
-    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    freqs = 1.0 / (_rope_theta(config) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    factor = scaling.get("factor", 8.0)
-    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-    old_context = scaling.get("original_max_position_embeddings", config.get("original_max_position_embeddings", 8192))
-    wavelen = 2 * math.pi / freqs
-    smooth = (old_context / wavelen - low) / (high - low)
-    factors = 1 / ((1 - smooth) / factor + smooth)  # between the two bands: interpolate
-    factors = torch.where(wavelen < old_context / high, torch.ones_like(freqs), factors)  # high frequencies kept
-    return torch.where(wavelen > old_context / low, torch.full_like(freqs, factor), factors).float()
-
-
-def permute_qk(weight: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
-    """Reorder the rows of a q/k projection from HF's rotate-half layout to llama.cpp's interleaved one.
-
-    Args:
-        weight: (n_head * head_dim, in) or a bias (n_head * head_dim,).
-    """
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    shape = weight.shape
-    return weight.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
-
-
-def _layout(plan: MergePlan, arch: str, out_type: str) -> list[tuple[str, str, str, tuple[int, ...]]]:
+def _layout(plan: MergePlan, arch: Architecture, out_type: str) -> list[tuple[str, str, str, tuple[int, ...]]]:
     """``(checkpoint_key, gguf_name, ggml_type, shape)`` per written tensor, in checkpoint order."""
-    gguf = _gguf()
-    config = plan.config
-    arches = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
-    tmap = gguf.get_tensor_name_map(arches[arch], config["num_hidden_layers"])
-    tied = config.get("tie_word_embeddings", False)
+    config = arch.text_config(plan.config)
+    tmap = _gguf().get_tensor_name_map(arch.model_arch, config["num_hidden_layers"])
     layout = []
     for entry in plan.entries:
-        if _SKIP.search(entry.name) or (tied and entry.name == "lm_head.weight"):
+        key = arch.rename(entry.name)
+        if key is None or arch.skip(config, key):
             continue
-        name = tmap.get_name(entry.name, try_suffixes=(".weight", ".bias"))
+        name = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise GGUFExportError(f"{plan.base_dir}: tensor {entry.name} has no GGUF name for the {arch} "
+            raise GGUFExportError(f"{plan.base_dir}: tensor {entry.name} has no GGUF name for the {arch.name} "
                                   "architecture; this model variant is not supported")
         kind = "f32" if len(entry.shape) == 1 else out_type
         if kind == "q8_0" and entry.shape[-1] % 32:
@@ -166,17 +96,6 @@ def _convert(tensor: torch.Tensor, kind: str) -> np.ndarray:
     if kind == "f16":
         return array.astype(np.float16)
     return _gguf().quants.quantize(array, _ggml_type(kind))
-
-
-def _maybe_permute(key: str, tensor: torch.Tensor, arch: str, config: dict) -> torch.Tensor:
-    if arch != "llama":
-        return tensor
-    heads = config["num_attention_heads"]
-    if key.endswith(("q_proj.weight", "q_proj.bias")):
-        return permute_qk(tensor, heads, heads)
-    if key.endswith(("k_proj.weight", "k_proj.bias")):
-        return permute_qk(tensor, heads, config.get("num_key_value_heads") or heads)
-    return tensor
 
 
 def export_gguf(
@@ -217,9 +136,10 @@ def export_gguf(
 
     Raises:
         errors.MergeVerificationError: the merge with ``adapter_dir`` failed its check (nothing written).
-        GGUFExportError: unsupported architecture, tokenizer or tensor; bad output type; an
-            output that exists (without ``overwrite``) or belongs to the model or adapter folder; a
-            Modelfile already beside the output without ``overwrite``.
+        GGUFExportError: unsupported architecture, tokenizer or tensor; a model setting llama.cpp
+            would compute differently (``gguf.architectures``); bad output type; an output that
+            exists (without ``overwrite``) or belongs to the model or adapter folder; a Modelfile
+            already beside the output without ``overwrite``.
         errors.GGUFVerifyError: the file read back differs from what was written; it is kept
             as ``<output_file>.failed`` and the message lists each difference.
     """
@@ -234,11 +154,8 @@ def export_gguf(
     check_output(output, [model_dir] + ([Path(adapter_dir)] if adapter_dir else []), overwrite)
     check_writable(output.parent)
     config = json.loads((model_dir / "config.json").read_text())
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED:
-        raise GGUFExportError(f"{model_dir}: model type {model_type!r} cannot be exported to GGUF yet; supported: "
-                              f"{', '.join(sorted(SUPPORTED))} (for others use llama.cpp's convert_hf_to_gguf.py "
-                              "on the merged folder from `qlora-lite merge`)")
+    arch = architecture(model_dir, config)
+    config = arch.text_config(config)
     tok_dir = Path(adapter_dir) if adapter_dir and (Path(adapter_dir) / "tokenizer.json").exists() else model_dir
     if adapter_dir is not None:  # the verified merge first, then the export of what it wrote
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -247,16 +164,36 @@ def export_gguf(
             merged = work / "merged"
             merge_adapter(model_dir, adapter_dir, merged, merge_base=merge_base, dtype=MERGE_DTYPE[out_type],
                           progress=progress, bits=bits, quant_type=quant_type, double_quant=double_quant)
-            return _export(merged, output, config, model_type, out_type, tok_dir, modelfile, progress, echo)
+            return _export(merged, output, config, arch, out_type, tok_dir, modelfile, progress, echo)
         except MergeVerificationError:
             raise  # its message names the .failed folder kept in ``work`` for inspection
         finally:
             if not (work / "merged.failed").exists():
                 shutil.rmtree(work, ignore_errors=True)
-    return _export(model_dir, output, config, model_type, out_type, tok_dir, modelfile, progress, echo)
+    return _export(model_dir, output, config, arch, out_type, tok_dir, modelfile, progress, echo)
 
 
-def _export(model_dir: Path, output: Path, config: dict, model_type: str, out_type: str, tok_dir: Path,
+def architecture(model_dir: Path, config: dict) -> Architecture:
+    """The family ``config`` belongs to, once it is known llama.cpp computes what transformers does.
+
+    Raises:
+        GGUFExportError: a model type not written here (naming those that are), or settings llama.cpp
+            cannot represent (each one listed).
+    """
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise GGUFExportError(f"{model_dir}: model type {model_type!r} cannot be exported to GGUF yet; supported: "
+                              f"{', '.join(sorted(ARCHITECTURES))} (for others use llama.cpp's convert_hf_to_gguf.py "
+                              "on the merged folder from `qlora-lite merge`)")
+    arch = ARCHITECTURES[model_type]
+    problems = arch.problems(arch.text_config(config))
+    if problems:
+        raise GGUFExportError(f"{model_dir}: this {model_type} model cannot be written as a GGUF file llama.cpp "
+                              f"computes the same way (nothing was written):{format_problems(problems)}")
+    return arch
+
+
+def _export(model_dir: Path, output: Path, config: dict, arch: Architecture, out_type: str, tok_dir: Path,
             modelfile: bool, progress: bool, echo) -> Path:
     """``export_gguf`` of a folder with nothing left to merge (checks done)."""
     plan = plan_merge(model_dir)
@@ -265,7 +202,7 @@ def _export(model_dir: Path, output: Path, config: dict, model_type: str, out_ty
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.partial")
     try:
-        expected = _write(tmp, plan, config, SUPPORTED[model_type], out_type, tok_dir, progress)
+        expected = _write(tmp, plan, config, arch, out_type, tok_dir, progress)
         summary = verify_gguf(tmp, expected)
     except GGUFVerifyError as e:
         failed = output.with_name(output.name + ".failed")
@@ -337,7 +274,8 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _write(path: Path, plan: MergePlan, config: dict, arch: str, out_type: str, tok_dir: Path, progress: bool):
+def _write(path: Path, plan: MergePlan, config: dict, arch: Architecture, out_type: str, tok_dir: Path,
+           progress: bool):
     """Write the GGUF file ``path`` (header, metadata, streamed tensors) and fsync it.
 
     Returns:
@@ -345,11 +283,12 @@ def _write(path: Path, plan: MergePlan, config: dict, arch: str, out_type: str, 
         CRC-32 of every tensor's bytes, for the read-back check.
     """
     layout = _layout(plan, arch, out_type)
-    rope_factors = llama3_rope_factors(config) if arch == "llama" else None
-    planned = [("rope_freqs.weight", "f32", tuple(rope_factors.shape))] if rope_factors is not None else []
+    extra = arch.extra_tensors(config)  # made from the config (RoPE factors), written first
+    planned = [(name, "f32", tuple(tensor.shape)) for name, tensor in extra.items()]
     planned += [(name, kind, shape) for _, name, kind, shape in layout]
-    expected = ExpectedGGUF(arch, {name: (kind, shape) for name, kind, shape in planned})
-    writer = _gguf().GGUFWriter(path, arch)
+    expected = ExpectedGGUF(arch.name, {name: (kind, shape) for name, kind, shape in planned},
+                            required_keys=arch.required_keys)
+    writer = _gguf().GGUFWriter(path, arch.name)
     try:
         _add_hparams(writer, config, arch, out_type, plan.base_dir.name)
         expected.specials = add_tokenizer(writer, tok_dir, config["vocab_size"])
@@ -359,14 +298,13 @@ def _write(path: Path, plan: MergePlan, config: dict, arch: str, out_type: str, 
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         expected.metadata = dict(writer.kv_data[0])
-        if rope_factors is not None:
-            writer.write_tensor_data(expected.record("rope_freqs.weight", rope_factors.numpy()))
+        for name, tensor in extra.items():
+            writer.write_tensor_data(expected.record(name, tensor.numpy()))
         names = {key: (name, kind) for key, name, kind, _ in layout}
         for key, tensor in iter_merged_tensors(plan, progress):
             if key in names:
                 name, kind = names[key]
-                writer.write_tensor_data(expected.record(name, _convert(_maybe_permute(key, tensor, arch, config),
-                                                                        kind)))
+                writer.write_tensor_data(expected.record(name, _convert(arch.transform(config, key, tensor), kind)))
     finally:
         writer.close()
     with open(path, "rb") as f:

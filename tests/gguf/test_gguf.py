@@ -5,49 +5,15 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_models import logits, make_adapter, probe
+from tiny_models import GGUF_ARCHS, logits, probe
 
 from qlora_lite.cli import main
 from qlora_lite.errors import GGUFExportError
-from qlora_lite.gguf.writer import export_gguf, permute_qk
-from qlora_lite.merge.write import merge_adapter
+from qlora_lite.gguf.architectures import permute_qk
+from qlora_lite.gguf.writer import export_gguf
 
 # Largest |logit difference| relative to the largest logit, per GGUF type, against the fp32 merge.
 TOLERANCE = {"f16": 2e-3, "bf16": 2e-2, "q8_0": 4e-2}
-
-
-@pytest.fixture(scope="module")
-def merged(tiny_model_factory, tmp_path_factory):
-    """Per architecture: base, adapter and the fp32 merged folder (the reference for the GGUF files)."""
-    made = {}
-
-    def get(arch):
-        if arch not in made:
-            root = tmp_path_factory.mktemp(f"gguf-{arch}")
-            base = tiny_model_factory(arch)
-            adapter = make_adapter(base, root / "adapter", targets="q_proj,k_proj,v_proj,o_proj,gate_proj")
-            merge_adapter(base, adapter, root / "merged", dtype="fp32", verify=False, progress=False)
-            made[arch] = base, adapter, root / "merged"
-        return made[arch]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def reference_logits(merged):
-    """Per architecture: probe logits of the fp32 merged model and of the base alone (computed once)."""
-    from transformers import AutoModelForCausalLM
-
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            base, _, merged_dir = merged(arch)
-            load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # noqa: E731
-            cache[arch] = logits(load(merged_dir), probe()), logits(load(base), probe())
-        return cache[arch]
-
-    return get
 
 
 def load_gguf(path):
@@ -56,7 +22,7 @@ def load_gguf(path):
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", GGUF_ARCHS)
 @pytest.mark.parametrize("out_type", ["f16", "bf16", "q8_0"])
 def test_gguf_reads_back_with_merged_logits(merged, reference_logits, tmp_path, arch, out_type):
     """Written with --adapter (streamed merge) and read back by transformers' GGUF loader."""
@@ -126,11 +92,11 @@ def test_llama_qk_permutation_inverts_transformers_reader():
 
 
 def test_unsupported_architecture_is_a_clear_error(tiny_model_factory, tmp_path):
-    with pytest.raises(GGUFExportError, match="supported: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(GGUFExportError, match="supported: gemma2, gemma3, gemma3_text, llama, mistral, phi3, qwen2, qwen3"):
         export_gguf(tiny_model_factory("gpt2"), tmp_path / "x.gguf", progress=False)
-    result = CliRunner().invoke(main, ["export-gguf", "--model", str(tiny_model_factory("phi3")), "--output",
+    result = CliRunner().invoke(main, ["export-gguf", "--model", str(tiny_model_factory("gemma")), "--output",
                                        str(tmp_path / "y.gguf"), "--quiet"])
-    assert result.exit_code == 1 and "'phi3' cannot be exported" in result.output
+    assert result.exit_code == 1 and "'gemma' cannot be exported" in result.output
     assert not list(tmp_path.iterdir())
 
 
@@ -420,3 +386,22 @@ def test_export_with_adapter_runs_the_merge_check_and_writes_nothing_when_it_fai
     monkeypatch.setattr(plan_module, "merged_tensor", real)  # a correct merge leaves no temporary folder
     export_gguf(base, tmp_path / "ok.gguf", adapter_dir=adapter, progress=False)
     assert not list(tmp_path.glob(".ok.gguf.merge-*"))
+
+
+@pytest.mark.parametrize("arch, change, message", [
+    ("gemma2", {"tie_word_embeddings": False}, "llama.cpp's gemma2 always uses token_embd.weight"),
+    ("gemma3_text", {"attn_logit_softcapping": 50.0}, "llama.cpp's gemma3 has no attention softcapping"),
+    ("phi3", {"head_dim": 32}, "head_dim 32 is not hidden_size/num_attention_heads"),
+    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "long_factor": [1.0] * 4,
+                                  "short_factor": [1.0] * 8}}, "rope long_factor has 4 values; llama.cpp needs 8"),
+    ("phi3", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "llama.cpp's phi3 reads only LongRoPE"),
+])
+def test_settings_llama_cpp_computes_differently_are_refused_before_any_work(arch, change, message):
+    from tiny_models import tiny_config
+
+    from qlora_lite.gguf.writer import architecture
+
+    config = {**tiny_config(arch, 320).to_dict(), **change}
+    with pytest.raises(GGUFExportError, match=message):
+        architecture("m", config)
+    architecture("m", tiny_config(arch, 320).to_dict())  # unchanged, it is accepted
