@@ -24,11 +24,12 @@ from qlora_lite.merge.verify import PROBE_TOLERANCE
 @click.option("--max-shard-size", default="2GB", show_default=True, metavar="SIZE",
               help="Largest output shard, e.g. 2GB, 500MB or 2G (GiB); a bare number is bytes.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Before reporting success, compare every merged tensor with W + scale * B @ A computed in fp64 "
-                   "from the base (a correct merge differs only by rounding to --dtype: half a unit in its last "
-                   "place, plus the merge's fp32 arithmetic; tensors without an adapter must be bit-identical), "
-                   "then run a probe input through the merged folder and the base in fp32, one decoder block "
-                   "in memory at a time. --no-verify skips both: only to inspect an output, not to ship it.")
+              help="Before reporting success, compare every merged tensor, as it is written, with W + scale * B @ A "
+                   "computed anew from the base (a correct merge differs only by rounding to --dtype: half a unit "
+                   "in its last place, plus fp32 arithmetic rounding, bounded; tensors without an adapter must be "
+                   "bit-identical), read the files back against the checked bytes, then run a probe input through "
+                   "the merged folder and the base in fp32, one decoder block in memory at a time. --no-verify "
+                   "skips all three: only to inspect an output, not to ship it.")
 @click.option("--tolerance", type=float, default=None,
               help="Largest allowed |logit difference| of the probe forward, which runs in fp32 on the same "
                    f"weights, so it only catches layout mistakes (default: {PROBE_TOLERANCE:g} times the largest "

@@ -2,13 +2,14 @@
 read back, then one probe forward.
 
 1. Weights, in the merge's stream (``StreamCheck``). Each merged tensor, rounded to the output dtype
-   as it is about to be written, is compared with ``W + scale * B @ A`` computed in fp64 from the
-   same merge base, independently of the merge arithmetic (``model.lora.merge_weight``): ``W`` is the
+   as it is about to be written, is compared with ``W + scale * B @ A`` computed anew from the same
+   merge base, independently of the merge arithmetic (``model.lora.merge_weight``): ``W`` is the
    weight training multiplied by (``merge.plan.merge_base_weight``: quantized, then dequantized to
    the compute dtype along the training forward's own path) or, for ``original``, the checkpoint's.
-   A correct merge differs from that exact value only by rounding to the output dtype (at most half a
-   unit in its last place) plus the fp32 arithmetic of the merge, so the bound follows from the dtypes
-   and a wrong value fails however small the model's tolerance for noise is. Tensors without an
+   A correct merge differs from the true value only by rounding to the output dtype (at most half a
+   unit in its last place) plus the fp32 arithmetic of the merge, and the check's own fp32 value errs
+   by as little, both bounded from the dtypes and the magnitudes (``_chunk_ratio``), so a wrong value
+   fails however small the model's tolerance for noise is. Tensors without an
    adapter must be bit-identical to their merge base in the output dtype. Comparing forwards instead
    could not tell a correct merge of a model that amplifies bf16 rounding from a wrong one. The base
    is computed once for both: it is the training model's weight by construction (the same function
@@ -43,12 +44,8 @@ from qlora_lite.model.folder import weight_files
 from qlora_lite.model.loading import DTYPES, release_freed_memory
 from qlora_lite.storage.safetensors_io import TensorEntry, read_headers
 
-# Mantissa bits stored by each output dtype: round-to-nearest errs by at most 2**-(bits+1) relative.
-MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
-
-
-# The merge's own fp32 arithmetic: each product and sum of W + s * (B @ A) rounds once in fp32
-# (unit roundoff 2**-24), so its error is at most (rank + 2) units times the sum of the magnitudes.
+# fp32 arithmetic: each product and sum of W + s * (B @ A) rounds once (unit roundoff 2**-24), so
+# computing it errs by at most (rank + 2) units times the sum of the magnitudes (plus one for safety).
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 
 
@@ -57,7 +54,7 @@ FP32_UNIT_ROUNDOFF = 2.0 ** -24
 PROBE_TOLERANCE = 1e-4
 
 
-# Elements of a tensor compared at once (in fp64), so the check never holds a large matrix.
+# Elements of a tensor compared at once: the chunk's few fp32 passes stay in the CPU caches.
 _CHUNK_ELEMENTS = 1 << 18
 # Bytes read back at once when the files are checksummed.
 _READ_BYTES = 1 << 26
@@ -85,45 +82,63 @@ def as_trained(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tensor:
     return merge_base_weight(plan, key, tensor) if key in plan.quantized else tensor
 
 
-def _half_ulp(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Half a unit in the last place of ``dtype`` at each value of ``exact`` (fp64), subnormals included.
+# Mantissa bits stored by each output dtype: round-to-nearest errs by at most 2**-(bits+1) relative.
+MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
 
-    Read off the fp64 exponent bits: ``exact`` lies in [2**(e-1023), 2**(e-1022)) for biased exponent
-    e, where ``dtype``'s half unit is 2**(e-1024-bits), an fp64 with biased exponent e-1-bits.
+
+def half_ulp_of(stored: torch.Tensor, as_fp32: torch.Tensor | None = None) -> torch.Tensor:
+    """Half a unit in the last place of each value of ``stored`` (bf16, fp16 or fp32), as fp32.
+
+    A normal value's unit is its power-of-two floor (its fp32 bits without the mantissa) times
+    2**-bits; below the normals the units are those of the smallest normal.
+
+    Args:
+        as_fp32: ``stored.float()``, when the caller has it already.
     """
-    bits, info = MANTISSA_BITS[dtype], torch.finfo(dtype)
-    exponent = (exact.view(torch.int64) >> 52) & 0x7FF
-    half = ((exponent - 1 - bits).clamp_(min=1) << 52).view(torch.float64)
-    return half.clamp_(min=info.smallest_normal * 2.0 ** -bits / 2)  # below: the spacing of subnormals
+    bits, info = MANTISSA_BITS[stored.dtype], torch.finfo(stored.dtype)
+    values = stored.float() if as_fp32 is None else as_fp32
+    floor = (values.view(torch.int32) & 0x7F800000).view(torch.float32)
+    return floor.mul_(2.0 ** -(bits + 1)).clamp_(min=info.smallest_normal * 2.0 ** -(bits + 1))
 
 
 def _chunk_ratio(plan: MergePlan, key: str, start: int, base: torch.Tensor, stored: torch.Tensor,
-                 out: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(|stored - exact| / bound, |stored - exact|)`` for rows ``start:`` of one weight, in fp64
-    (the ratio is inf where the stored value is not finite).
+                 b_norms: torch.Tensor, a_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(|stored - exact| / bound, |stored - exact|)`` for rows ``start:`` of one merged weight, in
+    fp32 (NaN or inf where the stored value is not finite).
+
+    ``exact`` is ``W + s * B @ A`` computed here in fp32, so it and the merge each err by at most
+    (rank + 3) fp32 units times the magnitudes ``|W| + |s| * |B| @ |A|``; those are bounded from above
+    by the row norms of B times the column norms of A (Cauchy-Schwarz), without a second product.
+    A correctly rounded stored value is within half its own unit in the last place of the true value
+    (never less than the true value's half unit), so the bound is that plus both fp32 errors.
 
     Args:
         base, stored: the same rows of the merge base and of the merged tensor, in the stored layout:
             (out, in), or (in, out) for GPT-2's Conv1D.
+        b_norms, a_norms: (out,) row norms of B and (in,) column norms of A, fp32.
     """
-    w = base.double()
-    exact, magnitude, rank = w, w.abs(), 0
-    if key in plan.lora:
-        lora_A, lora_B, scaling, dora = plan.lora[key]
-        a, b = lora_A.double(), lora_B.double()  # (r, in), (out, r)
-        rows = slice(start, start + w.shape[0])
-        if key in plan.conv1d:  # stored rows are inputs: delta^T[rows] = (B @ A[:, rows])^T
-            delta, size = (b @ a[:, rows]).t(), (b.abs() @ a[:, rows].abs()).t()
-        else:
-            delta, size = b[rows] @ a, b[rows].abs() @ a.abs()
-        exact, magnitude, rank = w + scaling * delta, magnitude + abs(scaling) * size, a.shape[0]
-        if dora is not None:  # rows are output channels (plan_merge refuses DoRA on Conv1D)
-            scale = (dora.double()[rows] / torch.linalg.norm(exact, dim=1)).unsqueeze(1)
-            # the merge computes the row norm in fp32 over the whole row: a few roundoffs per element
-            exact, magnitude, rank = exact * scale, (magnitude * scale.abs()), rank + exact.shape[1]
-    bound = _half_ulp(exact, out) + (rank + 2) * FP32_UNIT_ROUNDOFF * magnitude
-    error = (stored.double() - exact).abs()
-    return torch.where(torch.isfinite(error), error / bound, torch.full_like(error, float("inf"))), error
+    lora_A, lora_B, scaling, dora = plan.lora[key]
+    w = base.float()
+    rank = lora_A.shape[0]
+    a, b = lora_A.float(), lora_B.float()  # (r, in), (out, r)
+    rows = slice(start, start + w.shape[0])
+    if key in plan.conv1d:  # stored rows are inputs: (W^T + s * (B @ A)^T)[rows] = W^T[rows] + s * A[:, rows]^T @ B^T
+        exact = torch.addmm(w, a[:, rows].t(), b.t(), alpha=scaling)
+        magnitude = torch.addr(w.abs(), a_norms[rows], b_norms, alpha=abs(scaling))
+    else:
+        exact = torch.addmm(w, b[rows], a, alpha=scaling)
+        magnitude = torch.addr(w.abs(), b_norms[rows], a_norms, alpha=abs(scaling))
+    terms = rank + 3
+    if dora is not None:  # rows are output channels (plan_merge refuses DoRA on Conv1D)
+        scale = (dora.float()[rows] / torch.linalg.norm(exact, dim=1)).unsqueeze(1)
+        # the row norm sums a whole row: its roundoff grows with the row's length, on both sides
+        exact.mul_(scale)
+        magnitude.mul_(scale.abs())
+        terms += exact.shape[1]
+    values = stored.float()
+    error = (values - exact).abs_()
+    bound = magnitude.mul_(2 * terms * FP32_UNIT_ROUNDOFF).add_(half_ulp_of(stored, values))
+    return error / bound, error
 
 
 @dataclass
@@ -158,18 +173,22 @@ class StreamCheck:
                                 "bit, and it does not")
             self.checked += 1
             return
-        rows = max(1, _CHUNK_ELEMENTS // max(1, stored[0].numel() if stored.ndim else 1))
+        rows = max(1, _CHUNK_ELEMENTS // max(1, stored[0].numel()))
+        lora_A, lora_B = self.plan.lora[key][:2]
+        b_norms, a_norms = torch.linalg.norm(lora_B.float(), dim=1), torch.linalg.norm(lora_A.float(), dim=0)
         worst = 0.0
-        for start in range(0, max(1, stored.shape[0] if stored.ndim else 1), rows):
-            ratio, error = _chunk_ratio(self.plan, key, start, base[start:start + rows], stored[start:start + rows], out)
+        for start in range(0, stored.shape[0], rows):
+            ratio, error = _chunk_ratio(self.plan, key, start, base[start:start + rows], stored[start:start + rows],
+                                        b_norms, a_norms)
             index = int(ratio.argmax())
             value = ratio.reshape(-1)[index].item()
             if not value <= 1.0:
                 row, col = divmod(index, ratio.shape[-1]) if ratio.ndim == 2 else (index, 0)
                 self.problem, self.problem_ratio = (
-                    f"{where} differs from W + scale * B @ A (computed in fp64 from the base) by "
+                    f"{where} differs from W + scale * B @ A (computed anew from the base) by "
                     f"{error.reshape(-1)[index].item():.3g} at index {[start + row, col]}, {value:.3g} times the bound "
-                    f"there (half a {self.dtype} unit in the last place plus the merge's fp32 rounding)"), value
+                    f"there (half a {self.dtype} unit in the last place plus the fp32 rounding of the merge and of the "
+                    "check)"), value
                 return
             worst = max(worst, value)
         self.checked += 1

@@ -140,7 +140,8 @@ def test_merge_help_describes_the_exact_check():
     result = CliRunner().invoke(main, ["merge", "--help"])
     assert result.exit_code == 0
     text = " ".join(result.output.split()).replace("- ", "-")  # click wraps after hyphens
-    assert "fp64" in text and "bit-identical" in text and f"{PROBE_TOLERANCE:g} times" in text
+    assert "computed anew from the base" in text and "bit-identical" in text and "read the files back" in text
+    assert f"{PROBE_TOLERANCE:g} times" in text
     assert "3%" not in text
 
 
@@ -164,3 +165,17 @@ def test_bytes_changed_on_disk_after_the_check_fail_naming_the_tensor(sensitive,
                                                      r"model\.safetensors reads back with other bytes"):
         merge_adapter(base, adapter, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_half_ulp_from_the_exponent_bits_is_half_the_gap_to_the_next_value(dtype):
+    from qlora_lite.merge.verify import half_ulp_of
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.randn(4000, generator=g) * 10.0 ** torch.randint(-6, 4, (4000,), generator=g),
+                        torch.tensor([0.0, -0.0, 1.0, -2.0, 0.5, 60000.0])]).to(dtype)
+    gap = (torch.nextafter(values.abs(), torch.tensor(float("inf"), dtype=dtype)) - values.abs()).float()
+    normal = torch.finfo(torch.float32).smallest_normal
+    # exact where that half gap is an fp32 normal, never tighter where it is not
+    assert torch.equal(half_ulp_of(values)[gap / 2 >= normal], (gap / 2)[gap / 2 >= normal])
+    assert (half_ulp_of(values) >= gap / 2).all()
