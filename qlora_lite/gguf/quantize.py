@@ -28,6 +28,7 @@ QK_K = 256
 BLOCKS = {"q4_0": (32, 18), "q5_0": (32, 22), "q5_1": (32, 24), "q8_0": (32, 34), "q4_k": (QK_K, 144), "q5_k": (QK_K, 176),
           "q6_k": (QK_K, 210)}
 _GROUP_MAX_EPS = np.float32(1e-15)
+_F16_NOTE = ", after rounding to fp16 as the f16 file llama-quantize reads holds them (|x| > 65504 is inf)"
 _CHUNK_VALUES = 1 << 18  # values quantized per step of one thread: the temporaries stay in L2
 
 
@@ -276,7 +277,7 @@ def quantize(array: np.ndarray, kind: str, threads: int | None = None, name: str
         (..., n // block * block_bytes) uint8, the layout ``gguf.GGUFWriter`` expects for a quantized tensor.
 
     Raises:
-        GGUFExportError: unknown ``kind`` or a row length that is not a multiple of its block.
+        GGUFExportError: unknown ``kind``, a row length that is not a multiple of its block, inf or NaN values.
     """
     if kind not in BLOCKS:
         raise GGUFExportError(f"{name}: no quantizer for type {kind!r}; known: {', '.join(BLOCKS)}")
@@ -285,6 +286,11 @@ def quantize(array: np.ndarray, kind: str, threads: int | None = None, name: str
         raise GGUFExportError(f"{name}: rows of {array.shape[-1] if array.ndim else 0} values do not split into "
                               f"{kind.upper()} blocks of {block}")
     blocks = np.ascontiguousarray(array, dtype=np.float32).reshape(-1, block)
+    if not np.isfinite(blocks).all():
+        bad = np.flatnonzero(~np.isfinite(blocks).all(axis=1))
+        raise GGUFExportError(f"{name}: {bad.size} blocks of {block} values hold inf or NaN (the first at value "
+                              f"{bad[0] * block} of the flattened tensor){_F16_NOTE if kind != 'q8_0' else ''}; "
+                              "the model's weights are broken there, or too large for this type")
     out = np.empty((blocks.shape[0], nbytes), np.uint8)
     step = max(1, _CHUNK_VALUES // block)
     starts = range(0, blocks.shape[0], step)

@@ -91,9 +91,9 @@ def _add_tensor_info(writer, name: str, kind: str, shape: tuple[int, ...]) -> No
     writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=_ggml_type(kind))
 
 
-def _convert(tensor: torch.Tensor, kind: str) -> np.ndarray:
+def _convert(tensor: torch.Tensor, kind: str, name: str = "tensor") -> np.ndarray:
     if kind not in ("f32", "f16", "bf16", "q8_0"):  # llama-quantize reads the f16 file: quantize those values
-        return quantize(tensor.to(torch.float16).float().numpy(), kind)
+        return quantize(tensor.to(torch.float16).float().numpy(), kind, name=name)
     array = tensor.float().numpy()
     if kind == "f32":
         return array
@@ -101,7 +101,7 @@ def _convert(tensor: torch.Tensor, kind: str) -> np.ndarray:
         return array.astype(np.float16)
     if kind == "bf16":
         return _gguf().quants.quantize(array, _ggml_type(kind))
-    return quantize(array, kind)
+    return quantize(array, kind, name=name)
 
 
 def export_gguf(
@@ -311,7 +311,8 @@ def _write(path: Path, plan: MergePlan, config: dict, arch: Architecture, out_ty
         for key, tensor in iter_merged_tensors(plan, progress):
             if key in names:
                 name, kind = names[key]
-                writer.write_tensor_data(expected.record(name, _convert(arch.transform(config, key, tensor), kind)))
+                converted = _convert(arch.transform(config, key, tensor), kind, name)
+                writer.write_tensor_data(expected.record(name, converted))
     finally:
         writer.close()
     with open(path, "rb") as f:

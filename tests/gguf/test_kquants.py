@@ -116,6 +116,11 @@ def test_q8_0_blocks_equal_gguf_py():
 def test_rows_that_do_not_split_into_blocks_are_an_error_naming_the_tensor():
     with pytest.raises(GGUFExportError, match=r"blk.0.ffn_down.weight: rows of 320 values do not split into Q4_K"):
         quantize(np.zeros((2, 320), np.float32), "q4_k", name="blk.0.ffn_down.weight")
+    overflow = np.zeros((2, 256), np.float32)
+    overflow[1, 40] = np.inf
+    with pytest.raises(GGUFExportError, match=r"blk.1.attn_q.weight: 1 blocks of 256 values hold inf or NaN \(the "
+                                              r"first at value 256 "):
+        quantize(overflow, "q6_k", name="blk.1.attn_q.weight")
     with pytest.raises(GGUFExportError, match="no quantizer for type 'q3_k'"):
         quantize(np.zeros((2, 256), np.float32), "q3_k")
 
@@ -159,3 +164,18 @@ def test_cli_offers_every_type_the_writer_writes():
     assert sorted(choices) == sorted(OUT_TYPES)
     result = CliRunner().invoke(main, ["export-gguf", "--model", ".", "--output", "x.gguf", "--type", "q3_k"])
     assert result.exit_code != 0 and "q4_k_m" in result.output
+
+
+def test_weight_too_large_for_fp16_is_an_error_naming_the_tensor(tokenizer_dir, tmp_path):
+    """llama-quantize would read inf from the f16 file and write garbage; we refuse, writing nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer)), dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = 1e5
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    with pytest.raises(GGUFExportError, match=r"blk.1.ffn_up.weight: 1 blocks of 32 values hold inf or NaN .*fp16"):
+        export_gguf(tmp_path / "m", tmp_path / "m.gguf", out_type="q4_k_m", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
