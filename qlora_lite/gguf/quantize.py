@@ -125,6 +125,8 @@ def make_qkx2_quants(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep
         sum_x += w[i] * x[i]
     lo = np.where(lo > 0, _f32(0), lo)
     flat = hi == lo
+    trial, error = np.empty_like(x), np.empty_like(x)
+    products = np.empty((3, *x.shape), np.float32)  # w*l, w*l*l, w*l*x: summed together, row by row
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = _f32(nmax) / (hi - lo)
         scale = _f32(1) / iscale
@@ -132,18 +134,27 @@ def make_qkx2_quants(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep
         best_error = _seq_sum(w * np.square(scale * levels + lo - x))
         for step in range(nstep + 1):
             iscale = (_f32(rmin) + _f32(rdelta) * _f32(step) + _f32(nmax)) / (hi - lo)
-            trial = np.clip(np.rint(iscale * (x - lo)), 0, nmax)
-            wl = w * trial
-            sum_l, sum_l2, sum_xl = _seq_sum(wl), _seq_sum(wl * trial), _seq_sum(wl * x)
+            np.subtract(x, lo, out=trial)
+            trial *= iscale
+            np.clip(np.rint(trial, out=trial), 0, nmax, out=trial)
+            np.multiply(w, trial, out=products[0])
+            np.multiply(products[0], trial, out=products[1])
+            np.multiply(products[0], x, out=products[2])
+            sum_l, sum_l2, sum_xl = _seq_sum(products.swapaxes(0, 1))
             det = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
             clamp = this_min > 0
             this_min = np.where(clamp, _f32(0), this_min)
             this_scale = np.where(clamp, sum_xl / sum_l2, this_scale)
-            cur_error = _seq_sum(w * np.square(this_scale * trial + this_min - x))
+            np.multiply(this_scale, trial, out=error)
+            error += this_min
+            error -= x
+            np.square(error, out=error)
+            error *= w
+            cur_error = _seq_sum(error)
             better = (det > 0) & (cur_error < best_error) & ~flat
-            levels = np.where(better, trial, levels)
+            np.copyto(levels, trial, where=better)
             best_error = np.where(better, cur_error, best_error)
             scale = np.where(better, this_scale, scale)
             lo = np.where(better, this_min, lo)
