@@ -8,13 +8,15 @@ Then every tensor of the two files is compared (type, shape, bytes).
 
     python tools/bench_gguf_quantize.py [--type q4_k_m] [--threads 2] [--layers 22] [--out DIR]
 
-Prints both times, the ratio ours / llama.cpp (target: at most 2) and the byte comparison.
+Prints both times (wall and CPU seconds of all threads; on a busy machine the CPU times are the
+fairer comparison), the ratios ours / llama.cpp (target: at most 2) and the byte comparison.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import shutil
 import time
 from pathlib import Path
@@ -144,15 +146,16 @@ def main() -> None:
     f16, ref, ours = (args.out / f"{n}.gguf" for n in ("f16", f"llama-cpp-{args.out_type}", f"ours-{args.out_type}"))
     if not f16.exists():
         write_f16(f16, args.layers)
-    timings = {}
+    wall, cpu = {}, {}
     for label, run in (("llama.cpp", lambda: quantize_llama_cpp(f16, ref, args.out_type, args.threads)),
                        ("ours", lambda: quantize_ours(f16, ours, args.out_type, args.layers, args.threads))):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), sum(os.times()[:2])
         run()
-        timings[label] = time.perf_counter() - start
-    print(f"{args.out_type}, 1.1B LLaMA shape ({args.layers} layers), {args.threads} threads: "
-          f"llama.cpp {timings['llama.cpp']:.1f} s, ours {timings['ours']:.1f} s, "
-          f"ratio ours/llama.cpp {timings['ours'] / timings['llama.cpp']:.2f}")
+        wall[label], cpu[label] = time.perf_counter() - start, sum(os.times()[:2]) - start_cpu
+    print(f"{args.out_type}, 1.1B LLaMA shape ({args.layers} layers), {args.threads} threads, load average "
+          f"{os.getloadavg()[0]:.1f}: llama.cpp {wall['llama.cpp']:.1f} s wall / {cpu['llama.cpp']:.1f} s CPU, "
+          f"ours {wall['ours']:.1f} s / {cpu['ours']:.1f} s; ours/llama.cpp {wall['ours'] / wall['llama.cpp']:.2f} "
+          f"by wall, {cpu['ours'] / cpu['llama.cpp']:.2f} by CPU")
     print(compare(ours, ref))
     if not args.keep:
         shutil.rmtree(args.out)
