@@ -176,21 +176,28 @@ def make_qx_quants(x: np.ndarray, nmax: int):
     zero = np.abs(peak) < _GROUP_MAX_EPS
     wx = x * x * x  # w * x[i] with w = x[i]^2
     w = x * x
+    q = np.empty_like(x)
+    products = np.empty((2, *x.shape), np.float32)  # w*x*l and w*l*l, summed together row by row
     with np.errstate(divide="ignore", invalid="ignore"):
         def trial(iscale):
-            q = np.clip(np.rint(iscale * x), -nmax, nmax - 1)
-            return q, _seq_sum(wx * q), _seq_sum(w * q * q)
+            np.multiply(iscale, x, out=q)
+            np.clip(np.rint(q, out=q), -nmax, nmax - 1, out=q)
+            np.multiply(wx, q, out=products[0])
+            np.multiply(w, q, out=products[1])
+            products[1] *= q
+            return _seq_sum(products.swapaxes(0, 1))
 
-        q, sumlx, suml2 = trial(_f32(-nmax) / peak)
-        levels = q + nmax
+        sumlx, suml2 = trial(_f32(-nmax) / peak)
+        levels = q.copy()  # without the +nmax offset until the end
         scale = np.where(suml2 != 0, sumlx / suml2, _f32(0))
         best = scale * sumlx
         for step in [*range(-9, 0), *range(1, 10)]:
-            q, sumlx, suml2 = trial(-(_f32(nmax) + _f32(0.1) * _f32(step)) / peak)
+            sumlx, suml2 = trial(-(_f32(nmax) + _f32(0.1) * _f32(step)) / peak)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            levels = np.where(better, q + nmax, levels)
+            np.copyto(levels, q, where=better)
             scale = np.where(better, sumlx / suml2, scale)
             best = np.where(better, scale * sumlx, best)
+    levels += nmax
     return np.where(zero, _f32(0), levels), np.where(zero, _f32(0), scale)
 
 
