@@ -33,6 +33,9 @@ EXPORT_TYPES = {
     "q5_k_m": ("q5_k", gguf.LlamaFileType.MOSTLY_Q5_K_M),
     "q6_k": ("q6_k", gguf.LlamaFileType.MOSTLY_Q6_K),
 }
+# The types llama-quantize makes from the f16 file: every quantized block (Q8_0 fallbacks too) starts
+# from fp16 values.
+FROM_F16 = ("q4_0", "q5_0", "q4_k_m", "q5_k_m", "q6_k")
 # tensor_type_fallback: a K-quant whose rows do not split into 256 values
 _FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 _LAYER = re.compile(r"^blk\.(\d+)\.")

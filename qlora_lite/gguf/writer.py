@@ -22,7 +22,7 @@ import torch
 
 from qlora_lite.errors import GGUFExportError, GGUFVerifyError, MergeVerificationError
 from qlora_lite.gguf.architectures import ARCHITECTURES, Architecture
-from qlora_lite.gguf.mix import EXPORT_TYPES, file_type, tensor_type
+from qlora_lite.gguf.mix import EXPORT_TYPES, FROM_F16, file_type, tensor_type
 from qlora_lite.gguf.ollama import write_modelfile
 from qlora_lite.gguf.quantize import quantize
 from qlora_lite.gguf.verify import ExpectedGGUF, format_problems, verify_gguf
@@ -91,9 +91,9 @@ def _add_tensor_info(writer, name: str, kind: str, shape: tuple[int, ...]) -> No
     writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=_ggml_type(kind))
 
 
-def _convert(tensor: torch.Tensor, kind: str, name: str = "tensor") -> np.ndarray:
-    if kind not in ("f32", "f16", "bf16", "q8_0"):  # llama-quantize reads the f16 file: quantize those values
-        return quantize(tensor.to(torch.float16).float().numpy(), kind, name=name)
+def _convert(tensor: torch.Tensor, kind: str, name: str = "tensor", from_f16: bool = False) -> np.ndarray:
+    if from_f16 and kind != "f32":  # llama-quantize reads the f16 file: quantize exactly those values
+        tensor = tensor.to(torch.float16)
     array = tensor.float().numpy()
     if kind == "f32":
         return array
@@ -311,7 +311,7 @@ def _write(path: Path, plan: MergePlan, config: dict, arch: Architecture, out_ty
         for key, tensor in iter_merged_tensors(plan, progress):
             if key in names:
                 name, kind = names[key]
-                converted = _convert(arch.transform(config, key, tensor), kind, name)
+                converted = _convert(arch.transform(config, key, tensor), kind, name, out_type in FROM_F16)
                 writer.write_tensor_data(expected.record(name, converted))
     finally:
         writer.close()

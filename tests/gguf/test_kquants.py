@@ -93,6 +93,16 @@ def test_merged_adapter_equals_llama_quantize_of_the_f16_merge(llama_cpp, tiny_m
     assert _differences(ours, tmp_path / "ref.gguf") == []
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3_text", "phi3"])
+def test_other_architectures_equal_llama_quantize(llama_cpp, merged, tmp_path, arch):
+    """The mix goes by tensor name: Gemma's tied embeddings, Phi-3's fused attn_qkv and gate/up included."""
+    merged_dir = merged(arch)[2]
+    f16 = export_gguf(merged_dir, tmp_path / "f16.gguf", out_type="f16", progress=False)
+    _llama_quantize(llama_cpp, f16, tmp_path / "ref.gguf", "q4_k_m")
+    ours = export_gguf(merged_dir, tmp_path / "ours.gguf", out_type="q4_k_m", progress=False)
+    assert _differences(ours, tmp_path / "ref.gguf") == []
+
+
 @pytest.mark.parametrize("kind", sorted(BLOCKS))
 def test_blocks_dequantize_close_to_the_input(kind):
     block, nbytes = BLOCKS[kind]
