@@ -14,8 +14,10 @@ import click
               help="Adapter to merge on the way: `qlora-lite merge`, with its check against base+adapter, into a "
                    "temporary folder beside --output (removed afterwards), then the export of that folder.")
 @click.option("--output", "output", required=True, metavar="FILE", help="GGUF file to write, e.g. model.gguf.")
-@click.option("--type", "out_type", type=click.Choice(["f16", "bf16", "q8_0"]), default="f16", show_default=True,
-              help="Storage of the weight matrices (norms and biases stay F32).")
+@click.option("--type", "out_type", default="f16", show_default=True,
+              type=click.Choice(["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_0", "q4_0"]),
+              help="Storage of the weight matrices (norms and biases stay F32); q6_k ... q4_0 as llama-quantize "
+                   "makes them from the f16 file, per-tensor mix included.")
 @click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile beside the GGUF file.")
 @click.option("--merge-base", type=click.Choice(["dequantized", "original"]), default="dequantized",
               show_default=True, help="With --adapter: merge into the dequantized training base or the 16-bit one.")
@@ -31,6 +33,10 @@ def command(model, adapter, output, out_type, modelfile, merge_base, bits, overw
     Tensors are streamed one at a time, so memory stays near one tensor even for large models.
     q8_0 quantizes the weight matrices to 8 bits in blocks of 32 (as llama.cpp's Q8_0); a matrix
     whose rows are not a multiple of 32 stays F16, as in llama.cpp, and a note names each one.
+    q6_k, q5_k_m, q4_k_m, q5_0 and q4_0 write the bytes `llama-quantize` writes from the f16
+    export (no importance matrix): the same per-tensor types (the _M mixes give output.weight and
+    some layers' attn_v / ffn_down Q6_K; rows that do not split into 256 values fall back to
+    Q5_0, Q5_1 or Q8_0) and the same blocks. An adapter is merged in fp16 for them.
 
     The file is written under a temporary name, read back (memory-mapped) and checked: every
     tensor's name, type, shape and bytes (CRC-32), every metadata key, and the keys llama.cpp

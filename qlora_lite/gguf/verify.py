@@ -7,7 +7,7 @@ compute):
 
 - the header parses (magic, version), every planned tensor is there once with its name, GGML type
   and shape, its bytes lie inside the file, aligned, without overlapping another tensor;
-- the bytes of every tensor have the CRC-32 computed while writing them (for q8_0: the quantized
+- the bytes of every tensor have the CRC-32 computed while writing them (quantized types: the
   blocks), so a flipped byte, a truncated file or a tensor written into another's slot is found;
 - every metadata key given to the writer reads back with the same value, the keys llama.cpp needs
   are present, and they agree with the tensors (token count == embedding rows, block count ==
@@ -42,8 +42,9 @@ class ExpectedGGUF:
 
     Attributes:
         arch: GGUF architecture name ("llama", "qwen2").
-        tensors: GGUF tensor name -> (kind, shape); kind is f32, f16, bf16 or q8_0 and shape is in
-            PyTorch order, e.g. (vocab, hidden) for token_embd.weight.
+        tensors: GGUF tensor name -> (kind, shape); kind is a GGML type in lower case (f32, f16, bf16,
+            q8_0, q4_k ...: ``gguf.mix.tensor_type``), shape in PyTorch order, e.g. (vocab, hidden)
+            for token_embd.weight.
         metadata: key -> ``gguf.GGUFValue`` as handed to the writer (``GGUFWriter.kv_data[0]``).
         specials: special token kind ("bos", "eos", ...) -> id the source tokenizer defines.
         crc32: GGUF tensor name -> CRC-32 of the bytes written for it.

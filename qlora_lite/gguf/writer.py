@@ -22,7 +22,9 @@ import torch
 
 from qlora_lite.errors import GGUFExportError, GGUFVerifyError, MergeVerificationError
 from qlora_lite.gguf.architectures import ARCHITECTURES, Architecture
+from qlora_lite.gguf.mix import EXPORT_TYPES, FROM_F16, file_type, tensor_type
 from qlora_lite.gguf.ollama import write_modelfile
+from qlora_lite.gguf.quantize import quantize
 from qlora_lite.gguf.verify import ExpectedGGUF, format_problems, verify_gguf
 from qlora_lite.gguf.vocab import add_tokenizer
 from qlora_lite.merge.plan import MergePlan, iter_merged_tensors, plan_merge
@@ -33,9 +35,12 @@ from qlora_lite.storage.output_dir import check_writable, write_failure
 log = logging.getLogger(__name__)
 
 
-OUT_TYPES = ("f16", "bf16", "q8_0")
-# The dtype an adapter is merged in before the export: the file's own (f16, bf16: exact), fp32 for q8_0.
-MERGE_DTYPE = {"f16": "fp16", "bf16": "bf16", "q8_0": "fp32"}
+OUT_TYPES = tuple(EXPORT_TYPES)
+# The dtype an adapter is merged in before the export: the file's own (f16, bf16: exact), fp32 for q8_0
+# (convert_hf_to_gguf.py quantizes from float32), fp16 for the types llama-quantize makes from an f16 file:
+# their bytes are then those of llama-quantize run on our f16 export.
+MERGE_DTYPE = {"f16": "fp16", "bf16": "bf16", "q8_0": "fp32", "q4_0": "fp16", "q5_0": "fp16", "q4_k_m": "fp16",
+               "q5_k_m": "fp16", "q6_k": "fp16"}
 
 
 def _gguf():
@@ -47,9 +52,7 @@ def _add_hparams(writer, config: dict, arch: Architecture, out_type: str, name: 
     gguf = _gguf()
     writer.add_name(name)
     arch.hparams(writer, config)
-    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type]
-    writer.add_file_type(file_type)
+    writer.add_file_type(file_type(out_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -66,17 +69,16 @@ def _layout(plan: MergePlan, arch: Architecture, out_type: str) -> list[tuple[st
         if name is None:
             raise GGUFExportError(f"{plan.base_dir}: tensor {entry.name} has no GGUF name for the {arch.name} "
                                   "architecture; this model variant is not supported")
-        kind = "f32" if len(entry.shape) == 1 else out_type
-        if kind == "q8_0" and entry.shape[-1] % 32:
-            kind = "f16"  # Q8_0 blocks hold 32 values along a row; llama.cpp falls back the same way
-        layout.append((entry.name, name, kind, tuple(entry.shape)))
-    return layout
+        layout.append((entry.name, name, tuple(entry.shape)))
+    tied = all(name != "output.weight" for _, name, _ in layout)  # llama.cpp: token_embd is the output then
+    heads = config["num_attention_heads"]
+    return [(key, name, tensor_type(out_type, name, shape, n_layers=config["num_hidden_layers"], tied=tied,
+                                    arch=arch.name, n_head=heads, n_head_kv=config.get("num_key_value_heads") or heads),
+             shape) for key, name, shape in layout]
 
 
 def _ggml_type(kind: str):
-    gguf = _gguf()
-    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-            "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[kind]
+    return _gguf().GGMLQuantizationType[kind.upper()]  # f32, f16, bf16, q8_0, q4_k ...
 
 
 def _add_tensor_info(writer, name: str, kind: str, shape: tuple[int, ...]) -> None:
@@ -89,13 +91,17 @@ def _add_tensor_info(writer, name: str, kind: str, shape: tuple[int, ...]) -> No
     writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=_ggml_type(kind))
 
 
-def _convert(tensor: torch.Tensor, kind: str) -> np.ndarray:
+def _convert(tensor: torch.Tensor, kind: str, name: str = "tensor", from_f16: bool = False) -> np.ndarray:
+    if from_f16 and kind != "f32":  # llama-quantize reads the f16 file: quantize exactly those values
+        tensor = tensor.to(torch.float16)
     array = tensor.float().numpy()
     if kind == "f32":
         return array
     if kind == "f16":
         return array.astype(np.float16)
-    return _gguf().quants.quantize(array, _ggml_type(kind))
+    if kind == "bf16":
+        return _gguf().quants.quantize(array, _ggml_type(kind))
+    return quantize(array, kind, name=name)
 
 
 def export_gguf(
@@ -123,7 +129,8 @@ def export_gguf(
     holds (so no value is rounded twice); the folder is removed afterwards.
 
     Args:
-        out_type: f16, bf16 or q8_0 for the 2-D weights (norms and biases stay F32).
+        out_type: f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q5_0 or q4_0 for the 2-D weights (norms and
+            biases stay F32); the per-tensor types of the last five are llama-quantize's (``gguf.mix``).
         modelfile: also write an Ollama ``Modelfile`` beside the GGUF file.
         merge_base, bits, quant_type, double_quant: as for ``merge.write.merge_adapter``.
         overwrite: replace an existing GGUF file at ``output_file`` (and a Modelfile beside it). Without
@@ -304,7 +311,8 @@ def _write(path: Path, plan: MergePlan, config: dict, arch: Architecture, out_ty
         for key, tensor in iter_merged_tensors(plan, progress):
             if key in names:
                 name, kind = names[key]
-                writer.write_tensor_data(expected.record(name, _convert(arch.transform(config, key, tensor), kind)))
+                converted = _convert(arch.transform(config, key, tensor), kind, name, out_type in FROM_F16)
+                writer.write_tensor_data(expected.record(name, converted))
     finally:
         writer.close()
     with open(path, "rb") as f:
