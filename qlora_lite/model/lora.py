@@ -49,8 +49,9 @@ def merge_weight(
     Returns:
         fp32 tensor in the same layout as ``weight``.
     """
-    delta = scaling * (lora_B.float() @ lora_A.float())  # (out, in)
-    merged = weight.float() + (delta.t() if fan_in_fan_out else delta)
+    merged = weight.float().clone() if weight.dtype == torch.float32 else weight.float()  # never the caller's
+    # one fused pass over the (out, in) result: W + scaling * (B @ A) without a separate delta matrix
+    (merged.t() if fan_in_fan_out else merged).addmm_(lora_B.float(), lora_A.float(), alpha=scaling)
     if magnitude is None:
         return merged
     rows = merged.t() if fan_in_fan_out else merged  # (out, in) view
