@@ -16,14 +16,16 @@ read back, then one probe forward.
    builds the training model), so a second computation would verify nothing about the merge.
 2. Files (``check_files``). The written folder holds exactly the planned tensors, names, dtypes and
    shapes, and each tensor's bytes read back from disk have the CRC-32 of the bytes step 1 checked.
-3. Probe. The merged folder runs forward on a probe input, and so does the base's model definition
-   (its config.json) holding the values step 1 accepted, both in fp32 on the CPU (never
-   bf16: CPUs without bf16 kernels run it orders of magnitude slower) and streamed one decoder block
-   at a time (``merge.stream_forward.streamed_logits``). The same values in fp32 give the same logits, so
-   the bound is tight, and what fails is a folder that does not load as the model it should be
-   (config.json). The reference holds the stored values, not the reconstruction: a value the merge's
-   fp32 arithmetic rounded to the other neighbour is within step 1's bound yet could move the logits
-   of a model that amplifies small changes.
+3. Config. The merged config.json says what the base's does, but for its dtype and the
+   quantization settings the merge removes (``config_changes``).
+4. Probe. The merged folder runs forward on a probe input, and so does the base's model definition
+   (its config.json) holding the values step 1 accepted, both in the dtype this CPU multiplies fast
+   (bf16 only where it has bf16 kernels, else fp32: ``model.precision``) and streamed one decoder
+   block at a time (``merge.stream_forward.streamed_logits``). The same values in the same dtype
+   give the same logits, so the bound is tight, and what fails is a folder that does not load as
+   the model it should be. The reference holds the stored values, not the reconstruction: a value the
+   merge's fp32 arithmetic rounded to the other neighbour is within step 1's bound yet could move the
+   logits of a model that amplifies small changes.
 
 Every step holds a few tensors (the reconstruction in row chunks) or one decoder block, never a model.
 """
@@ -31,6 +33,7 @@ Every step holds a few tensors (the reconstruction in row chunks) or one decoder
 from __future__ import annotations
 
 import gc
+import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,7 @@ from qlora_lite.merge.plan import MergePlan, merge_base_weight
 from qlora_lite.merge.stream_forward import streamed_logits
 from qlora_lite.model.folder import weight_files
 from qlora_lite.model.loading import DTYPES, release_freed_memory
+from qlora_lite.model.precision import choose_compute_dtype
 from qlora_lite.storage.safetensors_io import TensorEntry, read_headers
 
 # fp32 arithmetic: each product and sum of W + s * (B @ A) rounds once (unit roundoff 2**-24), so
@@ -240,6 +244,22 @@ def check_files(plan: MergePlan, merged_dir: Path, dtype: str, crcs: dict[str, i
     return None
 
 
+# Keys of config.json the merge writes anew: the weights' dtype, and the quantization it removes.
+_MERGE_WRITES = ("dtype", "torch_dtype", "quantization_config", "transformers_version")
+
+
+def config_changes(base: dict, merged: dict) -> list[str]:
+    """Step 3: the top-level keys whose values differ between the base's and the merged config.json,
+    besides those the merge writes anew (``_MERGE_WRITES``)."""
+    keys = (set(base) | set(merged)) - set(_MERGE_WRITES)
+    return sorted(k for k in keys if base.get(k, "<missing>") != merged.get(k, "<missing>"))
+
+
+def _probe_dtype() -> torch.dtype:
+    """bf16 where this CPU has bf16 matmul kernels, else fp32: never a dtype it is slow at."""
+    return torch.bfloat16 if choose_compute_dtype("auto", "cpu").name == "bf16" else torch.float32
+
+
 def _vocab_size(plan: MergePlan) -> int:
     return int(AutoConfig.from_pretrained(plan.base_dir).get_text_config().vocab_size)
 
@@ -247,14 +267,14 @@ def _vocab_size(plan: MergePlan) -> int:
 def verify_merge(plan: MergePlan, merged_dir: Path, dtype: str, stream: StreamCheck, tolerance: float | None = None,
                  trust_remote_code: bool = False) -> MergeCheck:
     """Finish the check of a merged folder: step 1's verdict (``stream``, fed while writing), the files
-    read back, then the probe forward.
+    read back, the config, then the probe forward.
 
     Args:
         tolerance: largest allowed |logit difference| of the probe (default ``PROBE_TOLERANCE``
             times the largest reference logit).
 
     Returns:
-        MergeCheck; ``problem`` says what failed first (the probe runs only after the weights pass).
+        MergeCheck; ``problem`` says what failed first (the probe runs only after everything else passed).
     """
 
     result = stream.result()
@@ -262,15 +282,21 @@ def verify_merge(plan: MergePlan, merged_dir: Path, dtype: str, stream: StreamCh
         result.problem = f"the merge check saw {result.tensors} of the plan's {len(plan.entries)} tensors"
     if result.problem is None:
         result.problem = check_files(plan, merged_dir, dtype, stream.crcs)
+    if result.problem is None:
+        merged_config = merged_dir / "config.json"
+        changed = config_changes(plan.config, json.loads(merged_config.read_text()))
+        if changed:
+            result.problem = (f"every tensor matches, but the merged {merged_config.name} differs from "
+                              f"{plan.base_dir / 'config.json'} in {', '.join(changed)}: the folder would not load as "
+                              "the same model")
     if result.problem is not None:
         return result
     ids = probe_ids(_vocab_size(plan))
-    # fp32 on both sides: see the module docstring. The reference is the base's model definition.
-    expected = streamed_logits(merged_dir, torch.float32, ids, trust_remote_code=trust_remote_code,
-                               config_dir=plan.base_dir)
+    dtype = _probe_dtype()  # the same on both sides: see the module docstring
+    expected = streamed_logits(merged_dir, dtype, ids, trust_remote_code=trust_remote_code, config_dir=plan.base_dir)
     gc.collect()
     release_freed_memory()
-    got = streamed_logits(merged_dir, torch.float32, ids, trust_remote_code=trust_remote_code)
+    got = streamed_logits(merged_dir, dtype, ids, trust_remote_code=trust_remote_code)
     gc.collect()
     diff = (got - expected).abs().max().item()
     diff = diff if diff == diff else float("inf")  # NaN counts as failure

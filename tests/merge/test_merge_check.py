@@ -10,6 +10,7 @@ from tiny_models import make_adapter, probe, tiny_config
 from qlora_lite.cli import main
 from qlora_lite.errors import MergeVerificationError
 from qlora_lite.merge import plan as plan_module
+from qlora_lite.merge import verify as verify_module
 from qlora_lite.merge import write as export
 from qlora_lite.merge.verify import PROBE_TOLERANCE
 from qlora_lite.merge.write import merge_adapter
@@ -118,9 +119,9 @@ def test_a_tensor_without_adapter_must_be_the_bases_bit_for_bit(sensitive, tmp_p
         merge_adapter(base, adapter, tmp_path / "out", progress=False)
 
 
-def test_a_folder_that_loads_as_another_model_fails_the_probe(tiny_llama, tmp_path, monkeypatch):
-    """Every tensor right, config.json wrong (here rope_theta): only the probe forward sees it."""
-    adapter = make_adapter(tiny_llama, tmp_path / "adapter")
+@pytest.fixture
+def wrong_rope_theta(monkeypatch):
+    """Every tensor right, config.json wrong (rope_theta 3): the merged folder runs as another model."""
     real = export._copy_metadata
 
     def wrong_config(plan, tmp, dtype):
@@ -132,7 +133,20 @@ def test_a_folder_that_loads_as_another_model_fails_the_probe(tiny_llama, tmp_pa
         (tmp / "config.json").write_text(json.dumps(config))
 
     monkeypatch.setattr(export, "_copy_metadata", wrong_config)
-    with pytest.raises(MergeVerificationError, match=r"every tensor matches, but .*config\.json"):
+
+
+def test_a_config_that_differs_from_the_bases_fails_naming_the_key(tiny_llama, tmp_path, wrong_rope_theta):
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter")
+    with pytest.raises(MergeVerificationError, match=r"every tensor matches, but the merged config\.json differs "
+                                                     r"from .*config\.json in rope_parameters, rope_theta"):
+        merge_adapter(tiny_llama, adapter, tmp_path / "out", progress=False)
+
+
+def test_the_probe_sees_a_folder_that_runs_as_another_model(tiny_llama, tmp_path, wrong_rope_theta, monkeypatch):
+    """What the config comparison might miss, the probe forward in the base's definition still catches."""
+    monkeypatch.setattr(verify_module, "config_changes", lambda base, merged: [])
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter")
+    with pytest.raises(MergeVerificationError, match=r"probe logits deviate from the base model"):
         merge_adapter(tiny_llama, adapter, tmp_path / "out", progress=False)
 
 
