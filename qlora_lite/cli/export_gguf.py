@@ -44,10 +44,12 @@ def command(model, adapter, output, out_type, modelfile, merge_base, bits, overw
     an existing --output is left as it was. An existing --output is replaced only with
     --overwrite, and never when it is a file of the model or adapter folder.
 
-    With --adapter the merge (the same code as `qlora-lite merge`) is NOT compared with
-    base+adapter: the read-back check proves the file holds what was merged, not that the merge
-    is right. For a verified path: `qlora-lite merge` (checks the merge), then export-gguf on the
-    merged folder.
+    With --adapter the adapter is first merged by `qlora-lite merge`'s own code, with its check
+    (every merged tensor against base+adapter, the files read back, a probe forward), into a
+    temporary folder beside --output, in the file's dtype (fp16 for the quantized types), which
+    is removed afterwards; a merge that fails its check writes no GGUF byte and is kept where the
+    message says. --modelfile also writes an Ollama Modelfile (TEMPLATE from the chat template,
+    stop words, sampling settings) beside --output.
     """
     from qlora_lite.gguf.writer import export_gguf
 
