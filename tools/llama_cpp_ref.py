@@ -48,9 +48,13 @@ def greedy(path: str | Path, ids: list[int], n: int, n_ctx: int = 256) -> list[i
     return generate(path, ids, n, n_ctx)[0]
 
 
-def tokenize(path: str | Path, text: str, add_bos: bool = False) -> list[int]:
-    """llama.cpp's token ids for ``text`` (special tokens parsed), from the GGUF file's vocabulary."""
+def tokenize(path: str | Path, text: str, add_bos: bool | None = False) -> list[int]:
+    """llama.cpp's token ids for ``text`` (special tokens parsed), from the GGUF file's vocabulary;
+    ``add_bos=None``: a BOS only where the file says to add one (``tokenizer.ggml.add_bos_token``),
+    as llama.cpp's own tools tokenize a prompt."""
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    if add_bos is None:
+        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model)))
     return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)

@@ -12,6 +12,9 @@ from qlora_lite.gguf.writer import export_gguf
 
 # max|llama.cpp - transformers (fp32 merge)| / max|transformers|, per GGUF type.
 TOLERANCE = {"f16": 1e-2, "bf16": 3e-2, "q8_0": 8e-2}  # q8_0: llama.cpp also rounds activations to 8 bits
+SAMPLE_TEXTS = ["The quick brown fox jumps over 12 lazy dogs.</s> hello\n  world!",
+                "digits 0 7 42 1234567 3.14159 -8e10", "naïve café, Ünïcödé: 東京 Δ→∞ 🚀🙂",
+                "tabs\tand   runs    of\n\n\nwhitespace  \t ", "  leading and trailing  "]
 PROMPT = probe()[0].tolist()  # 24 ids: longer than the Gemma windows (8), so layers really slide
 
 
@@ -124,12 +127,21 @@ def test_llama_cpp_tokenizes_like_transformers(llama_cpp, merged, tmp_path, arch
     on the file: transformers 5 loads a qwen2 folder as Qwen2Tokenizer, which applies Qwen2's own
     pre-tokenizer whatever the file says, and our GPT-2-style test tokenizer splits digits otherwise.)"""
     from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
 
     _, _, merged_dir = merged(arch)
     path = export_gguf(merged_dir, tmp_path / "t.gguf", out_type="q8_0", progress=False)
-    text = "The quick brown fox jumps over 12 lazy dogs.</s> hello\n  world!"
-    expected = Tokenizer.from_file(str(merged_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
-    assert ref.tokenize(path, text) == expected and 2 in expected
+    tokenizer = Tokenizer.from_file(str(merged_dir / "tokenizer.json"))
+    chat = AutoTokenizer.from_pretrained(merged_dir).apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": "4"}], tokenize=False)
+    for text in SAMPLE_TEXTS + [chat]:
+        expected = tokenizer.encode(text, add_special_tokens=False).ids
+        assert ref.tokenize(path, text) == expected, text
+    assert 2 in tokenizer.encode(chat, add_special_tokens=False).ids  # the template's EOS, parsed as one token
+    # BOS: llama.cpp adds one exactly when transformers' tokenizer does (tokenizer.ggml.add_bos_token)
+    hf = AutoTokenizer.from_pretrained(merged_dir)("hello").input_ids
+    assert ref.tokenize(path, "hello", add_bos=None)[:1] == hf[:1]
 
 
 def test_llama_cpp_tokenizes_a_gemma_style_vocabulary_like_its_file(llama_cpp, tmp_path):
