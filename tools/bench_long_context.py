@@ -41,8 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--model", type=Path, help="model folder (default: generated 1.1B LLaMA shape, 128k positions)")
     p.add_argument("--side", choices=("ours", "reference", "both"), default="both")
     p.add_argument("--granularity", type=int, default=256, help="lengths are multiples of this")
-    p.add_argument("--start", type=int, help="first length to try for the reference (default 4x granularity); "
-                                             "ours starts from the estimate")
+    p.add_argument("--start", type=int, help="first length to try (default: ours from the estimate, the reference "
+                                             "from 4x granularity)")
     p.add_argument("--max-len", type=int, default=1 << 17)
     p.add_argument("--warmup", type=int, default=0, help="steps before the measured one")
     p.add_argument("--rank", type=int, default=16)
@@ -81,10 +81,12 @@ def probe(job: dict, budget: int, out: Path, name: str, timeout: int, env: dict)
     with open(out / f"{name}.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "bench_workers.py"), str(job_file)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
-        highest, killed = 0, False
+        highest, killed, timeline = 0, False, []  # timeline: (seconds, MB) every half second, to see the phases
         while proc.poll() is None:
             rss = rss_bytes(proc.pid)
             highest = max(highest, rss)
+            if not timeline or time.perf_counter() - started - timeline[-1][0] >= 0.5:
+                timeline.append((round(time.perf_counter() - started, 1), rss >> 20))
             if job.get("device") != "cuda" and rss > budget:
                 proc.kill()
                 killed = True
@@ -104,7 +106,7 @@ def probe(job: dict, budget: int, out: Path, name: str, timeout: int, env: dict)
         result["peak_bytes"] = max(result["load_peak_bytes"], result["train_peak_bytes"])
         result["fits"] = result["peak_bytes"] <= budget
         result["over_budget"] = not result["fits"]
-    result.update(seq_len=job["seq_len"], wall_s=seconds)
+    result.update(seq_len=job["seq_len"], wall_s=seconds, rss_timeline_mb=timeline)
     verdict = "fits" if result["fits"] else ("over budget" if result["over_budget"] else "ERROR")
     peak = result.get("peak_bytes") or result.get("rss_at_kill") or 0
     print(f"  {name}: {verdict}, peak {peak / 1e9:.2f} GB, {seconds:.0f}s", flush=True)
@@ -200,7 +202,7 @@ def main(argv=None) -> dict:
                              "spread_bytes": max(peaks) - min(peaks) if peaks else None,
                              "median_bytes": statistics.median(peaks) if peaks else None}
             continue
-        start = estimate["longest_seq_len"] if side == "ours" else (args.start or 4 * args.granularity)
+        start = args.start or (estimate["longest_seq_len"] if side == "ours" else 4 * args.granularity)
         # from the estimate (meant to be within 15%), steps of 25%; from a guess, doublings
         length, probes = longest(try_len, args.granularity, start, args.max_len, 1.25 if side == "ours" else 2.0)
         results[side] = {"longest_seq_len": length, "probes": probes}
