@@ -213,7 +213,8 @@ def main(argv=None) -> dict:
         if "reference" in results and results["reference"]["longest_seq_len"]:
             results["ratio"] = measured / results["reference"]["longest_seq_len"]
     results["load_avg_after"] = os.getloadavg()
-    name = f"long-context-{args.side}-{budget >> 20}MiB" + (f"-repeat{args.repeat_at}" if args.repeat_at else "")
+    name = (f"long-context-{args.side}-{budget >> 20}MiB" + (f"-repeat{args.repeat_at}" if args.repeat_at else "")
+            + "".join(f"-{k}{v}" for k, v in env.items()))  # runs under other allocator settings kept apart
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=1, default=str))
     print(json.dumps({k: v for k, v in results.items() if k not in sides}, indent=1, default=str))
     return results
