@@ -67,7 +67,7 @@ def load_reference(job: dict):
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(job["model"], quantization_config=quant, dtype=dtype,
-                                                 device_map={"": DEVICE})
+                                                 device_map={"": DEVICE}, attn_implementation="sdpa")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     if job.get("init_adapter"):
         return PeftModel.from_pretrained(model, job["init_adapter"], is_trainable=True)
@@ -210,6 +210,9 @@ def main() -> None:
     job = json.loads(Path(sys.argv[1]).read_text())
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
+    if CUDA and job.get("memory_budget"):  # an allocation past the budget fails at once (out of memory)
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, job["memory_budget"] / total))
     torch.manual_seed(0)
     kind = {"baseline": run_baseline, "train": run_train, "cli_train": run_cli_train, "merge": run_merge}[job["kind"]]
     result = kind(job)

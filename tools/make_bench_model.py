@@ -5,6 +5,7 @@ needs about one shard of memory (never the 4.4 GB an fp32 transformers model wou
 
     python tools/make_bench_model.py bench-out/llama-1.1b            # the default 1.1B shape
     python tools/make_bench_model.py bench-out/llama-small --preset small
+    python tools/make_bench_model.py bench-out/llama-1.1b-long --context 131072
 """
 
 from __future__ import annotations
@@ -109,8 +110,11 @@ def main(argv=None):
     parser.add_argument("--preset", choices=sorted(PRESETS), default="1.1b")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--context", type=int, default=2048,
+                        help="max_position_embeddings (rotary positions are computed for any length; long-context "
+                             "benchmarks need it above the lengths they try)")
     args = parser.parse_args(argv)
-    config = llama_config(**PRESETS[args.preset])
+    config = llama_config(**PRESETS[args.preset], max_position_embeddings=args.context)
     if (args.folder / "model.safetensors.index.json").exists():
         if not (args.folder / "tokenizer.json").exists():
             write_tokenizer(args.folder, config["vocab_size"])

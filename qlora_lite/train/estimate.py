@@ -14,7 +14,8 @@ The model is described by its shapes; each part of the peak is counted in bytes:
   computed chunk by chunk.
 - ``runtime``: what the process holds before any model (torch, libraries, allocator).
 - ``heap``: on the CPU, freed buffers glibc keeps for reuse (dequantized weights, matmul outputs):
-  measured as about three blocks of dequantized weights. Returning every large buffer to the OS
+  measured as about three blocks of dequantized weights plus two working sets of one block (which
+  grow with the length, and dominate at long lengths). Returning every large buffer to the OS
   (``MALLOC_MMAP_THRESHOLD_``) removes it but makes steps much slower (page faults; BENCHMARKS.md).
 
 The constants were checked against measured peaks (tools/benchmark.py compares the two).
@@ -52,6 +53,11 @@ RUNTIME_BYTES = {"cpu": int(0.56e9), "cuda": int(0.05e9)}
 # Freed-but-kept glibc heap during CPU training, in blocks of linear weights, fitted to the measured
 # 1.1B peaks (BENCHMARKS.md, "Where the memory goes"); small models hardly show it.
 HEAP_BLOCKS = 3
+
+# ... and in working sets of one block, which grow with the length: glibc does not hand a freed
+# activation buffer back, nor always reuse it for the next block's, so at long lengths the peak holds
+# about this many more block working sets (fitted to the 1.1B long-context peaks, BENCHMARKS.md).
+HEAP_WORKING_SETS = 2.5
 
 
 # Bytes per activation, dequantized weight and unquantized weight in each compute dtype.
@@ -284,7 +290,10 @@ def estimate_memory(
         chunked = shape.model_type in CHUNKED_LOSS_MODELS and not raw.get("final_logit_softcapping")
         loss_chunk = loss_chunk_for(shape.vocab) if chunked else None
     logits = _logit_bytes(shape.vocab, tokens, loss_chunk)
-    heap = HEAP_BLOCKS * value * sum(i * o for _, i, o in shape.linears) if device == "cpu" else 0
+    heap = 0
+    if device == "cpu":
+        heap = (HEAP_BLOCKS * value * sum(i * o for _, i, o in shape.linears)
+                + HEAP_WORKING_SETS * _block_working_set(shape, targets, tokens, rank, value))
     breakdown = {"weights": weights, "quant_constants": constants, "lora": lora, "optimizer": optim,
                  "activations": activations, "logits": logits, "runtime": RUNTIME_BYTES[device], "heap": heap}
     settings = dict(bits=bits, seq_len=seq_len, batch_size=batch_size, rank=rank,
@@ -307,9 +316,7 @@ def _activation_bytes(shape: ModelShape, targets, tokens: int, rank: int, bits: 
     With a 4-bit base and checkpointing, the recomputed block keeps its dequantized weights
     until their backward (``kernels.lora_4bit``: one dequantization per layer saved).
     """
-    h, inter = shape.hidden, shape.intermediate
-    lora_per_token = len(targets) * rank * value
-    block = tokens * (value * (12 * h + 4 * inter) + lora_per_token)
+    block = _block_working_set(shape, targets, tokens, rank, value)
     largest = max(i * o for _, i, o in shape.linears)
     dequant = value * largest if bits in (4, 8) else 0
     if policy is not None:
@@ -317,6 +324,13 @@ def _activation_bytes(shape: ModelShape, targets, tokens: int, rank: int, bits: 
         saved = value * shape.layers * tokens * KEPT_PER_BLOCK[policy](shape)  # values kept per token
         return saved + block + max(dequant, kept)
     return shape.layers * block + dequant
+
+
+def _block_working_set(shape: ModelShape, targets, tokens: int, rank: int, value: int) -> int:
+    """Bytes one block keeps for its backward: ~12 values of width H and 4 of width I per token, and
+    each adapter's rank-r input."""
+    per_token = value * (12 * shape.hidden + 4 * shape.intermediate) + len(targets) * rank * value
+    return tokens * per_token
 
 
 def _logit_bytes(vocab: int, tokens: int, loss_chunk: int | None) -> float:

@@ -232,3 +232,60 @@ def test_cli_budget_reports_the_longest_sequence(tmp_path):
     assert estimate_memory(LLAMA_7B, seq_len=longest, checkpoint_policy="memory").fits(12 * 2**30)
     text = CliRunner().invoke(main, ["estimate", "--model", str(tmp_path), "--budget", "12"]).output
     assert f"about {longest} tokens" in text and "falls back to (memory)" in text
+
+
+@pytest.mark.parametrize("policy", ["memory", "balanced", "speed"])
+def test_estimate_counts_what_each_checkpoint_policy_keeps(tiny_llama, policy, monkeypatch):
+    """The values per token and block the estimate counts for a policy are the block input plus the
+    outputs the policy really saves in the forward (memory: none, plain checkpointing); long
+    sequences are mostly this term."""
+    import torch
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from qlora_lite.kernels import checkpoint_policy as cp
+    from qlora_lite.kernels.chunked_loss import causal_lm_loss
+    from qlora_lite.model.build import build_model
+    from qlora_lite.train.estimate import KEPT_PER_BLOCK, model_shape, read_config
+
+    kept = []  # numel of each output saved in the forward (not in the recompute)
+    create = cp.create_selective_checkpoint_contexts
+
+    def recording(decide):
+        def wrapped(ctx, op, *args, **kwargs):
+            choice = decide(ctx, op, *args, **kwargs)
+            if choice == CheckpointPolicy.MUST_SAVE and not ctx.is_recompute:
+                mm = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+                kept.append(args[-2].shape[0] * args[-1].shape[1] if mm else args[0].numel())
+            return choice
+        return create(wrapped)
+
+    monkeypatch.setattr(cp, "create_selective_checkpoint_contexts", recording)
+    model = build_model(str(tiny_llama), bits=4, rank=4, dropout=0.0, seed=0, gradient_checkpointing=True,
+                        checkpoint_policy=policy, compute_dtype="bf16")
+    tokens = 2 * 24
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    causal_lm_loss(model, ids, ids).backward()
+    shape = model_shape(read_config(tiny_llama)[0])
+    # the policy recomputes outputs narrower than 64 (it tells LoRA's thin matmuls apart by width): this
+    # tiny model's k and v projections (32 wide); every real model's projections are wider
+    narrow = sum(o for _, _, o in shape.linears if o < 64) if policy == "speed" else 0
+    assert (policy == "memory") == (not kept)
+    assert shape.hidden + sum(kept) / (tokens * shape.layers) == KEPT_PER_BLOCK[policy](shape) - narrow
+
+
+TINYLLAMA_1B = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32,
+                "num_hidden_layers": 22, "num_key_value_heads": 4, "vocab_size": 32000, "tie_word_embeddings": False}
+
+
+def test_cpu_heap_grows_with_the_length_and_matches_the_measured_longest_sequence():
+    """On the CPU glibc keeps freed activation buffers, so the heap term grows with the tokens (on CUDA
+    there is none); with it, the longest 1.1B sequence in 3 GiB falls where the long-context benchmark
+    measured it (3072 tokens trained within 3 GiB, 3584 did not; BENCHMARKS.md). Without the growing
+    term the estimate said 7527."""
+    from qlora_lite.train.fit import longest_sequence
+
+    heaps = [estimate_memory(TINYLLAMA_1B, seq_len=n, checkpoint_policy="memory").breakdown["heap"]
+             for n in (1024, 2048, 3072)]
+    assert heaps[2] - heaps[1] == heaps[1] - heaps[0] > 0
+    assert estimate_memory(TINYLLAMA_1B, seq_len=4096, device="cuda").breakdown["heap"] == 0
+    assert 3072 <= longest_sequence(TINYLLAMA_1B, 3 * 2**30, checkpoint_policy="memory") < 3584
