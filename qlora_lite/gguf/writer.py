@@ -24,7 +24,7 @@ from qlora_lite.errors import GGUFExportError, GGUFVerifyError, MergeVerificatio
 from qlora_lite.gguf.architectures import ARCHITECTURES, Architecture
 from qlora_lite.gguf.mix import EXPORT_TYPES, FROM_F16, file_type, tensor_type
 from qlora_lite.gguf.ollama import write_modelfile
-from qlora_lite.gguf.quantize import quantize
+from qlora_lite.gguf.quantize import BLOCKS, quantize
 from qlora_lite.gguf.verify import ExpectedGGUF, format_problems, verify_gguf
 from qlora_lite.gguf.vocab import add_tokenizer
 from qlora_lite.merge.plan import MergePlan, iter_merged_tensors, plan_merge
@@ -230,7 +230,7 @@ def _export(model_dir: Path, output: Path, config: dict, arch: Architecture, out
         raise
     os.replace(tmp, output)
     log.info("%s: %s", output, summary)
-    fallbacks = q8_0_fallbacks(expected.tensors) if out_type == "q8_0" else ""
+    fallbacks = q8_0_fallbacks(expected.tensors) if out_type == "q8_0" else row_fallbacks(expected.tensors, out_type)
     if echo is not None:
         echo(summary)
         if fallbacks:
@@ -253,6 +253,28 @@ def q8_0_fallbacks(tensors: dict[str, tuple[str, tuple[int, ...]]], shown: int =
     more = f" and {len(kept) - shown} more" if len(kept) > shown else ""
     return (f"note: q8_0 kept {len(kept)} of {len(matrices)} weight matrices in F16, their rows not a multiple of "
             f"Q8_0's 32-value blocks (llama.cpp does the same): {', '.join(kept[:shown])}{more}")
+
+
+def row_fallbacks(tensors: dict[str, tuple[str, tuple[int, ...]]], out_type: str, shown: int = 5) -> str:
+    """For the llama-quantize types, a line naming the matrices written in another type because their
+    rows do not split into the type's blocks (256 values for the K-quants, 32 for Q4_0/Q5_0), or "".
+
+    Args:
+        tensors: GGUF name -> (kind, shape), as planned (``gguf.verify.ExpectedGGUF.tensors``).
+    """
+    if out_type not in FROM_F16:
+        return ""
+    main = EXPORT_TYPES[out_type][0]
+    block = BLOCKS[main][0]
+    matrices = {name: entry for name, entry in tensors.items() if len(entry[1]) > 1}
+    kept = [f"{name} ({shape[-1]} per row: {kind.upper()})" for name, (kind, shape) in matrices.items()
+            if shape[-1] % block]
+    if not kept:
+        return ""
+    more = f" and {len(kept) - shown} more" if len(kept) > shown else ""
+    return (f"note: {out_type} wrote {len(kept)} of {len(matrices)} weight matrices in other types, their rows not a "
+            f"multiple of {main.upper()}'s {block}-value blocks (llama-quantize does the same): "
+            f"{', '.join(kept[:shown])}{more}")
 
 
 def check_output(output: Path, inputs: list[Path], overwrite: bool) -> None:

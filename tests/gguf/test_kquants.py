@@ -218,3 +218,24 @@ def test_llama_cpp_runs_each_type_close_to_transformers(llama_cpp, kq_model, tmp
     against_16_bit = relative(got, logits(folder, torch.tensor([ids]))[0])
     against_file = relative(got, logits(same_file, torch.tensor([ids]))[0])
     assert against_16_bit <= AGAINST_16_BIT[out_type] and against_file <= AGAINST_SAME_FILE[out_type]
+
+
+def test_cli_names_the_matrices_a_k_quant_wrote_in_other_types(kq_model, tmp_path):
+    """Rows of 320 and 48 values do not split into Q4_K's 256: the export says which matrices fell back."""
+    result = CliRunner().invoke(main, ["export-gguf", "--model", str(kq_model), "--output", str(tmp_path / "m.gguf"),
+                                       "--type", "q4_k_m", "--quiet"])
+    assert result.exit_code == 0, result.output
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    line = next(line for line in result.output.splitlines() if line.startswith("note: q4_k_m wrote"))
+    assert "rows not a multiple of Q4_K's 256-value blocks" in line
+    assert f"blk.0.ffn_down.weight (320 per row: {kinds['blk.0.ffn_down.weight']})" in line
+    assert "blk.0.attn_q.weight" not in line  # 256 per row: a Q4_K block row, no fallback
+    assert kinds["blk.0.attn_q.weight"] == "Q4_K"
+
+
+def test_no_fallback_line_when_every_row_splits():
+    from qlora_lite.gguf.writer import row_fallbacks
+
+    assert row_fallbacks({"a.weight": ("q4_k", (64, 512)), "norm.weight": ("f32", (64,))}, "q4_k_m") == ""
+    assert row_fallbacks({"a.weight": ("f16", (64, 48))}, "f16") == ""
+    assert "(48 per row: F16)" in row_fallbacks({"a.weight": ("f16", (64, 48))}, "q4_0")
