@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,12 +74,14 @@ def matmul_speedup(dtype_name: str, size: int = 128, repeats: int = 5) -> float:
 
 def _cpu_choice(features: dict) -> DtypeChoice:
     cpu = f"CPU ({features['capability']})"
+    if not features["onednn_bf16"]:  # whatever the instructions: oneDNN will not use them (e.g. ONEDNN_MAX_CPU_ISA)
+        has = [kind for kind, key in (("AMX", "amx"), ("AVX512-BF16", "avx512_bf16")) if features[key]]
+        why = (f"has {' and '.join(has)} but oneDNN does not use them (ONEDNN_MAX_CPU_ISA, or a virtual machine "
+               "hiding them)") if has else "has no bf16 matmul kernels (no AVX512-BF16 or AMX)"
+        return DtypeChoice("fp32", f"{cpu} {why}: fp32 is many times faster there")
     if features["amx"] or features["avx512_bf16"]:
         kind = "AMX" if features["amx"] else "AVX512-BF16"
         return DtypeChoice("bf16", f"{cpu} has {kind}: oneDNN runs bf16 matmuls faster than fp32")
-    if not features["onednn_bf16"]:
-        return DtypeChoice("fp32", f"{cpu} has no bf16 matmul kernels (no AVX512-BF16 or AMX): fp32 is "
-                                   "many times faster there")
     speedup = matmul_speedup("bf16")
     if speedup >= 1.0:
         return DtypeChoice("bf16", f"{cpu} ran a bf16 test matmul {speedup:.1f}x as fast as fp32")
@@ -152,7 +155,10 @@ def estimated_compute_dtype(requested: str, device: str, cpuinfo: Path = Path("/
         flags = set()
     if not flags:
         return choose_compute_dtype("auto", "cpu").name
-    return "bf16" if flags & {"avx512_bf16", "amx_bf16"} else "fp32"
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() not in ("ALL", "AVX512_CORE_BF16", "AVX512_CORE_AMX",
+                                                                         "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX",
+                                                                         "AVX10_1_512_AMX_FP16", "AVX10_2_512_AMX_2")
+    return "bf16" if flags & {"avx512_bf16", "amx_bf16"} and not capped else "fp32"
 
 
 def resolve_compute_dtype(requested: str, device: str | None = None) -> str:

@@ -26,6 +26,9 @@ AVX2 = dict(capability="AVX2", onednn_bf16=False, avx512_bf16=False, amx=False, 
 AVX512 = dict(AVX2, capability="AVX512", onednn_bf16=True)  # oneDNN emulates bf16: ambiguous
 AVX512_BF16 = dict(AVX512, avx512_bf16=True)
 SAPPHIRE_RAPIDS = dict(AVX512_BF16, amx=True, amx_fp16=True)
+# bf16 instructions that oneDNN will not use (ONEDNN_MAX_CPU_ISA=AVX2, a VM masking them): measured here,
+# a bf16 matmul ran at 0.013x the fp32 speed that way
+CAPPED = dict(AVX512_BF16, capability="AVX2", onednn_bf16=False)
 
 
 def fake_cpu(monkeypatch, features: dict, bf16_speedup: float = 1.0) -> None:
@@ -39,12 +42,21 @@ def fake_cpu(monkeypatch, features: dict, bf16_speedup: float = 1.0) -> None:
     (AVX512, 1.3, "bf16"),            # ambiguous; the probe says bf16 is faster
     (AVX512_BF16, 0.01, "bf16"),      # bf16 instructions: no probe needed (its answer is ignored)
     (SAPPHIRE_RAPIDS, 0.01, "bf16"),
+    (CAPPED, 0.013, "fp32"),          # the instructions are there, the kernels are not
 ])
 def test_auto_on_the_cpu_picks_the_fast_dtype(monkeypatch, features, speedup, expected):
     fake_cpu(monkeypatch, features, speedup)
     choice = choose_compute_dtype("auto", "cpu")
     assert choice.name == expected
     assert features["capability"] in choice.reason  # the log line says why
+
+
+def test_the_estimate_follows_a_capped_onednn(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor : 0\nflags : fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert estimated_compute_dtype("auto", "cpu", cpuinfo) == "bf16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert estimated_compute_dtype("auto", "cpu", cpuinfo) == "fp32"
 
 
 @pytest.mark.parametrize("bf16_supported,expected", [(True, "bf16"), (False, "fp16")])
