@@ -1,6 +1,6 @@
 """The merge alone, side by side: the reference (peft's merge_and_unload into the bf16 checkpoint,
 save_pretrained) against ``qlora-lite merge`` with and without its check, each in its own process
-(``tools/bench_workers.py``), timed by wall clock and by CPU seconds (which other jobs on shared
+(``benchmark.run_job``), timed by wall clock and by CPU seconds (which other jobs on shared
 cores barely disturb, with ``--threads 1``).
 
     python tools/bench_merge.py --threads 1 --repeat 2
@@ -12,33 +12,14 @@ Without ``--model`` the 1.1B LLaMA shape is generated (``make_bench_model``) and
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import make_bench_model
+from benchmark import ROOT, run_job
 
-ROOT = Path(__file__).resolve().parent.parent
 SIDES = {"reference": {"side": "reference"}, "ours --no-verify": {"side": "ours", "verify": False},
          "ours (verified)": {"side": "ours"}}
-
-
-def run(job: dict, out: Path, name: str) -> tuple[float, float, dict]:
-    """Wall seconds, CPU seconds (user + system) and the worker's result for one merge process."""
-    job_file, result = out / f"{name}.job.json", out / f"{name}.result.json"
-    job_file.write_text(json.dumps({**job, "result": str(result)}))
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tools'}:{os.environ.get('PYTHONPATH', '')}"}
-    started = time.perf_counter()
-    with open(out / f"{name}.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "bench_workers.py"), str(job_file)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{name} failed; see {out / f'{name}.log'}")
-    return time.perf_counter() - started, usage.ru_utime + usage.ru_stime, json.loads(result.read_text())
 
 
 def main(argv=None) -> None:
@@ -67,15 +48,18 @@ def main(argv=None) -> None:
         for name, side in SIDES.items():
             job = {**side, "kind": "merge", "model": str(model), "adapter": str(adapter), "threads": args.threads,
                    "output": str(args.out / f"merged-{side['side']}-{side.get('verify', True)}")}
-            wall, cpu, result = run(job, args.out, f"{name.split()[0]}-{side.get('verify', True)}-{i}")
-            times[name].append((wall, cpu, result["merge_s"], result["merge_peak_bytes"]))
+            result = run_job(job, args.out, f"{name.split()[0]}-{side.get('verify', True)}-{i}")
+            if "error" in result:
+                raise SystemExit(f"{name}: {result['error']}")
+            cpu = result["process_cpu_s"]
+            times[name].append((cpu, result["merge_s"], result["merge_peak_bytes"]))
             print(f"  {name:18s} merge {result['merge_s']:6.1f} s wall, {cpu:6.1f} CPU s, peak "
                   f"{result['merge_peak_bytes'] / 1e9:.2f} GB (load average {os.getloadavg()[0]:.1f})", flush=True)
-    best = {name: min(rows, key=lambda r: r[1]) for name, rows in times.items()}
-    ref = best["reference"]
+    best = {name: min(rows) for name, rows in times.items()}  # by CPU seconds
+    ref_cpu = best["reference"][0]
     print("| side | merge (wall) | CPU seconds | ratio by CPU | peak |\n|---|---|---|---|---|")
-    for name, (_wall, cpu, merge_s, peak) in best.items():
-        print(f"| {name} | {merge_s:.1f} s | {cpu:.1f} s | {cpu / ref[1]:.2f}x | {peak / 1e9:.2f} GB |")
+    for name, (cpu, merge_s, peak) in best.items():
+        print(f"| {name} | {merge_s:.1f} s | {cpu:.1f} s | {cpu / ref_cpu:.2f}x | {peak / 1e9:.2f} GB |")
 
 
 if __name__ == "__main__":

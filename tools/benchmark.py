@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -65,16 +66,19 @@ def run_job(job: dict, out: Path, name: str, timeout: int = 3600) -> dict:
     job = {**job, "result": str(out / f"{name}.result.json")}
     job_file = out / f"{name}.job.json"
     job_file.write_text(json.dumps(job, indent=1))
-    started = time.perf_counter()
+    started, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     with open(out / f"{name}.log", "w") as log:
         proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_workers.py"), str(job_file)],
                               stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(f"  {name}: exit {proc.returncode} after {time.perf_counter() - started:.0f}s", flush=True)
     if proc.returncode != 0 or not Path(job["result"]).exists():
         tail = (out / f"{name}.log").read_text()[-1500:]
         return {"error": f"exit {proc.returncode}: {tail}"}
-    return json.loads(Path(job["result"]).read_text())
+    # CPU seconds of the whole worker process (user + system), which shared cores barely disturb
+    cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+    return {**json.loads(Path(job["result"]).read_text()), "process_cpu_s": cpu}
 
 
 def matmul_peak(compute_dtype: str, threads: int = 0, seconds: float = 3.0) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,13 +131,6 @@ def _go_literal(text: str) -> str:
     return text.replace("{{", '{{ "{{" }}')
 
 
-def _common_prefix(texts: list[str]) -> str:
-    length = 0
-    while all(len(t) > length and t[length] == texts[0][length] for t in texts):
-        length += 1
-    return texts[0][:length]
-
-
 def _between(text: str, start: str, end: str) -> str:
     return text[text.index(start) + len(start): text.index(end)]
 
@@ -153,11 +147,11 @@ def read_chat_format(template: str, specials: dict) -> ChatFormat | None:
     ended, turn = render([user]), render([user, reply])  # some templates close a conversation (Phi-3: EOS)
     after_user = [prompt[prompt.index(_USER) + len(_USER):], _between(turn, _USER, _REPLY),
                   ended[ended.index(_USER) + len(_USER):]]
-    user_suffix = _common_prefix(after_user)
+    user_suffix = os.path.commonprefix(after_user)
     generation = after_user[0][len(user_suffix):]
     assistant_prefix = after_user[1][len(user_suffix):]
     between_turns = _between(two_turns, _REPLY, _USER2)
-    assistant_suffix = _common_prefix([turn[turn.index(_REPLY) + len(_REPLY):], between_turns])
+    assistant_suffix = os.path.commonprefix([turn[turn.index(_REPLY) + len(_REPLY):], between_turns])
     user_prefix = between_turns[len(assistant_suffix):]
     before_user = prompt[: prompt.index(_USER)]
     if not before_user.endswith(user_prefix):
@@ -178,7 +172,7 @@ def read_chat_format(template: str, specials: dict) -> ChatFormat | None:
                           user_suffix, assistant_prefix, assistant_suffix, generation, system_in_user=True)
     if not after_system.endswith(user_prefix):
         return None
-    common = len(_common_prefix([before_system, head_without_system]))  # a BOS; the rest: the default system turn
+    common = len(os.path.commonprefix([before_system, head_without_system]))  # a BOS; the rest: the default system turn
     return ChatFormat(before_system[:common], head_without_system[common:], before_system[common:],
                       after_system[: len(after_system) - len(user_prefix)], user_prefix, user_suffix,
                       assistant_prefix, assistant_suffix, generation)

@@ -136,7 +136,7 @@ def export_gguf(
         overwrite: replace an existing GGUF file at ``output_file`` (and a Modelfile beside it). Without
             it an existing file is refused; a file of the model or adapter folder itself is refused either way.
         echo: called with the one-line summary of the read-back check (e.g. ``click.echo``), then,
-            for q8_0, with a line naming the matrices kept in F16 (``q8_0_fallbacks``) if any.
+            with a line naming the matrices that fell back to another type (``row_fallbacks``) if any.
 
     Returns:
         The GGUF path.
@@ -230,7 +230,7 @@ def _export(model_dir: Path, output: Path, config: dict, arch: Architecture, out
         raise
     os.replace(tmp, output)
     log.info("%s: %s", output, summary)
-    fallbacks = q8_0_fallbacks(expected.tensors) if out_type == "q8_0" else row_fallbacks(expected.tensors, out_type)
+    fallbacks = row_fallbacks(expected.tensors, out_type)
     if echo is not None:
         echo(summary)
         if fallbacks:
@@ -240,41 +240,30 @@ def _export(model_dir: Path, output: Path, config: dict, arch: Architecture, out
     return output
 
 
-def q8_0_fallbacks(tensors: dict[str, tuple[str, tuple[int, ...]]], shown: int = 5) -> str:
-    """A line naming the matrices a q8_0 export kept in F16, or "" when every one is Q8_0.
-
-    Args:
-        tensors: GGUF name -> (kind, shape), as planned (``gguf.verify.ExpectedGGUF.tensors``).
-    """
-    matrices = {name: shape for name, (kind, shape) in tensors.items() if len(shape) > 1}
-    kept = [f"{name} ({shape[-1]} per row)" for name, shape in matrices.items() if tensors[name][0] == "f16"]
-    if not kept:
-        return ""
-    more = f" and {len(kept) - shown} more" if len(kept) > shown else ""
-    return (f"note: q8_0 kept {len(kept)} of {len(matrices)} weight matrices in F16, their rows not a multiple of "
-            f"Q8_0's 32-value blocks (llama.cpp does the same): {', '.join(kept[:shown])}{more}")
-
-
 def row_fallbacks(tensors: dict[str, tuple[str, tuple[int, ...]]], out_type: str, shown: int = 5) -> str:
-    """For the llama-quantize types, a line naming the matrices written in another type because their
-    rows do not split into the type's blocks (256 values for the K-quants, 32 for Q4_0/Q5_0), or "".
+    """A line naming the matrices written in another type than ``out_type``'s because their rows do not
+    split into its blocks (32 values for Q8_0/Q4_0/Q5_0, 256 for the K-quants), or "" when there are none.
 
     Args:
         tensors: GGUF name -> (kind, shape), as planned (``gguf.verify.ExpectedGGUF.tensors``).
     """
-    if out_type not in FROM_F16:
-        return ""
     main = EXPORT_TYPES[out_type][0]
+    if main not in BLOCKS:
+        return ""  # f16, bf16: nothing falls back
     block = BLOCKS[main][0]
     matrices = {name: entry for name, entry in tensors.items() if len(entry[1]) > 1}
-    kept = [f"{name} ({shape[-1]} per row: {kind.upper()})" for name, (kind, shape) in matrices.items()
-            if shape[-1] % block]
-    if not kept:
+    fell = [(name, shape[-1], kind) for name, (kind, shape) in matrices.items() if shape[-1] % block]
+    if not fell:
         return ""
-    more = f" and {len(kept) - shown} more" if len(kept) > shown else ""
-    return (f"note: {out_type} wrote {len(kept)} of {len(matrices)} weight matrices in other types, their rows not a "
-            f"multiple of {main.upper()}'s {block}-value blocks (llama-quantize does the same): "
-            f"{', '.join(kept[:shown])}{more}")
+    more = f" and {len(fell) - shown} more" if len(fell) > shown else ""
+    if out_type == "q8_0":  # convert_hf_to_gguf.py keeps those in F16
+        listed = [f"{name} ({per_row} per row)" for name, per_row, _ in fell]
+        what, who = f"kept {len(fell)} of {len(matrices)} weight matrices in F16", "llama.cpp"
+    else:
+        listed = [f"{name} ({per_row} per row: {kind.upper()})" for name, per_row, kind in fell]
+        what, who = f"wrote {len(fell)} of {len(matrices)} weight matrices in other types", "llama-quantize"
+    return (f"note: {out_type} {what}, their rows not a multiple of {main.upper()}'s {block}-value blocks ({who} "
+            f"does the same): {', '.join(listed[:shown])}{more}")
 
 
 def check_output(output: Path, inputs: list[Path], overwrite: bool) -> None:

@@ -54,7 +54,7 @@ FP32_UNIT_ROUNDOFF = 2.0 ** -24
 
 
 # Probe: largest |logit difference| relative to max |reference logit|. Both sides hold the same
-# values in fp32, so anything above fp32 reproducibility is a layout mistake, not noise.
+# values in the same dtype, so anything above its reproducibility is a layout mistake, not noise.
 PROBE_TOLERANCE = 1e-4
 
 
@@ -105,8 +105,27 @@ def half_ulp_of(stored: torch.Tensor, as_fp32: torch.Tensor | None = None) -> to
     return floor.mul_(2.0 ** -(bits + 1)).clamp_(min=info.smallest_normal * 2.0 ** -(bits + 1))
 
 
-def _chunk_ratio(plan: MergePlan, key: str, start: int, base: torch.Tensor, stored: torch.Tensor,
-                 b_norms: torch.Tensor, a_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class _Factors:
+    """One adapter layer in fp32, with the norms of the magnitude bound (computed once per tensor)."""
+
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (out, r)
+    scaling: float
+    dora: torch.Tensor | None  # (out,) magnitudes
+    a_norms: torch.Tensor  # (in,) column norms of A
+    b_norms: torch.Tensor  # (out,) row norms of B
+
+    @classmethod
+    def of(cls, plan: MergePlan, key: str) -> _Factors:
+        lora_A, lora_B, scaling, dora = plan.lora[key]
+        a, b = lora_A.float(), lora_B.float()
+        return cls(a, b, scaling, None if dora is None else dora.float(), torch.linalg.norm(a, dim=0),
+                   torch.linalg.norm(b, dim=1))
+
+
+def _chunk_ratio(f: _Factors, conv1d: bool, start: int, base: torch.Tensor, stored: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(|stored - exact| / bound, |stored - exact|)`` for rows ``start:`` of one merged weight, in
     fp32 (NaN or inf where the stored value is not finite).
 
@@ -119,22 +138,19 @@ def _chunk_ratio(plan: MergePlan, key: str, start: int, base: torch.Tensor, stor
     Args:
         base, stored: the same rows of the merge base and of the merged tensor, in the stored layout:
             (out, in), or (in, out) for GPT-2's Conv1D.
-        b_norms, a_norms: (out,) row norms of B and (in,) column norms of A, fp32.
+        conv1d: GPT-2's Conv1D layout.
     """
-    lora_A, lora_B, scaling, dora = plan.lora[key]
     w = base.float()
-    rank = lora_A.shape[0]
-    a, b = lora_A.float(), lora_B.float()  # (r, in), (out, r)
     rows = slice(start, start + w.shape[0])
-    if key in plan.conv1d:  # stored rows are inputs: (W^T + s * (B @ A)^T)[rows] = W^T[rows] + s * A[:, rows]^T @ B^T
-        exact = torch.addmm(w, a[:, rows].t(), b.t(), alpha=scaling)
-        magnitude = torch.addr(w.abs(), a_norms[rows], b_norms, alpha=abs(scaling))
+    if conv1d:  # stored rows are inputs: (W^T + s * (B @ A)^T)[rows] = W^T[rows] + s * A[:, rows]^T @ B^T
+        exact = torch.addmm(w, f.a[:, rows].t(), f.b.t(), alpha=f.scaling)
+        magnitude = torch.addr(w.abs(), f.a_norms[rows], f.b_norms, alpha=abs(f.scaling))
     else:
-        exact = torch.addmm(w, b[rows], a, alpha=scaling)
-        magnitude = torch.addr(w.abs(), b_norms[rows], a_norms, alpha=abs(scaling))
-    terms = rank + 3
-    if dora is not None:  # rows are output channels (plan_merge refuses DoRA on Conv1D)
-        scale = (dora.float()[rows] / torch.linalg.norm(exact, dim=1)).unsqueeze(1)
+        exact = torch.addmm(w, f.b[rows], f.a, alpha=f.scaling)
+        magnitude = torch.addr(w.abs(), f.b_norms[rows], f.a_norms, alpha=abs(f.scaling))
+    terms = f.a.shape[0] + 3
+    if f.dora is not None:  # rows are output channels (plan_merge refuses DoRA on Conv1D)
+        scale = (f.dora[rows] / torch.linalg.norm(exact, dim=1)).unsqueeze(1)
         # the row norm sums a whole row: its roundoff grows with the row's length, on both sides
         exact.mul_(scale)
         magnitude.mul_(scale.abs())
@@ -178,12 +194,10 @@ class StreamCheck:
             self.checked += 1
             return
         rows = max(1, _CHUNK_ELEMENTS // max(1, stored[0].numel()))
-        lora_A, lora_B = self.plan.lora[key][:2]
-        b_norms, a_norms = torch.linalg.norm(lora_B.float(), dim=1), torch.linalg.norm(lora_A.float(), dim=0)
+        factors, conv1d = _Factors.of(self.plan, key), key in self.plan.conv1d
         worst = 0.0
         for start in range(0, stored.shape[0], rows):
-            ratio, error = _chunk_ratio(self.plan, key, start, base[start:start + rows], stored[start:start + rows],
-                                        b_norms, a_norms)
+            ratio, error = _chunk_ratio(factors, conv1d, start, base[start:start + rows], stored[start:start + rows])
             index = int(ratio.argmax())
             value = ratio.reshape(-1)[index].item()
             if not value <= 1.0:

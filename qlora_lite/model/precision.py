@@ -155,9 +155,8 @@ def estimated_compute_dtype(requested: str, device: str, cpuinfo: Path = Path("/
         flags = set()
     if not flags:
         return choose_compute_dtype("auto", "cpu").name
-    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() not in ("ALL", "AVX512_CORE_BF16", "AVX512_CORE_AMX",
-                                                                         "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX",
-                                                                         "AVX10_1_512_AMX_FP16", "AVX10_2_512_AMX_2")
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()  # oneDNN's ISA names: *_BF16, *_AMX*, ALL keep bf16
+    capped = isa != "ALL" and "BF16" not in isa and "AMX" not in isa
     return "bf16" if flags & {"avx512_bf16", "amx_bf16"} and not capped else "fp32"
 
 

@@ -319,11 +319,11 @@ def test_q8_0_names_the_matrices_it_keeps_in_f16(tokenizer_dir, tmp_path):
 
 
 def test_q8_0_fallback_line_is_empty_without_fallbacks_and_shortened_with_many():
-    from qlora_lite.gguf.writer import q8_0_fallbacks
+    from qlora_lite.gguf.writer import row_fallbacks
 
-    assert q8_0_fallbacks({"a.weight": ("q8_0", (64, 64)), "norm.weight": ("f32", (64,))}) == ""
+    assert row_fallbacks({"a.weight": ("q8_0", (64, 64)), "norm.weight": ("f32", (64,))}, "q8_0") == ""
     many = {f"blk.{i}.ffn_down.weight": ("f16", (64, 48)) for i in range(8)}
-    assert q8_0_fallbacks(many).endswith("blk.4.ffn_down.weight (48 per row) and 3 more")
+    assert row_fallbacks(many, "q8_0").endswith("blk.4.ffn_down.weight (48 per row) and 3 more")
 
 
 def test_second_modelfile_is_refused_unless_overwrite(merged, tmp_path):
