@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--start", type=int, help="first length to try (default: ours from the estimate, the reference "
                                              "from 4x granularity)")
     p.add_argument("--max-len", type=int, default=1 << 17)
+    p.add_argument("--grow", type=float, help="factor between probes before the bisection (default: ours 1.25 "
+                                              "from the estimate, the reference 2 from a guess); 1.15 from the "
+                                              "estimate brackets it against the 15%% target in few probes")
     p.add_argument("--warmup", type=int, default=0, help="steps before the measured one")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch threads per probe (default: all cores)")
@@ -204,7 +207,8 @@ def main(argv=None) -> dict:
             continue
         start = args.start or (estimate["longest_seq_len"] if side == "ours" else 4 * args.granularity)
         # from the estimate (meant to be within 15%), steps of 25%; from a guess, doublings
-        length, probes = longest(try_len, args.granularity, start, args.max_len, 1.25 if side == "ours" else 2.0)
+        grow = args.grow or (1.25 if side == "ours" else 2.0)
+        length, probes = longest(try_len, args.granularity, start, args.max_len, grow)
         results[side] = {"longest_seq_len": length, "probes": probes}
         print(f"{side}: longest {length} tokens within {budget / 2**30:.2f} GiB", flush=True)
     if "ours" in results and "longest_seq_len" in results["ours"]:
