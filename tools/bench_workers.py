@@ -70,11 +70,19 @@ def load_reference(job: dict):
                                                  device_map={"": DEVICE}, attn_implementation="sdpa")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     if job.get("init_adapter"):
-        return PeftModel.from_pretrained(model, job["init_adapter"], is_trainable=True)
-    torch.manual_seed(0)
-    config = LoraConfig(r=job["rank"], lora_alpha=2 * job["rank"], lora_dropout=0.0, target_modules="all-linear",
-                        task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+        model = PeftModel.from_pretrained(model, job["init_adapter"], is_trainable=True)
+    else:
+        torch.manual_seed(0)
+        config = LoraConfig(r=job["rank"], lora_alpha=2 * job["rank"], lora_dropout=0.0, target_modules="all-linear",
+                            task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    # from_pretrained returns the model in eval mode, and transformers checkpoints a decoder layer only in
+    # training mode: without this the reference ran with no checkpointing at all (Trainer and TRL call train())
+    model.train()
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    if not layers or not all(m.training for m in layers):
+        raise RuntimeError("the reference model would train without gradient checkpointing")
+    return model
 
 
 def load_ours(job: dict):
