@@ -105,6 +105,25 @@ def test_4bit_adapter_gives_peft_on_transformers_bnb_the_same_logits(tiny_llama,
     torch.testing.assert_close(mine, theirs, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_evaluating_during_training_does_not_change_what_is_trained(tiny_llama, tmp_path, one_thread, dora):
+    """``--eval-steps`` only looks: the eval passes (eval mode, the plain 4-bit path, no grad) leave the
+    trained adapter bit for bit what a run without them trains, dropout and DoRA included."""
+    data = write_chat_jsonl(tmp_path / "train.jsonl")
+    adapters = []
+    for eval_steps in (0, 2):
+        config = tiny_config(tiny_llama, data, tmp_path / f"eval-{eval_steps}", dora=dora, eval_steps=eval_steps,
+                             max_steps=6, save_steps=0, **FULL_4BIT)
+        result = train(config)
+        adapters.append(load_file(str(result.adapter_dir / "adapter_model.safetensors")))
+    evaluated = [r for r in read_metrics(tmp_path / "eval-2" / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evaluated] == [2, 4, 6]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert any("magnitude" in name for name in adapters[0]) == dora
+    for name, tensor in adapters[0].items():
+        assert torch.equal(tensor, adapters[1][name]), name
+
+
 def test_packed_batch_loss_equals_the_examples_one_by_one(tiny_llama, tmp_path, one_thread):
     # Packing must not let attention cross examples: the loss of a pack is the sum of its parts.
     # (Attending across them changes the sum by ~1e-5 relative on this model, hence fp32.)
