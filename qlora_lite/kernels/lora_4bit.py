@@ -15,9 +15,10 @@ sequence (4*T*V bytes, more than the activations of all checkpointed blocks toge
 
 from __future__ import annotations
 
-import bitsandbytes.functional as F
 import torch
 from torch import nn
+
+from qlora_lite.kernels.bnb_import import functional as F
 
 
 def _in_checkpoint() -> bool:

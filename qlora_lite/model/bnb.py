@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-
-import bitsandbytes as bnb
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from qlora_lite.kernels.bnb_import import bnb
 from qlora_lite.kernels.quantize_4bit import quantize_blocks
 
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns about optional kernels at import
 BLOCKSIZE = 64  # weights per 4-bit block (one absmax each), bitsandbytes' default
 DQ_BLOCKSIZE = 256  # absmax values per block of the double quantization
 

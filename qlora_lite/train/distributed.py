@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 
-import bitsandbytes as bnb
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -34,6 +33,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from qlora_lite.errors import LaunchError, ModelLoadError
+from qlora_lite.kernels.bnb_import import bnb
 from qlora_lite.kernels.footprint import IGNORE_INDEX
 from qlora_lite.model.loading import decoder_blocks
 

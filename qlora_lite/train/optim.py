@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import math
 
-import bitsandbytes as bnb
 import torch
+
+from qlora_lite.kernels.bnb_import import bnb
 
 log = logging.getLogger(__name__)
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw")
