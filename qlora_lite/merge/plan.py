@@ -155,13 +155,21 @@ def merge_base_weight(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.
 
     A 4-bit weight is quantized and dequantized to the compute dtype as the training forward does it,
     an 8-bit one is its int8 codes times their scales (fp32). Under the dequantized policy every other
-    float tensor passes through the compute dtype; under ``original`` it is the checkpoint's.
+    float tensor is rounded to the compute dtype when that loses bits (an fp32 checkpoint trained in
+    bf16); a wider compute dtype holds it exactly, so it stays as stored (no fp32 copy of a bf16
+    embedding on CPUs that compute in fp32). Under ``original`` it is the checkpoint's.
     """
     if key in plan.quantized:
         return as_trained_weight(tensor, key in plan.conv1d, plan.quant, as_computed=plan.quant["bits"] == 4)
-    if plan.quant.get("compute_dtype") is not None and tensor.is_floating_point():
-        return tensor.to(plan.quant["compute_dtype"])
+    compute = plan.quant.get("compute_dtype")
+    if compute is not None and tensor.is_floating_point() and not holds_exactly(compute, tensor.dtype):
+        return tensor.to(compute)
     return tensor
+
+
+def holds_exactly(wide: torch.dtype, narrow: torch.dtype) -> bool:
+    """Whether every value of ``narrow`` is a value of ``wide`` (so ``narrow -> wide -> narrow`` is the identity)."""
+    return wide == narrow or (wide == torch.float32 and narrow in (torch.bfloat16, torch.float16))
 
 
 def merged_tensor(plan: MergePlan, key: str, base: torch.Tensor) -> torch.Tensor:

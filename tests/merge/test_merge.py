@@ -400,3 +400,22 @@ def test_streamed_reference_is_the_trained_model_bit_for_bit(tiny_model_factory,
         assert torch.equal(logits(reference, ids), expected), "the adapter must survive a block being dropped"
     assert torch.equal(streamed_logits(base, plan.quant["compute_dtype"], ids, adapter_dir=adapter,
                                        transform=functools.partial(as_trained, plan)), expected)
+
+
+@pytest.mark.parametrize("stored, compute, rounded", [
+    (torch.bfloat16, torch.float32, False),  # an AVX2 CPU trained a bf16 checkpoint in fp32: exact, no copy
+    (torch.float16, torch.float32, False),
+    (torch.bfloat16, torch.bfloat16, False),
+    (torch.float32, torch.bfloat16, True),  # training saw these values rounded to bf16: so does the merge
+    (torch.float16, torch.bfloat16, True),
+])
+def test_merge_base_rounds_unquantized_tensors_only_where_training_lost_bits(stored, compute, rounded):
+    from types import SimpleNamespace
+
+    plan = SimpleNamespace(quantized=set(), conv1d=set(), quant={"bits": 4, "compute_dtype": compute})
+    tensor = (torch.randn(64, 32) * 3).to(stored)
+    base = plan_module.merge_base_weight(plan, "model.embed_tokens.weight", tensor)
+    if rounded:
+        assert base.dtype == compute and torch.equal(base, tensor.to(compute))
+    else:
+        assert base is tensor  # as stored: no copy of the largest tensors in a wider dtype
