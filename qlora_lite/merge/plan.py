@@ -162,14 +162,10 @@ def merge_base_weight(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.
     if key in plan.quantized:
         return as_trained_weight(tensor, key in plan.conv1d, plan.quant, as_computed=plan.quant["bits"] == 4)
     compute = plan.quant.get("compute_dtype")
-    if compute is not None and tensor.is_floating_point() and not holds_exactly(compute, tensor.dtype):
+    # torch promotes a float dtype only to one that holds all its values: bf16 and fp16 -> fp32, not bf16 <-> fp16
+    if compute is not None and tensor.is_floating_point() and torch.promote_types(tensor.dtype, compute) != compute:
         return tensor.to(compute)
     return tensor
-
-
-def holds_exactly(wide: torch.dtype, narrow: torch.dtype) -> bool:
-    """Whether every value of ``narrow`` is a value of ``wide`` (so ``narrow -> wide -> narrow`` is the identity)."""
-    return wide == narrow or (wide == torch.float32 and narrow in (torch.bfloat16, torch.float16))
 
 
 def merged_tensor(plan: MergePlan, key: str, base: torch.Tensor) -> torch.Tensor:
